@@ -1,0 +1,33 @@
+# recpipe — the two commands a newcomer needs are `make demo` and `make test` (see README.md).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch is pinned through a constraints file: an unpinned torch pulls a multi-GB CUDA build.
+PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check -c constraints.txt
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP_INSTALL) -q --upgrade pip
+	$(PIP_INSTALL) torch==2.13.0 -e '.[dev,local-llm]'
+	touch $(STAMP)
+
+# The main job end to end on the embedded default dataset (ml-100k).
+demo: install
+	$(BIN)/recpipe run --dataset ml-100k
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check recpipe tests bench
+
+bench: install
+	for f in bench/bench_*.py; do $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) cache .pytest_cache

@@ -1,0 +1,259 @@
+"""Run directories, atomic writes, fingerprints and stage manifests.
+
+Layout of a run directory (default `cache/<dataset>/`)::
+
+    <run_dir>/<stage>/manifest.json   the config, input fingerprints, output fingerprints, versions, timings
+    <run_dir>/<stage>/...             the stage's artifacts (parquet / npy / npz / safetensors / json)
+    <run_dir>/work/<stage>/...        resumable state that must survive a crash (LLM cache, checkpoints)
+
+A stage is written into `<stage>.tmp-<pid>` and renamed into place, so a killed run never leaves a
+half-written stage that looks finished. A stage is skipped when its manifest records the same config and
+the same input fingerprints as the current call (`force=True` redoes it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from recpipe.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+_VERSION_PACKAGES = ("recpipe", "numpy", "pandas", "pyarrow", "torch", "faiss-cpu", "sentence-transformers")
+
+
+# --------------------------------------------------------------------------------------------- atomic I/O
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is renamed onto `path` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: corrupt JSON ({e}); re-run the stage with --force") from None
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ----------------------------------------------------------------------------------------- fingerprints
+def fingerprint_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes (hex, first 16 characters are plenty to tell inputs apart)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def fingerprint_obj(obj: Any) -> str:
+    """sha256 of an object's canonical JSON."""
+    s = json.dumps(obj, sort_keys=True, default=_json_default, separators=(",", ":"))
+    return hashlib.sha256(s.encode()).hexdigest()[:16]
+
+
+def fingerprint_path(path: str | os.PathLike) -> str:
+    """Fingerprint of a file, or of every file below a directory (names and contents)."""
+    path = Path(path)
+    if path.is_dir():
+        parts = {str(p.relative_to(path)): fingerprint_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
+        return fingerprint_obj(parts)
+    return fingerprint_file(path)
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in _VERSION_PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- manifests
+@dataclass
+class Manifest:
+    stage: str
+    config: dict[str, Any]
+    inputs: dict[str, str]  # name -> fingerprint
+    outputs: dict[str, str] = field(default_factory=dict)  # file name -> fingerprint
+    info: dict[str, Any] = field(default_factory=dict)  # summary figures the stage wants to keep
+    versions: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    created: str = ""
+
+    @property
+    def fingerprint(self) -> str:
+        """What downstream stages record as this stage's input fingerprint."""
+        return fingerprint_obj({"stage": self.stage, "outputs": self.outputs})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage, "config": self.config, "inputs": self.inputs, "outputs": self.outputs,
+            "info": self.info, "versions": self.versions, "timings": self.timings, "created": self.created,
+        }
+
+
+def load_manifest(stage_dir: str | os.PathLike) -> Manifest | None:
+    """The manifest of a finished stage, or None if the stage never finished."""
+    path = Path(stage_dir) / MANIFEST
+    if not path.exists():
+        return None
+    d = read_json(path)
+    try:
+        return Manifest(**d)
+    except TypeError:
+        raise ArtifactError(f"{path}: not a recpipe manifest; re-run the stage with --force") from None
+
+
+def require_stage(run_dir: str | os.PathLike, stage: str, hint: str | None = None) -> Manifest:
+    """The manifest of an upstream stage, verified against its files, or a clear error."""
+    stage_dir = Path(run_dir) / stage
+    m = load_manifest(stage_dir)
+    if m is None:
+        raise ArtifactError(
+            f"{stage_dir}: stage '{stage}' has not been run" + (f"; run `{hint}` first" if hint else "")
+        )
+    for name in m.outputs:
+        if not (stage_dir / name).exists():
+            raise ArtifactError(f"{stage_dir / name}: missing; re-run `recpipe {stage.split('/')[0]} --force`")
+    return m
+
+
+def verify_outputs(stage_dir: str | os.PathLike, m: Manifest) -> None:
+    """Recompute output fingerprints; raises if a file changed since the stage wrote it (corrupt cache)."""
+    stage_dir = Path(stage_dir)
+    for name, fp in m.outputs.items():
+        p = stage_dir / name
+        if not p.exists() or fingerprint_path(p) != fp:
+            raise ArtifactError(f"{p}: changed or corrupt since stage '{m.stage}' wrote it; re-run with --force")
+
+
+@dataclass
+class StageResult:
+    manifest: Manifest
+    stage_dir: Path
+    skipped: bool
+
+
+def run_stage(
+    run_dir: str | os.PathLike,
+    stage: str,
+    config: dict[str, Any],
+    inputs: dict[str, str],
+    build: Callable[[Path], dict[str, Any] | None],
+    force: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> StageResult:
+    """Run `build(tmp_dir)` unless the stage already ran with the same config and input fingerprints.
+
+    `build` writes its artifacts into `tmp_dir` and may return a dict of summary info for the manifest.
+    Every file it writes is fingerprinted; the directory is then atomically moved to `<run_dir>/<stage>`.
+    `stage` may contain one '/' (e.g. "train/idreamrec") for per-model sub-stages.
+    """
+    stage_dir = Path(run_dir) / stage
+    old = load_manifest(stage_dir) if stage_dir.exists() else None
+    if not force and old is not None and old.config == _normalise(config) and old.inputs == inputs:
+        try:
+            verify_outputs(stage_dir, old)
+        except ArtifactError as e:
+            if log:
+                log(f"{stage}: {e}; rebuilding")
+        else:
+            if log:
+                log(f"{stage}: up to date (inputs and config unchanged), skipped; --force redoes it")
+            return StageResult(old, stage_dir, skipped=True)
+
+    stage_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = stage_dir.parent / f".{stage_dir.name}.tmp-{os.getpid()}"
+    if tmp_dir.exists():
+        shutil.rmtree(tmp_dir)
+    tmp_dir.mkdir()
+    t0 = time.perf_counter()
+    try:
+        info = build(tmp_dir) or {}
+        outputs = {
+            str(p.relative_to(tmp_dir)): fingerprint_file(p)
+            for p in sorted(tmp_dir.rglob("*"))
+            if p.is_file() and p.name != MANIFEST
+        }
+        m = Manifest(
+            stage=stage, config=_normalise(config), inputs=dict(inputs), outputs=outputs, info=info,
+            versions=package_versions(), timings={"wall_s": round(time.perf_counter() - t0, 3)},
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
+        write_json(tmp_dir / MANIFEST, m.to_dict())
+        _swap_in(tmp_dir, stage_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return StageResult(m, stage_dir, skipped=False)
+
+
+def _swap_in(tmp_dir: Path, stage_dir: Path) -> None:
+    """Replace stage_dir by tmp_dir; the old directory is removed only after the new one is in place."""
+    trash = None
+    if stage_dir.exists():
+        trash = stage_dir.parent / f".{stage_dir.name}.old-{os.getpid()}"
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.replace(stage_dir, trash)
+    os.replace(tmp_dir, stage_dir)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _normalise(config: dict[str, Any]) -> dict[str, Any]:
+    """Config as it round-trips through JSON (tuples become lists, paths strings) so comparisons hold."""
+    return json.loads(json.dumps(config, sort_keys=True, default=_json_default))
+
+
+def eprint(msg: str) -> None:
+    print(msg, file=sys.stderr)

