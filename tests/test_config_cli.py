@@ -1,0 +1,70 @@
+"""Configuration loading and the CLI's error contract (one line, exit code 2, no traceback)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from recpipe.config import load_config, parse_set_options
+from recpipe.errors import ConfigError
+
+
+def test_defaults_toml_and_overrides(tmp_path):
+    (tmp_path / "recpipe.toml").write_text('[run]\ndataset = "toy"\n[data]\nkcore = 3\n[train]\nlr = 3e-4\n')
+    cfg = load_config()  # ./recpipe.toml is picked up
+    assert cfg.run.dataset == "toy" and cfg.data.kcore == 3 and cfg.train.lr == 3e-4
+    cfg = load_config(None, parse_set_options(["data.kcore=7", "evaluate.ks=1,5", "embed.normalize=false"]))
+    assert cfg.data.kcore == 7 and cfg.evaluate.ks == [1, 5] and cfg.embed.normalize is False
+    assert cfg.run_dir == Path("cache") / "toy"
+
+
+@pytest.mark.parametrize(
+    "toml, match",
+    [
+        ("[data]\nkcor = 3\n", "unknown key 'kcor' in \\[data\\]"),
+        ("[nope]\nx = 1\n", "unknown setting 'nope.x'"),
+        ("[data]\nkcore = 'many'\n", "data.kcore = 'many'"),
+        ("[data\n", "invalid TOML"),
+        ("[data]\nkcore = 0\n", "data.kcore must be >= 1"),
+    ],
+)
+def test_bad_config_is_an_error(tmp_path, toml, match):
+    p = tmp_path / "c.toml"
+    p.write_text(toml)
+    with pytest.raises(ConfigError, match=match):
+        load_config(p)
+
+
+def _recpipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "recpipe.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path):
+    r = _recpipe("data", "--dataset", "missing-set", "--data-dir", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: dataset 'missing-set' not found")
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _recpipe("data", "--set", "data.kcore=x", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "data.kcore" in r.stderr
+
+
+def test_cli_data_bad_file_keeps_previous_result(tmp_path):
+    d = tmp_path / "data" / "toy"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = [(u, int(i), t) for u in range(20) for t, i in enumerate(rng.choice(10, 6, replace=False))]
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(d / "interactions.csv", index=False)
+    r = _recpipe("data", "--dataset", "toy", "--data-dir", str(tmp_path / "data"), "--kcore", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "20" in r.stdout  # the summary table
+    manifest = (tmp_path / "cache" / "toy" / "data" / "manifest.json").read_text()
+    (d / "interactions.csv").write_text("user_id,item_id\n1,2\n")
+    r = _recpipe("data", "--dataset", "toy", "--data-dir", str(tmp_path / "data"), "--kcore", "2", cwd=tmp_path)
+    assert r.returncode == 2 and "missing column(s) timestamp" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "cache" / "toy" / "data" / "manifest.json").read_text() == manifest
