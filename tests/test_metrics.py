@@ -1,0 +1,59 @@
+"""Full-ranking metrics against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from recpipe.models.metrics import RankAccumulator, history_mask, metrics_from_ranks, target_ranks
+
+
+def test_ranks_padding_and_masking():
+    # items 1..5; padding column 0 has the highest score but is never rankable
+    scores = torch.tensor([[9.0, 0.1, 0.5, 0.9, 0.3, 0.2]])
+    target = torch.tensor([2])
+    assert target_ranks(scores, target).item() == 1  # only item 3 beats it
+    seen = history_mask([np.array([3])], 5)
+    assert target_ranks(scores, target, seen).item() == 0
+    # the target is never masked even if it appears in the history
+    seen = history_mask([np.array([2, 3])], 5)
+    assert target_ranks(scores, target, seen).item() == 0
+
+
+def test_ties_count_against_the_target():
+    scores = torch.zeros(2, 11)
+    ranks = target_ranks(scores, torch.tensor([1, 10]))
+    assert ranks.tolist() == [9, 9]  # constant scores: the target is last among 10 items
+    m = metrics_from_ranks(ranks, [10])
+    assert m["HR@10"] == 1.0 and m["NDCG@10"] == pytest.approx(1 / math.log2(11))
+    assert metrics_from_ranks(ranks, [5])["HR@5"] == 0.0
+
+
+def test_metric_values():
+    ranks = np.array([0, 1, 4, 9, 30])
+    m = metrics_from_ranks(ranks, [5, 10])
+    assert m["HR@5"] == pytest.approx(3 / 5)
+    assert m["HR@10"] == pytest.approx(4 / 5)
+    exp = (1 + 1 / math.log2(3) + 1 / math.log2(6) + 1 / math.log2(11)) / 5
+    assert m["NDCG@10"] == pytest.approx(exp)
+    with pytest.raises(ValueError):
+        metrics_from_ranks(np.array([]), [5])
+
+
+def test_accumulator_averages_over_users_not_batches():
+    acc = RankAccumulator()
+    # batch 1: one user, hit at rank 0; batch 2: three users, all misses
+    acc.add(torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([1]), history_mask([np.array([2])], 2))
+    s = torch.tensor([[0.0, 0.0, 1.0]] * 3)
+    acc.add(s, torch.tensor([1, 1, 1]), history_mask([np.array([], dtype=int)] * 3, 2))
+    r = acc.result([1])
+    assert r["users"] == 4
+    assert r["unmasked"]["HR@1"] == pytest.approx(0.25)  # per-batch averaging would give 0.5
+
+
+def test_nan_scores_are_rejected():
+    with pytest.raises(ValueError, match="NaN"):
+        target_ranks(torch.tensor([[0.0, float("nan"), 1.0]]), torch.tensor([2]))
