@@ -22,21 +22,28 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-data_app = typer.Typer(help="Load, k-core filter and split a dataset (`recpipe data get NAME` downloads one).")
+data_app = typer.Typer(help="Load, k-core filter and split a dataset (`recpipe data get NAME` downloads one).",
+                       pretty_exceptions_enable=False)
 app.add_typer(data_app, name="data")
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 # ------------------------------------------------------------------------------------------ options
-DatasetOpt = Annotated[Optional[str], typer.Option("--dataset", "-d", help="dataset name (inside --data-dir) or directory")]
-DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="where dataset names resolve [env RECPIPE_DATA]")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config (default ./recpipe.toml if present)")]
+DatasetOpt = Annotated[
+    Optional[str], typer.Option("--dataset", "-d", help="dataset name (inside --data-dir) or directory")]
+DataDirOpt = Annotated[
+    Optional[Path], typer.Option("--data-dir", help="where dataset names resolve [env RECPIPE_DATA]")]
+ConfigOpt = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="TOML config (default ./recpipe.toml if present)")]
 CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="cache root (default ./cache)")]
-RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="run directory (default <cache-dir>/<dataset>)")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override any setting: section.key=value (repeatable)")]
+RunDirOpt = Annotated[
+    Optional[Path], typer.Option("--run-dir", help="run directory (default <cache-dir>/<dataset>)")]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", help="override any setting: section.key=value (repeatable)")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="redo the stage even if its inputs and config are unchanged")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="the run's seed")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="model name (default: train.model)")]
 
 
 def _log(msg: str) -> None:
@@ -104,11 +111,65 @@ def data_get(
     console.print(str(path))
 
 
-# ---------------------------------------------------------------------------------------------- run
-@app.command("run")
-def run_all(
+# ------------------------------------------------------------------------------------ describe / embed
+@app.command()
+def describe(
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
+    llm: Annotated[Optional[str], typer.Option(help="auto | openai | local | metadata")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="LLM model name or GGUF path")] = None,
+    base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint [env OPENAI_BASE_URL]")] = None,
+    concurrency: Annotated[Optional[int], typer.Option(help="parallel requests")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="describe only the first N items (0 = all)")] = None,
+    config: ConfigOpt = None,
+    cache_dir: CacheOpt = None,
+    run_dir: RunDirOpt = None,
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+):
+    """Write an LLM description (and a user intention) for every item: cached, retried, resumable."""
+    from recpipe.pipeline import describe as stage
+
+    cfg = _config(config, dataset, data_dir, cache_dir, run_dir, sets=sets, **{
+        "describe.llm": llm, "describe.model": model, "describe.base_url": base_url,
+        "describe.concurrency": concurrency, "describe.limit": limit})
+    _ensure_data(cfg)
+    res = stage.run(cfg, force=force, log=_log)
+    _print_info("describe", res)
+
+
+@app.command()
+def embed(
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    tem: Annotated[Optional[str], typer.Option(help="local (sentence-transformers) | openai")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="TEM model name or path")] = None,
+    config: ConfigOpt = None,
+    cache_dir: CacheOpt = None,
+    run_dir: RunDirOpt = None,
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+):
+    """Embed the item descriptions (and intentions) with a text-embedding model."""
+    from recpipe.pipeline import embed as stage
+
+    cfg = _config(config, dataset, data_dir, cache_dir, run_dir, sets=sets,
+                  **{"embed.tem": tem, "embed.model": model})
+    res = stage.run(cfg, force=force, log=_log)
+    _print_info("embed", res)
+
+
+# ------------------------------------------------------------------------------------------ train / eval
+@app.command()
+def train(
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    model: ModelOpt = None,
+    epochs: Annotated[Optional[int], typer.Option(help="upper bound on epochs")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="stop after N steps (0 = no limit)")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="training batch size")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda")] = None,
     config: ConfigOpt = None,
     cache_dir: CacheOpt = None,
     run_dir: RunDirOpt = None,
@@ -116,12 +177,153 @@ def run_all(
     sets: SetOpt = None,
     force: ForceOpt = False,
 ):
-    """Run every stage in order (each is skipped when its inputs and config did not change)."""
-    from recpipe.pipeline import data as data_stage
+    """Train a model (text models: whiten the item vectors first). Resumes an interrupted run."""
+    cfg = _config(config, dataset, data_dir, cache_dir, run_dir, seed, sets, **{
+        "train.model": model, "train.epochs": epochs, "train.max_steps": max_steps, "train.lr": lr,
+        "train.batch_size": batch_size, "train.device": device})
+    _train(cfg, cfg.train.model, force)
 
-    cfg = _config(config, dataset, data_dir, cache_dir, run_dir, seed, sets)
+
+def _train(cfg, model_name: str, force: bool):
+    from recpipe.pipeline import train as stage
+
+    if stage.needs_text(model_name):
+        from recpipe.pipeline import whiten
+
+        whiten.run(cfg, force=False, log=_log)
+    res = stage.run(cfg, model_name, force=force, log=_log)
+    info = res.manifest.info
+    v = info["valid"]
+    _log(f"train/{model_name}: best validation NDCG@10 {v['masked']['NDCG@10']:.4f} masked, "
+         f"{v['unmasked']['NDCG@10']:.4f} unmasked (step {info['best_step']}) -> {res.stage_dir}")
+    return res
+
+
+@app.command()
+def evaluate(
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    model: ModelOpt = None,
+    intent: Annotated[Optional[str], typer.Option(help="intention rows: none | category | llm | all")] = None,
+    steps: Annotated[Optional[str], typer.Option(help="DDIM step counts, comma-separated (e.g. 1,20,100)")] = None,
+    config: ConfigOpt = None,
+    cache_dir: CacheOpt = None,
+    run_dir: RunDirOpt = None,
+    seed: SeedOpt = None,
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+):
+    """Full-ranking HR@K / NDCG@K on the test split: seen-masked and unmasked columns."""
+    cfg = _config(config, dataset, data_dir, cache_dir, run_dir, seed, sets, **{
+        "train.model": model, "evaluate.intent": intent, "evaluate.steps": steps})
+    _evaluate(cfg, cfg.train.model, force)
+
+
+def _evaluate(cfg, model_name: str, force: bool):
+    from recpipe.pipeline import evaluate as stage
+
+    res = stage.run(cfg, model_name, force=force, log=_log)
+    stage.print_table(res.manifest.info["rows"], cfg.evaluate.ks,
+                      title=f"{model_name} on {cfg.run.dataset}, {res.manifest.info['split']} split, "
+                            f"{res.manifest.info['users']:,} users")
+    console.print(f"written: {res.stage_dir / 'metrics.json'}", highlight=False)
+    return res
+
+
+@app.command()
+def recommend(
+    user: Annotated[str, typer.Option("--user", "-u", help="user id as in the dataset")],
+    intent: Annotated[Optional[str], typer.Option("--intent", "-i", help="what the user asks for")] = None,
+    k: Annotated[Optional[int], typer.Option("-k", help="number of items")] = None,
+    w: Annotated[Optional[float], typer.Option(help="history guidance weight")] = None,
+    rho: Annotated[Optional[float], typer.Option(help="intention guidance strength")] = None,
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    cache_dir: CacheOpt = None,
+    run_dir: RunDirOpt = None,
+    sets: SetOpt = None,
+):
+    """Recommend the next items for a user, optionally guided by an intention."""
+    cfg = _config(config, dataset, data_dir, cache_dir, run_dir, sets=sets, **{"train.model": model})
+    _recommend(cfg, user, intent, k, w, rho)
+
+
+def _recommend(cfg, user: str, intent: str | None, k: int | None, w=None, rho=None):
+    from recpipe.pipeline.recommend import RecommendService
+
+    svc = RecommendService(cfg)
+    recs = svc.recommend(user, intent=intent, k=k, w=w, rho=rho)
+    t = Table(title=f"user {user}" + (f", intent \"{intent}\"" if intent else "") + f" ({svc.model_name})",
+              title_justify="left")
+    for col, just in (("rank", "right"), ("item_id", "right"), ("title", "left"), ("score", "right")):
+        t.add_column(col, justify=just)
+    for r in recs:
+        t.add_row(str(r.rank), r.item_id, r.title, f"{r.score:.3f}")
+    console.print("recent history: " + " | ".join(svc.history(user)), highlight=False)
+    console.print(t)
+
+
+# ---------------------------------------------------------------------------------------------- run
+@app.command("run")
+def run_all(
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    model: ModelOpt = None,
+    user: Annotated[Optional[str], typer.Option(help="user for the closing sample recommendation")] = None,
+    intent: Annotated[str, typer.Option(help="intent for the closing sample recommendation")] = "a funny comedy",
+    config: ConfigOpt = None,
+    cache_dir: CacheOpt = None,
+    run_dir: RunDirOpt = None,
+    seed: SeedOpt = None,
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+):
+    """The whole pipeline: data, describe, embed, whiten + train, evaluate, and a sample recommendation.
+    Each stage is skipped when its inputs and config did not change."""
+    from recpipe.pipeline import data as data_stage
+    from recpipe.pipeline import describe as describe_stage
+    from recpipe.pipeline import embed as embed_stage
+
+    cfg = _config(config, dataset, data_dir, cache_dir, run_dir, seed, sets, **{"train.model": model})
     res = data_stage.run(cfg, force=force, log=_log)
     _print_kv(f"data: {cfg.run.dataset}", data_stage.format_summary(res.manifest.info["summary"]))
+    from recpipe.pipeline import train as train_stage
+
+    if train_stage.needs_text(cfg.train.model):
+        _print_info("describe", describe_stage.run(cfg, force=force, log=_log))
+        _print_info("embed", embed_stage.run(cfg, force=force, log=_log))
+    _train(cfg, cfg.train.model, force)
+    _evaluate(cfg, cfg.train.model, force)
+    if user is None:
+        user = str(data_stage.load(cfg.run_dir / "data").users["user_id"].iloc[0])
+    _recommend(cfg, user, intent if train_stage.needs_text(cfg.train.model) else None, None)
+
+
+def _ensure_data(cfg) -> None:
+    from recpipe.artifacts import load_manifest
+    from recpipe.pipeline import data as data_stage
+
+    if load_manifest(cfg.run_dir / "data") is None:
+        data_stage.run(cfg, log=_log)
+
+
+def _print_info(stage: str, res) -> None:
+    info = res.manifest.info
+    rows = [(k, _fmt(v)) for k, v in info.items() if not isinstance(v, (dict, list))]
+    for k, v in info.items():
+        if isinstance(v, dict):
+            rows += [(f"{k}.{kk}", _fmt(vv)) for kk, vv in v.items() if not isinstance(vv, (dict, list))]
+    _print_kv(f"{stage} -> {res.stage_dir}" + (" (up to date)" if res.skipped else ""), rows)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v)
 
 
 # --------------------------------------------------------------------------------------------- main

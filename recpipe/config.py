@@ -77,15 +77,17 @@ class EmbedConfig:
 @dataclass
 class WhitenConfig:
     method: str = "whiten"  # iDreamRec's A(e) = (e - mu) O L^-1/2 O^T; "scale" (a*e) or "none" to compare
-    eps: float = 1e-6  # floor on covariance eigenvalues (added before the inverse square root)
+    eps: float = 1e-6  # eigenvalue floor max(lambda, eps): W stays finite for d > n; unfloored dims exact
 
 
 @dataclass
 class IndexConfig:
     kind: str = "flat"  # exact inner product; "ivf" / "hnsw" for catalogs of millions
-    nlist: int = 0  # IVF cells; 0 -> 4*sqrt(n_items)
+    nlist: int = 0  # IVF cells; 0 -> 4*sqrt(n_items), at most n_items // 39 (FAISS's k-means minimum per cell)
     nprobe: int = 16  # IVF cells searched per query
     hnsw_m: int = 32  # HNSW graph degree
+    hnsw_ef_search: int = 64  # HNSW candidate list per query (FAISS's 16 loses recall on 384-d text vectors)
+    hnsw_ef_construction: int = 80  # HNSW build effort (FAISS's 40 gives a poorer graph on 384-d vectors)
     device: str = "auto"  # auto: GPU when faiss reports one, else CPU
 
 
@@ -103,6 +105,7 @@ class TrainConfig:
     patience: int = 3  # stop after this many validations without a better NDCG@10
     eval_users: int = 0  # validate on at most N users (0 = all); speeds up model selection on big data
     max_steps: int = 0  # stop after N optimizer steps (0 = no limit); for smoke runs
+    intent_prob: float = 0.5  # share of samples shown the target's LLM intention (models that take one)
     device: str = "auto"  # cuda when torch sees a GPU, else cpu
     threads: int = 0  # torch intra-op threads; 0 = all cores
 
@@ -114,6 +117,8 @@ class EvaluateConfig:
     steps: list[int] = field(default_factory=lambda: [1])  # DDIM step counts to evaluate (generative models)
     intent: str = "none"  # none | category | llm | all: which intention rows to add (text models)
     split: str = "test"  # the test split is read once, at the end; "valid" for model selection studies
+    category_column: str = "genres"  # item column whose values make category-level intentions ("|" separated)
+    category_template: str = "a {category} movie"  # the intention text; {category} is one of the target's
 
 
 @dataclass

@@ -18,7 +18,8 @@ Conventions (shared by every model and by the pipeline):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -32,6 +33,10 @@ class Recommender(nn.Module):
     train_mode: ClassVar[str] = "position"
     #: True if the model generates a vector that is matched against item vectors (CFG, PreferDiff, ...)
     generative: ClassVar[bool] = False
+    #: True if the factory needs `item_vectors` (whitened text vectors of the items)
+    uses_text: ClassVar[bool] = False
+    #: True if batches may carry "intent" / "intent_mask" (intention guidance)
+    uses_intent: ClassVar[bool] = False
 
     def __init__(self, n_items: int, history_len: int | None):
         super().__init__()

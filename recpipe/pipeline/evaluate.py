@@ -1,0 +1,210 @@
+"""Evaluate stage: full-ranking HR@K / NDCG@K on the test split, for any trained model.
+
+Rows (all scored by the same code, `train.evaluate_split`, over every test user):
+- the model as trained (for generative models: one row per DDIM step count in `evaluate.steps`);
+- with `evaluate.intent` = category | llm | all, for models that take an intention, three rows per kind:
+  "intention alone" (the intention's TEM vector searched directly against the item TEM vectors, no model),
+  "history alone" and "history + intention".
+  category: a category-level intention built from the target's metadata (e.g. "a comedy movie" from one of
+  its genres, chosen with the run's seed): it cannot name the target, so it cannot leak the answer.
+  llm: the describe stage's LLM-written intention for the target item.
+Columns: seen-masked (default) and unmasked, side by side. Output `<run_dir>/evaluate/<model>/metrics.json`
+and `table.md`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from recpipe.artifacts import StageResult, atomic_path, require_stage, run_stage, write_json
+from recpipe.config import Config, to_dict
+from recpipe.errors import ArtifactError
+from recpipe.models.base import Recommender
+from recpipe.pipeline import data as data_stage
+from recpipe.pipeline import train as train_stage
+
+
+class VectorSearch(Recommender):
+    """No model: score every item by the inner product of the batch's "intent" vector with a vector table."""
+
+    def __init__(self, table: np.ndarray):
+        super().__init__(table.shape[0] - 1, history_len=1)
+        self.register_buffer("table", torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32)))
+
+    @torch.no_grad()
+    def score_all(self, batch: dict[str, torch.Tensor], **_: Any) -> torch.Tensor:
+        s = batch["intent"].float() @ self.table.T
+        s[:, 0] = -torch.inf
+        return s
+
+
+# ------------------------------------------------------------------------------------------- intentions
+def category_texts(ds: data_stage.Dataset, targets: np.ndarray, column: str, template: str, seed: int
+                   ) -> list[str] | None:
+    """One category-level intention per target: the template filled with one of the target's categories."""
+    if column not in ds.items.columns:
+        return None
+    cats = ds.items[column].to_numpy()
+    rng = np.random.default_rng([seed, 11])
+    out = []
+    for t in targets:
+        parts = [c.strip() for c in str(cats[t - 1]).replace(",", "|").split("|") if c.strip()]
+        if not parts:
+            return None
+        out.append(template.format(category=parts[rng.integers(len(parts))].lower()))
+    return out
+
+
+class Intentions:
+    """Per-test-user intention vectors, raw (TEM space) and whitened (model space)."""
+
+    def __init__(self, raw: np.ndarray, whitened: np.ndarray, texts: list[str] | None):
+        self.raw, self.whitened, self.texts = raw, whitened, texts
+
+    def fn(self, which: str) -> Callable[[np.ndarray, np.ndarray], torch.Tensor]:
+        table = self.raw if which == "raw" else self.whitened
+        return lambda users, targets: torch.from_numpy(np.ascontiguousarray(table[users], dtype=np.float32))
+
+
+def build_intentions(cfg: Config, kind: str, ds: data_stage.Dataset, targets: np.ndarray, log) -> Intentions | None:
+    from recpipe.pipeline import whiten
+
+    run_dir = cfg.run_dir
+    w, _, _ = whiten.load_whitening(run_dir)
+    emb = require_stage(run_dir, "embed", hint="recpipe embed")
+    if kind == "category":
+        texts = category_texts(ds, targets, cfg.evaluate.category_column, cfg.evaluate.category_template,
+                               cfg.run.seed)
+        if texts is None:
+            log(f"evaluate: no usable '{cfg.evaluate.category_column}' column; category intentions skipped")
+            return None
+        from recpipe.pipeline.embed import load_tem
+
+        tem = load_tem(emb.info)
+        uniq, inv = np.unique(np.array(texts, dtype=object), return_inverse=True)
+        raw_u = tem.encode(list(uniq))
+        raw = raw_u[inv]
+        return Intentions(raw, w.transform(raw).astype(np.float32), texts)
+    # llm: the describe stage's intention of the target item
+    raw_path = run_dir / "embed" / "intent_embeddings.npy"
+    wh = whiten.load_intent_vectors(run_dir)
+    if wh is None or not raw_path.exists():
+        log("evaluate: no LLM intentions (describe.intents off?); llm rows skipped")
+        return None
+    raw_all = np.load(raw_path)
+    return Intentions(raw_all[targets], wh[targets], None)
+
+
+# ---------------------------------------------------------------------------------------------- stage
+def run(cfg: Config, model_name: str | None = None, force: bool = False, log=print) -> StageResult:
+    model_name = model_name or cfg.train.model
+    tm = require_stage(cfg.run_dir, f"train/{model_name}", hint=f"recpipe train --model {model_name}")
+    inputs = {"train": tm.fingerprint}
+    ec = cfg.evaluate
+    if ec.intent != "none":
+        inputs["embed"] = require_stage(cfg.run_dir, "embed", hint="recpipe embed").fingerprint
+    config = {"evaluate": to_dict(ec), "model": model_name, "seed": cfg.run.seed}
+
+    def build(out_dir: Path) -> dict[str, Any]:
+        result = evaluate_model(cfg, model_name, log=log)
+        write_json(out_dir / "metrics.json", result)
+        with atomic_path(out_dir / "table.md") as tmp:
+            tmp.write_text(markdown_table(result["rows"], ec.ks))
+        return {"rows": result["rows"], "split": result["split"], "users": result["users"]}
+
+    return run_stage(cfg.run_dir, f"evaluate/{model_name}", config, inputs, build, force=force, log=log)
+
+
+def evaluate_model(cfg: Config, model_name: str, log=print) -> dict[str, Any]:
+    ec = cfg.evaluate
+    device = train_stage.resolve_device(cfg.train.device)
+    model, conf, _ = train_stage.load_trained(cfg.run_dir, model_name, device)
+    ds = data_stage.load(cfg.run_dir / "data")
+    if ds.n_items != conf["n_items"]:
+        raise ArtifactError(f"train/{model_name} was trained on {conf['n_items']} items but the data stage has "
+                            f"{ds.n_items}; re-run `recpipe train --model {model_name}`")
+    b = train_stage.Batcher(ds, model.history_len)
+    split = ec.split
+    rows: list[dict[str, Any]] = []
+
+    def row(name: str, m: Recommender, score_kwargs: dict | None = None, intent_fn=None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        res = train_stage.evaluate_split(m, b, split, ec.ks, batch_size=ec.batch_size, device=device,
+                                         score_kwargs=score_kwargs, intent_fn=intent_fn, seed=cfg.run.seed)
+        dt = time.perf_counter() - t0
+        r = {"name": name, "masked": res["masked"], "unmasked": res["unmasked"], "users": res["users"],
+             "users_per_s": round(res["users"] / dt, 1)}
+        log(f"evaluate {model_name} [{name}]: NDCG@10 {r['masked']['NDCG@10']:.4f} masked, "
+            f"{r['unmasked']['NDCG@10']:.4f} unmasked ({r['users_per_s']:.0f} users/s)")
+        rows.append(r)
+        return r
+
+    if model.generative and "steps" in _score_params(model):
+        for s in ec.steps:
+            row(f"{model_name} ({s}-step)" if len(ec.steps) > 1 or s != 1 else model_name, model, {"steps": s})
+    else:
+        row(model_name, model)
+
+    kinds = {"none": [], "category": ["category"], "llm": ["llm"], "all": ["category", "llm"]}[ec.intent]
+    if kinds and not getattr(model, "uses_intent", False):
+        log(f"evaluate: {model_name} takes no intention; intention rows skipped")
+        kinds = []
+    if kinds:
+        _, targets = ds.split(split)
+        emb_raw = np.load(cfg.run_dir / "embed" / "item_embeddings.npy")
+        search = VectorSearch(emb_raw).to(device)
+        for kind in kinds:
+            it = build_intentions(cfg, kind, ds, targets, log)
+            if it is None:
+                continue
+            row(f"{kind} intention alone", search, intent_fn=it.fn("raw"))
+            row(f"{kind}: history alone", model, {"steps": ec.steps[0]} if model.generative else None)
+            row(f"{kind}: history + intention", model, {"steps": ec.steps[0]} if model.generative else None,
+                intent_fn=it.fn("whitened"))
+    return {"model": model_name, "split": split, "users": rows[0]["users"], "rows": rows, "ks": ec.ks}
+
+
+def _score_params(model: Recommender) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.score_all).parameters)
+
+
+def markdown_table(rows: list[dict[str, Any]], ks: list[int]) -> str:
+    cols = [f"{m}@{k}" for m in ("HR", "NDCG") for k in ks]
+    head = "| row | " + " | ".join(f"{c} masked" for c in cols) + " | " + " | ".join(
+        f"{c} unmasked" for c in cols) + " | users/s |"
+    sep = "|" + "---|" * (2 + 2 * len(cols))
+    lines = [head, sep]
+    for r in rows:
+        vals = [f"{r['masked'][c]:.4f}" for c in cols] + [f"{r['unmasked'][c]:.4f}" for c in cols]
+        lines.append(f"| {r['name']} | " + " | ".join(vals) + f" | {r['users_per_s']:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(rows: list[dict[str, Any]], ks: list[int], title: str = "") -> None:
+    """Two tables (seen-masked, unmasked) with the same rows, so they fit a terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if title:
+        console.print(title, highlight=False)
+    for col in ("masked", "unmasked"):
+        label = "seen items masked (default)" if col == "masked" else "unmasked (published protocol)"
+        t = Table(title=label, title_justify="left")
+        t.add_column("row")
+        for m in ("HR", "NDCG"):
+            for k in ks:
+                t.add_column(f"{m}@{k}", justify="right")
+        t.add_column("users/s", justify="right")
+        for r in rows:
+            vals = [f"{r[col][f'{m}@{k}']:.4f}" for m in ("HR", "NDCG") for k in ks]
+            t.add_row(r["name"], *vals, f"{r['users_per_s']:,.0f}")
+        console.print(t)

@@ -1,0 +1,483 @@
+"""Train stage: any registered model on the data stage's split, with model selection on validation only.
+
+- Batches follow the model's `train_mode`: "position" (every training position of every user, in shuffled
+  passes), "sequence" (each user's training sequence, a target at every position) or "user" (each user's
+  whole training history).
+- AdamW, linear warm-up then cosine decay, gradient clipping, EMA weights (used for validation and saved).
+- Validation every `eval_every` steps (default once per epoch) on the validation split, seen items masked,
+  early stopping on NDCG@10. The test split is never read here.
+- Resumable: the full training state is saved to `<run_dir>/work/train-<model>-<fingerprint>/state.pt` at
+  every validation; a re-run with the same config resumes from it.
+- Output `<run_dir>/train/<model>/`: model.safetensors + config.json (everything needed to rebuild the model),
+  log.jsonl (losses and validation metrics), valid.json (the best validation metrics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from recpipe.artifacts import (
+    StageResult,
+    atomic_path,
+    fingerprint_obj,
+    read_json,
+    require_stage,
+    run_stage,
+    write_json,
+)
+from recpipe.config import Config, TrainConfig, to_dict
+from recpipe.errors import ArtifactError, ConfigError
+from recpipe.models.base import Recommender, build_model, get_model_config_cls
+from recpipe.models.metrics import RankAccumulator, history_mask
+from recpipe.pipeline import data as data_stage
+
+
+# ----------------------------------------------------------------------------------------------- batches
+class Batcher:
+    """Builds left-padded tensor batches from the data stage's CSR sequences (vectorised numpy)."""
+
+    def __init__(self, ds: data_stage.Dataset, history_len: int | None):
+        self.ds = ds
+        self.L = history_len
+        self.offsets = ds.offsets
+        self.items = ds.seq_items
+        lens = np.diff(ds.offsets)
+        self.user_of = np.repeat(np.arange(ds.n_users), lens)
+        # training targets: every position p with a non-empty history inside the training part
+        # (user sequence s: s[:-2] is training; targets s[1:-2])
+        pos = np.arange(len(self.items))
+        start = self.offsets[self.user_of]
+        end_train = self.offsets[self.user_of + 1] - 2
+        self.train_positions = pos[(pos > start) & (pos < end_train)]
+
+    def _window(self, end: np.ndarray, start: np.ndarray, L: int) -> np.ndarray:
+        """(B, L) items at [end-L, end), left-padded with 0 where before `start`."""
+        idx = end[:, None] - L + np.arange(L)[None, :]
+        valid = idx >= start[:, None]
+        out = np.where(valid, self.items[np.clip(idx, 0, None)], 0)
+        return out
+
+    def positions(self, pos: np.ndarray) -> dict[str, torch.Tensor]:
+        """One sample per global position: history = items before it (same user), target = it."""
+        u = self.user_of[pos]
+        start = self.offsets[u]
+        L = self.L or int((pos - start).max())
+        hist = self._window(pos, start, max(L, 1))
+        return {"history": torch.from_numpy(hist), "target": torch.from_numpy(self.items[pos].copy()),
+                "_pos": torch.from_numpy(pos)}
+
+    def sequences(self, users: np.ndarray) -> dict[str, torch.Tensor]:
+        """input_seq / target_seq over each user's training part (the last L transitions)."""
+        start = self.offsets[users]
+        end = self.offsets[users + 1] - 2  # exclusive end of the training part
+        L = self.L or int((end - start).max() - 1)
+        inp = self._window(end - 1, start, L)
+        tgt = self._window(end, start + 1, L)
+        inp = np.where(tgt > 0, inp, 0)
+        return {"input_seq": torch.from_numpy(inp), "target_seq": torch.from_numpy(tgt)}
+
+    def user_histories(self, users: np.ndarray, cut: int) -> dict[str, torch.Tensor]:
+        """Whole history before position len - cut (cut=2: training part), left-padded to the batch max."""
+        start = self.offsets[users]
+        end = self.offsets[users + 1] - cut
+        L = self.L or int((end - start).max())
+        return {"history": torch.from_numpy(self._window(end, start, max(L, 1)))}
+
+    def eval_batch(self, users: np.ndarray, split: str) -> tuple[dict[str, torch.Tensor], list[np.ndarray]]:
+        """History (model window) and target for "valid" / "test", plus each user's full history (for masking)."""
+        cut = {"test": 1, "valid": 2}[split]
+        start = self.offsets[users]
+        end = self.offsets[users + 1] - cut  # the target's position
+        L = self.L or int((end - start).max())
+        batch = {"history": torch.from_numpy(self._window(end, start, max(L, 1))),
+                 "target": torch.from_numpy(self.items[end].copy())}
+        seen = [self.items[s:e] for s, e in zip(start, end)]
+        return batch, seen
+
+
+def iterate_training(b: Batcher, mode: str, batch_size: int, epoch: int, seed: int, skip: int = 0
+                     ) -> Iterator[dict[str, torch.Tensor]]:
+    """One shuffled pass (epoch) over the training data; `skip` batches already done (resume)."""
+    rng = np.random.default_rng([seed, epoch])
+    if mode == "position":
+        units = b.train_positions
+    else:
+        users = np.arange(b.ds.n_users)
+        train_len = np.diff(b.offsets) - 2
+        units = users[train_len >= (2 if mode == "sequence" else 1)]
+    perm = units[rng.permutation(len(units))]
+    for i in range(skip * batch_size, len(perm), batch_size):
+        chunk = perm[i: i + batch_size]
+        if mode == "position":
+            yield b.positions(chunk)
+        elif mode == "sequence":
+            yield b.sequences(chunk)
+        else:
+            yield b.user_histories(chunk, cut=2)
+
+
+def n_batches(b: Batcher, mode: str, batch_size: int) -> int:
+    if mode == "position":
+        n = len(b.train_positions)
+    else:
+        n = int((np.diff(b.offsets) - 2 >= (2 if mode == "sequence" else 1)).sum())
+    return math.ceil(n / batch_size)
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_split(
+    model: Recommender, b: Batcher, split: str, ks: list[int], batch_size: int = 1024,
+    users: np.ndarray | None = None, device: str | torch.device = "cpu", score_kwargs: dict | None = None,
+    intent_fn=None, seed: int = 0,
+) -> dict[str, Any]:
+    """Full-ranking metrics (masked and unmasked columns) over every user of a split (or `users`).
+
+    intent_fn(users, targets) -> (B, d) float tensor | None adds an intention to each batch.
+    """
+    was_training = model.training
+    model.eval()
+    users = np.arange(b.ds.n_users) if users is None else users
+    acc = RankAccumulator()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    kwargs = dict(score_kwargs or {})
+    if getattr(model, "generative", False):
+        kwargs["generator"] = gen
+    n_items = model.n_items
+    try:
+        for i in range(0, len(users), batch_size):
+            u = users[i: i + batch_size]
+            batch, seen = b.eval_batch(u, split)
+            if intent_fn is not None:
+                intent = intent_fn(u, batch["target"].numpy())
+                if intent is not None:
+                    batch["intent"] = intent
+            batch = {k: v.to(device) for k, v in batch.items()}
+            scores = model.score_all(batch, **kwargs)
+            acc.add(scores, batch["target"], history_mask(seen, n_items, device=scores.device))
+    finally:
+        model.train(was_training)
+    return acc.result(ks)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = cuda but torch sees no GPU")
+    return torch.device(name)
+
+
+def needs_text(model_name: str) -> bool:
+    from recpipe.models.base import _REGISTRY, _import_all
+
+    _import_all()
+    factory = _REGISTRY[model_name][1]
+    return bool(getattr(factory, "uses_text", False))
+
+
+def load_text_vectors(run_dir: Path) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any], str]:
+    """Whitened item vectors, whitened LLM-intent vectors (or None), the whiten info, its fingerprint."""
+    from recpipe.pipeline import whiten
+
+    m = require_stage(run_dir, "whiten", hint="recpipe train (it whitens the embed stage's vectors first)")
+    _, items, info = whiten.load_whitening(run_dir)
+    return items, whiten.load_intent_vectors(run_dir), info, m.fingerprint
+
+
+class EMA:
+    """Exponential moving average of parameters (and a copy of buffers), swapped in for evaluation."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v, 1.0 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    prog = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog)))  # cosine to 10% of lr
+
+
+# ---------------------------------------------------------------------------------------------- training
+@dataclasses.dataclass
+class TrainInputs:
+    ds: data_stage.Dataset
+    item_vectors: np.ndarray | None
+    intent_vectors: np.ndarray | None
+    fingerprints: dict[str, str]
+    text_info: dict[str, Any]
+
+
+def gather_inputs(cfg: Config, model_name: str) -> TrainInputs:
+    run_dir = cfg.run_dir
+    dm = require_stage(run_dir, "data", hint="recpipe data")
+    ds = data_stage.load(run_dir / "data")
+    fps = {"data": dm.fingerprint}
+    iv = itv = None
+    info: dict[str, Any] = {}
+    if needs_text(model_name):
+        iv, itv, info, wfp = load_text_vectors(run_dir)
+        fps["whiten"] = wfp
+        if iv.shape[0] != ds.n_items + 1:
+            raise ArtifactError(
+                f"{run_dir / 'whiten'}: vectors for {iv.shape[0] - 1} items but the data stage has {ds.n_items}; "
+                "re-run `recpipe embed` and `recpipe train`"
+            )
+    return TrainInputs(ds, iv, itv, fps, info)
+
+
+def train_config_dict(cfg: Config, model_name: str) -> dict[str, Any]:
+    mcfg = cfg.model_config(model_name)
+    tc = to_dict(cfg.train)
+    tc.pop("threads")
+    tc.pop("device")  # where it runs does not change what it computes (within float tolerance)
+    return {"model": model_name, "model_config": dataclasses.asdict(mcfg), "train": tc, "seed": cfg.run.seed}
+
+
+def run(cfg: Config, model_name: str | None = None, force: bool = False, log=print, progress: bool = True
+        ) -> StageResult:
+    model_name = model_name or cfg.train.model
+    try:
+        get_model_config_cls(model_name)
+    except KeyError as e:
+        raise ConfigError(str(e.args[0])) from None
+    inputs = gather_inputs(cfg, model_name)
+    config = train_config_dict(cfg, model_name)
+
+    def build(out_dir: Path) -> dict[str, Any]:
+        return _train(cfg, model_name, inputs, config, out_dir, log=log, progress=progress)
+
+    return run_stage(cfg.run_dir, f"train/{model_name}", config, inputs.fingerprints, build, force=force, log=log)
+
+
+def make_model(model_name: str, model_config: Any, n_items: int, item_vectors: np.ndarray | None) -> Recommender:
+    iv = torch.from_numpy(np.ascontiguousarray(item_vectors, dtype=np.float32)) if item_vectors is not None else None
+    try:
+        return build_model(model_name, model_config, n_items=n_items, item_vectors=iv)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"model {model_name}: {e}") from None
+
+
+def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir: Path, log, progress: bool
+           ) -> dict[str, Any]:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = resolve_device(tc.device)
+    seed = cfg.run.seed
+    torch.manual_seed(seed)
+    mcfg = cfg.model_config(model_name)
+    model = make_model(model_name, mcfg, inp.ds.n_items, inp.item_vectors).to(device)
+    b = Batcher(inp.ds, model.history_len)
+    mode = model.train_mode
+    intents = None
+    if inp.intent_vectors is not None and getattr(model, "uses_intent", False) and tc.intent_prob > 0:
+        intents = torch.from_numpy(np.ascontiguousarray(inp.intent_vectors, dtype=np.float32)).to(device)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr)
+    ema = EMA(model, tc.ema) if tc.ema > 0 else None
+    per_epoch = n_batches(b, mode, tc.batch_size)
+    total = tc.epochs * per_epoch if not tc.max_steps else min(tc.max_steps, tc.epochs * per_epoch)
+    eval_every = tc.eval_every or per_epoch
+    rng = np.random.default_rng([seed, 7])
+    val_users = np.arange(inp.ds.n_users)
+    if tc.eval_users and tc.eval_users < len(val_users):
+        val_users = np.sort(rng.choice(val_users, tc.eval_users, replace=False))
+
+    work = cfg.run_dir / "work" / f"train-{model_name}-{fingerprint_obj([config, inp.fingerprints])}"
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / "state.pt"
+    st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": -1.0, "best_step": -1, "bad": 0, "done": False,
+          "train_time": 0.0, "log": []}
+    best_state: dict[str, torch.Tensor] | None = None
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if state_path.exists():
+        try:
+            ck = torch.load(state_path, map_location=device, weights_only=False)
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["opt"])
+            if ema is not None:
+                ema.shadow = ck["ema"]
+            best_state = ck["best_state"]
+            st = ck["st"]
+            gen.set_state(ck["gen"].cpu() if device.type == "cpu" else ck["gen"])
+            log(f"train/{model_name}: resuming at step {st['step']} (epoch {st['epoch'] + 1}) from {state_path}")
+        except Exception as e:  # a corrupt state file must not stop training; it is only a shortcut
+            log(f"train/{model_name}: ignoring unreadable resume state {state_path} ({type(e).__name__})")
+
+    def save_state() -> None:
+        with atomic_path(state_path) as tmp:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                        "ema": ema.shadow if ema is not None else None, "best_state": best_state, "st": st,
+                        "gen": gen.get_state()}, tmp)
+
+    def validate() -> float:
+        eval_model = model
+        if ema is not None:
+            eval_model = make_model(model_name, mcfg, inp.ds.n_items, inp.item_vectors).to(device)
+            eval_model.load_state_dict(ema.shadow)
+        res = evaluate_split(eval_model, b, "valid", [10, 20], batch_size=cfg.evaluate.batch_size,
+                             users=val_users, device=device, seed=seed)
+        return res
+
+    n_params = model.num_parameters()
+    log(f"train/{model_name}: {n_params:,} parameters, {mode} batches, {per_epoch} steps/epoch, up to {total} "
+        f"steps on {device}")
+    model.train()
+    columns = [TextColumn("[bold]train[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    losses: list[float] = []
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task(model_name, total=total, completed=st["step"], info="")
+        while not st["done"] and st["epoch"] < tc.epochs:
+            t_epoch = time.perf_counter()
+            for batch in iterate_training(b, mode, tc.batch_size, st["epoch"], seed, skip=st["batch_in_epoch"]):
+                if intents is not None:
+                    tgt = batch["target"]
+                    batch["intent"] = intents[tgt.to(device)]
+                    batch["intent_mask"] = (torch.rand(len(tgt), generator=gen, device=device) < tc.intent_prob)
+                batch = {k: v.to(device) for k, v in batch.items() if not k.startswith("_")}
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(st["step"], total, tc)
+                loss = model.loss(batch, generator=gen)
+                if not torch.isfinite(loss):
+                    raise ArtifactError(f"train/{model_name}: loss became {loss.item()} at step {st['step']}; "
+                                        "lower train.lr or check the input vectors")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if tc.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+                opt.step()
+                if ema is not None:
+                    ema.update(model)
+                st["step"] += 1
+                st["batch_in_epoch"] += 1
+                losses.append(loss.item())
+                bar.update(task, advance=1, info=f"loss {np.mean(losses[-50:]):.4f} best {max(st['best'], 0):.4f}")
+                stop_now = tc.max_steps and st["step"] >= tc.max_steps
+                if st["step"] % eval_every == 0 or stop_now:
+                    st["train_time"] += time.perf_counter() - t_epoch
+                    t_epoch = time.perf_counter()
+                    res = validate()
+                    ndcg = res["masked"]["NDCG@10"]
+                    entry = {"step": st["step"], "epoch": st["epoch"] + st["batch_in_epoch"] / per_epoch,
+                             "loss": float(np.mean(losses[-eval_every:])), "valid": res,
+                             "train_time_s": round(st["train_time"], 2)}
+                    st["log"].append(entry)
+                    log(f"step {st['step']}: loss {entry['loss']:.4f}  valid NDCG@10 {ndcg:.4f} "
+                        f"(unmasked {res['unmasked']['NDCG@10']:.4f})  HR@10 {res['masked']['HR@10']:.4f}")
+                    if ndcg > st["best"]:
+                        st["best"], st["best_step"], st["bad"] = ndcg, st["step"], 0
+                        src = ema.shadow if ema is not None else model.state_dict()
+                        best_state = {k: v.detach().clone() for k, v in src.items()}
+                    else:
+                        st["bad"] += 1
+                        if st["bad"] >= tc.patience:
+                            log(f"early stop: no better validation NDCG@10 for {tc.patience} validations")
+                            st["done"] = True
+                    if stop_now:
+                        st["done"] = True
+                    save_state()
+                    if st["done"]:
+                        break
+            else:
+                st["epoch"] += 1
+                st["batch_in_epoch"] = 0
+                st["train_time"] += time.perf_counter() - t_epoch
+                save_state()
+
+    if best_state is None:
+        raise ArtifactError(f"train/{model_name}: no validation was run (0 training batches?)")
+    _save_model(out_dir, model_name, mcfg, inp, best_state, config)
+    with atomic_path(out_dir / "log.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in st["log"]))
+    best = next(e for e in st["log"] if e["step"] == st["best_step"])
+    write_json(out_dir / "valid.json", best)
+    samples = len(b.train_positions) if mode == "position" else None
+    info = {
+        "model": model_name, "parameters": n_params, "steps": st["step"], "best_step": st["best_step"],
+        "valid": best["valid"], "train_time_s": round(st["train_time"], 2), "steps_per_epoch": per_epoch,
+        "train_samples_per_epoch": samples, "device": str(device),
+    }
+    return info
+
+
+def _save_model(out_dir: Path, model_name: str, mcfg: Any, inp: TrainInputs, state: dict, config: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    write_json(out_dir / "config.json", {
+        "model": model_name, "model_config": dataclasses.asdict(mcfg), "n_items": inp.ds.n_items,
+        "dim": None if inp.item_vectors is None else int(inp.item_vectors.shape[1]),
+        "inputs": inp.fingerprints, "text": inp.text_info, "train": config["train"], "seed": config["seed"],
+    })
+
+
+def load_trained(run_dir: Path, model_name: str, device: str | torch.device = "cpu"
+                 ) -> tuple[Recommender, dict[str, Any], Any]:
+    """(model in eval mode, its config.json, the train manifest) from `<run_dir>/train/<model>/`."""
+    from safetensors.torch import load_file
+
+    m = require_stage(run_dir, f"train/{model_name}", hint=f"recpipe train --model {model_name}")
+    d = run_dir / "train" / model_name
+    conf = read_json(d / "config.json")
+    item_vectors = None
+    if needs_text(model_name):
+        iv, _, _, wfp = load_text_vectors(run_dir)
+        if conf["inputs"].get("whiten") != wfp:
+            raise ArtifactError(f"{d}: trained on other text vectors than {run_dir / 'whiten'} holds now "
+                                f"(another TEM or whitening); re-run `recpipe train --model {model_name}`")
+        item_vectors = iv
+    try:
+        state = load_file(str(d / "model.safetensors"))
+    except Exception as e:
+        raise ArtifactError(f"{d / 'model.safetensors'}: unreadable checkpoint ({type(e).__name__}); "
+                            f"re-run `recpipe train --model {model_name} --force`") from None
+    model = make_model(model_name, conf["model_config"], conf["n_items"], item_vectors)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ArtifactError(f"{d / 'model.safetensors'}: does not match its config ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), conf, m
+
+
+__all__ = ["Batcher", "iterate_training", "evaluate_split", "run", "load_trained", "gather_inputs", "EMA",
+           "lr_at", "make_model", "needs_text", "load_text_vectors", "resolve_device"]
