@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from recpipe.artifacts import atomic_path, fingerprint_file, fingerprint_obj, run_stage, StageResult
+from recpipe.artifacts import StageResult, atomic_path, fingerprint_file, fingerprint_obj, run_stage
 from recpipe.config import Config, DataConfig, to_dict
 from recpipe.errors import DataError
 
@@ -168,7 +168,7 @@ def _finish(inter: pd.DataFrame, items: pd.DataFrame, inter_path: Path, items_pa
 
 
 def _load_generic(path: Path) -> RawDataset:
-    inter_path = next((path / n for n in ("interactions.parquet", "interactions.csv") if (path / n).exists()))
+    inter_path = next(path / n for n in ("interactions.parquet", "interactions.csv") if (path / n).exists())
     inter = _read_table(inter_path)
     _require_columns(inter, ["user_id", "item_id", "timestamp"], inter_path)
     items_path = next((path / n for n in ("items.parquet", "items.csv") if (path / n).exists()), None)
