@@ -59,6 +59,12 @@ class Batcher:
         end_train = self.offsets[self.user_of + 1] - 2
         self.train_positions = pos[(pos > start) & (pos < end_train)]
 
+    def _width(self, need: np.ndarray) -> int:
+        """Columns for a batch: the longest real history in it, capped at the model's history_len.
+        Models are invariant to the amount of left padding, so short-history batches stay cheap."""
+        longest = max(int(need.max()) if len(need) else 1, 1)
+        return min(self.L, longest) if self.L else longest
+
     def _window(self, end: np.ndarray, start: np.ndarray, L: int) -> np.ndarray:
         """(B, L) items at [end-L, end), left-padded with 0 where before `start`."""
         idx = end[:, None] - L + np.arange(L)[None, :]
@@ -70,8 +76,7 @@ class Batcher:
         """One sample per global position: history = items before it (same user), target = it."""
         u = self.user_of[pos]
         start = self.offsets[u]
-        L = self.L or int((pos - start).max())
-        hist = self._window(pos, start, max(L, 1))
+        hist = self._window(pos, start, self._width(pos - start))
         return {"history": torch.from_numpy(hist), "target": torch.from_numpy(self.items[pos].copy()),
                 "_pos": torch.from_numpy(pos)}
 
@@ -79,7 +84,7 @@ class Batcher:
         """input_seq / target_seq over each user's training part (the last L transitions)."""
         start = self.offsets[users]
         end = self.offsets[users + 1] - 2  # exclusive end of the training part
-        L = self.L or int((end - start).max() - 1)
+        L = self._width(end - start - 1)
         inp = self._window(end - 1, start, L)
         tgt = self._window(end, start + 1, L)
         inp = np.where(tgt > 0, inp, 0)
@@ -89,16 +94,14 @@ class Batcher:
         """Whole history before position len - cut (cut=2: training part), left-padded to the batch max."""
         start = self.offsets[users]
         end = self.offsets[users + 1] - cut
-        L = self.L or int((end - start).max())
-        return {"history": torch.from_numpy(self._window(end, start, max(L, 1)))}
+        return {"history": torch.from_numpy(self._window(end, start, self._width(end - start)))}
 
     def eval_batch(self, users: np.ndarray, split: str) -> tuple[dict[str, torch.Tensor], list[np.ndarray]]:
         """History (model window) and target for "valid" / "test", plus each user's full history (for masking)."""
         cut = {"test": 1, "valid": 2}[split]
         start = self.offsets[users]
         end = self.offsets[users + 1] - cut  # the target's position
-        L = self.L or int((end - start).max())
-        batch = {"history": torch.from_numpy(self._window(end, start, max(L, 1))),
+        batch = {"history": torch.from_numpy(self._window(end, start, self._width(end - start))),
                  "target": torch.from_numpy(self.items[end].copy())}
         seen = [self.items[s:e] for s, e in zip(start, end)]
         return batch, seen
@@ -200,13 +203,18 @@ class EMA:
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
+        self.updates = 0
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        # warm-up of the decay ((1 + n) / (10 + n), as in TF's ExponentialMovingAverage with num_updates):
+        # early on the average follows the weights closely instead of staying near the initialisation
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for k, v in model.state_dict().items():
             if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v, 1.0 - self.decay)
+                self.shadow[k].lerp_(v, 1.0 - decay)
             else:
                 self.shadow[k].copy_(v)
 
@@ -333,7 +341,7 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["opt"])
             if ema is not None:
-                ema.shadow = ck["ema"]
+                ema.shadow, ema.updates = ck["ema"], ck["st"]["step"]
             best_state = ck["best_state"]
             st = ck["st"]
             gen.set_state(ck["gen"].cpu() if device.type == "cpu" else ck["gen"])
