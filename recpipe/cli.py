@@ -29,6 +29,8 @@ app.add_typer(data_app, name="data")
 console = Console(stderr=False)
 err_console = Console(stderr=True)
 
+DEFAULT_BENCH_MODELS = "sasrec,dreamrec,diffurec,diffrec,idreamrec"
+
 # ------------------------------------------------------------------------------------------ options
 DatasetOpt = Annotated[
     Optional[str], typer.Option("--dataset", "-d", help="dataset name (inside --data-dir) or directory")]
@@ -299,6 +301,30 @@ def run_all(
     if user is None:
         user = str(data_stage.load(cfg.run_dir / "data").users["user_id"].iloc[0])
     _recommend(cfg, user, intent if train_stage.needs_text(cfg.train.model) else None, None)
+
+
+@app.command()
+def benchmark(
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    models: Annotated[str, typer.Option(help="comma-separated model names")] = DEFAULT_BENCH_MODELS,
+    config: ConfigOpt = None,
+    cache_dir: CacheOpt = None,
+    run_dir: RunDirOpt = None,
+    seed: SeedOpt = None,
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+):
+    """Train (or reuse) each model, evaluate all on the same split: one table (markdown, JSON, PNG chart)."""
+    from recpipe.pipeline import benchmark as stage
+
+    cfg = _config(config, dataset, data_dir, cache_dir, run_dir, seed, sets)
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    result = stage.run(cfg, names, force=force, log=_log)
+    from recpipe.pipeline.evaluate import print_table
+
+    print_table(result["rows"], cfg.evaluate.ks, title=f"benchmark on {cfg.run.dataset} ({result['split']} split)")
+    console.print(f"written: {cfg.run_dir / 'benchmark'} (table.md, results.json, chart.png)", highlight=False)
 
 
 def _ensure_data(cfg) -> None:

@@ -400,8 +400,7 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
                 bar.update(task, advance=1, info=f"loss {np.mean(losses[-50:]):.4f} best {max(st['best'], 0):.4f}")
                 stop_now = tc.max_steps and st["step"] >= tc.max_steps
                 if st["step"] % eval_every == 0 or stop_now:
-                    st["train_time"] += time.perf_counter() - t_epoch
-                    t_epoch = time.perf_counter()
+                    st["train_time"] += time.perf_counter() - t_epoch  # training time excludes validation
                     res = validate()
                     ndcg = res["masked"]["NDCG@10"]
                     entry = {"step": st["step"], "epoch": st["epoch"] + st["batch_in_epoch"] / per_epoch,
@@ -422,6 +421,7 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
                     if stop_now:
                         st["done"] = True
                     save_state()
+                    t_epoch = time.perf_counter()
                     if st["done"]:
                         break
             else:
