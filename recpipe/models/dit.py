@@ -1,0 +1,277 @@
+"""A small Diffusion Transformer (DiT) denoiser for item vectors, with in-context conditioning.
+
+After facebookresearch/DiT `models.py` (TimestepEmbedder, adaLN-Zero blocks, zero-initialised final
+layer), adapted to sequential recommendation as iDreamRec describes it: the condition is a set of tokens
+in the sequence, and the prediction is read at one token.
+
+    tokens = [h_{L-1}, ..., h_1, h_0,  intention,  timestep,  x_t]        (B, L + 3, W)
+              history, left-padded       cond.       cond.     noisy target
+    output = Linear(LN(tokens[:, -1]))                                    (B, d)  the predicted x0
+
+- History token = Linear(d -> W)(item vector) + learned position, where position 0 is the most recent
+  item (the last column of a left-padded history), so the same real items give the same tokens whatever
+  the amount of left padding.
+- Padding tokens are masked as attention keys (and their inputs zeroed, so even NaN there is harmless):
+  they never influence any other token, exactly as if absent (tested against a shorter model). The
+  intention, timestep and target tokens are always valid keys, so no attention row is empty (no NaN).
+- A history with no valid item (dropped for classifier-free guidance, or empty) is ONE learned null token
+  placed at the most recent slot (rather than masking every history token: a learned token lets the
+  unconditional branch carry its own learned "population" signal, as DreamRec's none-embedding does, and
+  keeps one fixed token layout for all guidance branches); an absent/dropped intention is a learned null
+  intention token.
+- adaln_zero=True adds, on top of the tokens, adaLN-Zero modulation of every block and of the final layer
+  by c = timestep embedding + intention embedding (DiT's conditioning); the token layout is unchanged.
+- Dropout (config `dropout`) on the input tokens and on each residual branch's output; not on attention
+  probabilities or the MLP hidden layer (on CPU those bernoulli draws cost as much as the matmuls).
+
+CPU cost (exact shortcuts, outputs unchanged): the last block computes queries, attention output and MLP
+for the read-out token only (keys/values for all tokens), and columns that are padding in every row of
+the batch are dropped before the transformer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from recpipe.models.diffusion import timestep_embedding
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """x: (B, S, W); shift, scale: (B, W) -> x·(1 + scale) + shift."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Integer timesteps -> (B, W): sinusoidal(freq_dim) -> Linear -> SiLU -> Linear (as in DiT)."""
+
+    def __init__(self, width: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: Tensor) -> Tensor:
+        # t: (B,) -> (B, W)
+        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a key padding mask, via F.scaled_dot_product_attention.
+
+    No dropout on the attention probabilities (only on the output): on CPU the extra bernoulli draws cost
+    as much as the matmuls, for a regulariser that the output dropout already provides.
+    """
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None, last_only: bool = False) -> Tensor:
+        # x: (B, S, W); attn_mask: (B, 1, 1, S) bool, True = this key may be attended to
+        # last_only: only the last token queries -> (B, 1, W); else (B, S, W)
+        B, S, W = x.shape
+        hd = W // self.heads
+        if last_only:
+            q = F.linear(x[:, -1:], self.qkv.weight[:W], self.qkv.bias[:W])  # (B, 1, W)
+            kv = F.linear(x, self.qkv.weight[W:], self.qkv.bias[W:])  # (B, S, 2W)
+            q = q.view(B, 1, self.heads, hd).transpose(1, 2)  # (B, H, 1, hd)
+            k, v = kv.view(B, S, 2, self.heads, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, S, hd)
+        else:
+            qkv = self.qkv(x).view(B, S, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)  # each (B, H, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, S_q, hd)
+        y = y.transpose(1, 2).reshape(B, q.shape[2], W)
+        return self.proj_drop(self.proj(y))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # (B, S, W) -> (B, S, W); dropout on the output only (see Attention)
+        return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+
+
+class DiTBlock(nn.Module):
+    """Pre-LN transformer block; with adaln_zero, LN shift/scale and residual gates come from c."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float, adaln_zero: bool):
+        super().__init__()
+        self.adaln_zero = adaln_zero
+        # with adaLN the affine parameters of the LayerNorms are produced from c instead
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=not adaln_zero, eps=1e-6)
+        self.attn = Attention(width, heads, dropout)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=not adaln_zero, eps=1e-6)
+        self.mlp = Mlp(width, int(width * mlp_ratio), dropout)
+        if adaln_zero:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None, c: Tensor | None = None, last_only: bool = False) -> Tensor:
+        # x: (B, S, W); c: (B, W) or None -> (B, S, W), or (B, 1, W) (the last token) if last_only:
+        # the last block only needs the read-out token, whose output is the same either way
+        res = x[:, -1:] if last_only else x
+        if not self.adaln_zero:
+            x = res + self.attn(self.norm1(x), attn_mask, last_only)
+            return x + self.mlp(self.norm2(x))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = res + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), attn_mask, last_only)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """LN (adaLN-modulated if enabled) -> Linear(W -> d), zero-initialised: the first prediction is
+    x0_hat = 0, the mean of whitened vectors."""
+
+    def __init__(self, width: int, out_dim: int, adaln_zero: bool):
+        super().__init__()
+        self.adaln_zero = adaln_zero
+        self.norm = nn.LayerNorm(width, elementwise_affine=not adaln_zero, eps=1e-6)
+        self.linear = nn.Linear(width, out_dim)
+        if adaln_zero:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:
+        # x: (B, W) the target token; c: (B, W) or None -> (B, d)
+        x = self.norm(x)
+        if self.adaln_zero:
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+            x = x * (1 + scale) + shift
+        return self.linear(x)
+
+
+class DiT(nn.Module):
+    """Denoiser x0_hat = DiT(x_t, t | history, intention) over item vectors of dimension `dim`.
+
+    Args:
+        dim: item-vector dimension d (input and output).
+        max_len: number of history slots L (histories are left-padded/truncated to it by the caller).
+        width, depth, heads, mlp_ratio, dropout: transformer size.
+        adaln_zero: add adaLN-Zero modulation by (timestep + intention) embedding.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        max_len: int,
+        width: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.1,
+        adaln_zero: bool = False,
+    ):
+        super().__init__()
+        self.dim, self.max_len, self.width, self.adaln_zero = dim, max_len, width, adaln_zero
+        self.hist_proj = nn.Linear(dim, width)
+        self.pos_emb = nn.Parameter(torch.zeros(max_len, width))  # index 0 = most recent item
+        self.null_hist = nn.Parameter(torch.zeros(width))  # the whole history, dropped or empty
+        self.intent_proj = nn.Linear(dim, width)
+        self.null_intent = nn.Parameter(torch.zeros(width))  # absent or dropped intention
+        self.t_embedder = TimestepEmbedder(width)
+        self.x_proj = nn.Linear(dim, width)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(DiTBlock(width, heads, mlp_ratio, dropout, adaln_zero) for _ in range(depth))
+        self.final = FinalLayer(width, dim, adaln_zero)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        def _basic_init(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+        self.apply(_basic_init)
+        nn.init.normal_(self.pos_emb, std=0.02)
+        nn.init.normal_(self.null_hist, std=0.02)
+        nn.init.normal_(self.null_intent, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity (gates = 0) ...
+        for block in self.blocks:
+            if self.adaln_zero:
+                nn.init.zeros_(block.adaLN_modulation[-1].weight)
+                nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        if self.adaln_zero:
+            nn.init.zeros_(self.final.adaLN_modulation[-1].weight)
+            nn.init.zeros_(self.final.adaLN_modulation[-1].bias)
+        # ... and the output starts at 0 (the mean of whitened vectors)
+        nn.init.zeros_(self.final.linear.weight)
+        nn.init.zeros_(self.final.linear.bias)
+
+    def forward(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        hist: Tensor,
+        hist_mask: Tensor,
+        intent: Tensor | None = None,
+        intent_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Predict x0.
+
+        x_t: (B, d) noisy target; t: LongTensor (B,);
+        hist: (B, L, d) history item vectors, left-padded (values at padding are ignored);
+        hist_mask: (B, L) bool, True where a real item the model may see (False: padding, or the whole
+            row when the history is dropped); a row with no True gets the null history token;
+        intent: (B, d) or None; intent_mask: (B,) bool, True where the intention is used (else the null
+            intention token). intent=None means no intention anywhere.
+        Returns (B, d).
+        """
+        B, L, _ = hist.shape
+        if L != self.max_len:
+            raise ValueError(f"history has {L} slots, the model was built for {self.max_len}")
+        hist_mask = hist_mask.bool()
+        use_null = ~hist_mask.any(dim=1)  # (B,) history dropped or empty
+        null_slot = torch.zeros_like(hist_mask)
+        null_slot[:, -1] = use_null  # the null token takes the most recent slot
+        valid = hist_mask | null_slot  # (B, L) the keys that may be attended to
+        pos = self.pos_emb.flip(0)  # (L, W): slot L-1 (most recent) gets position 0
+        # columns that are padding in every row change nothing (masked keys): drop them to save compute
+        col_used = valid.any(dim=0)  # (L,); the last column is always used
+        if not bool(col_used[0]):
+            first = int(col_used.int().argmax())
+            hist, hist_mask, null_slot, valid, pos = (
+                hist[:, first:],
+                hist_mask[:, first:],
+                null_slot[:, first:],
+                valid[:, first:],
+                pos[first:],
+            )
+        # history tokens; padding values are never read (zeroed before the projection, masked as keys)
+        zero = torch.zeros((), dtype=hist.dtype, device=hist.device)
+        h = self.hist_proj(torch.where(hist_mask[..., None], hist, zero)) + pos[None]  # (B, L', W)
+        h = torch.where(null_slot[..., None], self.null_hist.to(h.dtype), h)
+
+        # condition tokens
+        if intent is None:
+            e_int = self.null_intent.to(h.dtype).expand(B, -1)  # (B, W)
+        else:
+            if intent_mask is None:
+                intent_mask = torch.ones(B, dtype=torch.bool, device=intent.device)
+            keep = intent_mask.bool()[:, None]
+            # zero absent intentions before the projection, so NaN/garbage there cannot leak
+            proj = self.intent_proj(torch.where(keep, intent, torch.zeros((), dtype=intent.dtype)))
+            e_int = torch.where(keep, proj, self.null_intent.to(proj.dtype))  # (B, W)
+        e_t = self.t_embedder(t)  # (B, W)
+        e_x = self.x_proj(x_t)  # (B, W)
+
+        tokens = torch.cat([h, e_int[:, None], e_t[:, None], e_x[:, None]], dim=1)  # (B, L+3, W)
+        tokens = self.drop(tokens)
+        key_ok = torch.cat([valid, torch.ones(B, 3, dtype=torch.bool, device=valid.device)], dim=1)
+        attn_mask = None if bool(key_ok.all()) else key_ok[:, None, None, :]  # (B, 1, 1, L+3)
+
+        c = (e_t + e_int) if self.adaln_zero else None  # (B, W)
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, attn_mask, c, last_only=i == len(self.blocks) - 1)
+        return self.final(tokens[:, -1], c)  # (B, d)

@@ -1,0 +1,348 @@
+"""iDreamRec (arXiv 2410.13428): text-guided diffusion sequential recommendation.
+
+The model generates an "oracle" item vector x0 in the space of the (whitened, frozen) text vectors of the
+items, conditioned on the user's recent history and optionally on an intention vector, and ranks every
+item by its inner product with the oracle.
+
+- Denoiser: recpipe.models.dit.DiT, in-context conditioning, x0 prediction.
+- Training: x0 = vectors[target], t ~ U{0..T-1}, x_t = q_sample(x0, t, noise), MSE(DiT(x_t, t | h, I), x0).
+  Classifier-free guidance training: with probability p_uncond a sample's history is dropped, and then
+  its intention too (a fully unconditional sample); otherwise its intention (where present) is dropped
+  with probability p_intent_drop. Optional PreferDiff loss (loss="preferdiff").
+- Sampling: DDIM from x_T ~ N(0, I), `steps` steps (1 by default: x0 = guided DiT(x_T, T-1)), eta = 0.
+
+Guidance (ONE parameterisation, for every sample):
+    x0 = f(∅,∅) + w·(f(h,∅) − f(∅,∅)) + rho·(f(h,I) − f(h,∅))
+where f(h,I) := f(h,∅) for a sample without intention, so for it x0 = f(∅,∅) + w·(f(h,∅) − f(∅,∅)),
+which is DreamRec's (1 + w')·f(h) − w'·f(∅) with w' = w − 1 (DreamRec's w = 2 is w = 3 here).
+    w = 0, rho = 0: the unconditional model f(∅,∅);  w = 1, rho = 0: the plain history-conditional f(h,∅);
+    w = 1, rho = 1: the plain fully conditional f(h,I);  w > 1 / rho > 1: extrapolated guidance.
+Per sampling step, the conditional branches a call needs share ONE batched DiT forward and the
+unconditional branch (4 tokens long: its history is a single null token) gets a second, short one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from recpipe.models.base import Recommender, register
+from recpipe.models.diffusion import (
+    BETA_SCHEDULES,
+    Schedule,
+    ddim_sample,
+    make_schedule,
+    preferdiff_loss,
+    q_sample,
+    randn,
+    sample_timesteps,
+)
+from recpipe.models.dit import DiT
+
+
+@dataclass
+class IDreamRecConfig:
+    # --- diffusion
+    T: int = 1000  # DDPM's standard; only an index, so it costs nothing, and leaves fine k-step DDIM grids
+    schedule: str = "linear"  # abar_{T-1} = 4e-5 so x_T ~ N(0,I) fits t = T-1 (exp: 6e-3); 52% of t at SNR<0.1
+    # --- denoiser (DiT)
+    width: int = 128  # 2x DreamRec's D = 64 for 384-d text inputs; width 256 costs ~3x the CPU time
+    depth: int = 2  # 2: history tokens interact before the read-out (SASRec's ML-1M depth); 1 is ~3x faster
+    heads: int = 4  # head dim 32, the usual 32-64 range
+    mlp_ratio: float = 4.0  # the transformer standard (DiT, DiffuRec)
+    dropout: float = 0.1  # DreamRec / DiffuRec / PreferDiff all use 0.1
+    adaln_zero: bool = False  # iDreamRec conditions in-context only; adaLN-Zero is the DiT alternative
+    history_len: int = 20  # ML-1M histories are long but CPU cost is linear in tokens; 2x DreamRec's 10
+    # --- training
+    p_uncond: float = 0.1  # iDreamRec / DreamRec / PreferDiff: history dropped with p = 0.1
+    p_intent_drop: float = 0.1  # same rate for the intention, so f(h, ∅) is learned where intents exist
+    loss: str = "mse"  # iDreamRec: x0 target, MSE, no negative sampling; "preferdiff" = PreferDiff
+    lam: float = 0.5  # PreferDiff's lamda (weight of MSE vs BPR-Diff), its config default
+    scale: float = 5.0  # PreferDiff's gamma (scale inside the log-sigmoid), its config default
+    n_neg: int = 4  # negatives averaged into one centroid (PreferDiff "-C"): one extra forward whatever n
+    item_residual: bool = False  # learnable per-item residual on the frozen text vectors (off = paper)
+    # --- sampling / scoring
+    w: float = 3.0  # history guidance, = DreamRec's w = 2 ((1+2)·f(h) − 2·f(∅)); w = 1: no guidance
+    rho: float = 1.0  # intention guidance; 1 = use f(h, I) as is, 0 = ignore the intention
+    steps: int = 1  # iDreamRec: one DDIM step from noise works about as well as many
+    eta: float = 0.0  # deterministic DDIM (given x_T)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in BETA_SCHEDULES:
+            raise ValueError(f"schedule must be one of {BETA_SCHEDULES}, got {self.schedule!r}")
+        if self.loss not in ("mse", "preferdiff"):
+            raise ValueError(f"loss must be 'mse' or 'preferdiff', got {self.loss!r}")
+        if not 1 <= self.steps <= self.T:
+            raise ValueError(f"steps must be in [1, T={self.T}], got {self.steps}")
+        if self.history_len < 1:
+            raise ValueError("history_len must be >= 1")
+        for name in ("p_uncond", "p_intent_drop", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]")
+        if self.n_neg < 1:
+            raise ValueError("n_neg must be >= 1")
+
+
+@register("idreamrec", IDreamRecConfig)
+class IDreamRec(Recommender):
+    """iDreamRec over frozen whitened text vectors; see the module docstring."""
+
+    train_mode = "position"
+    generative = True
+    uses_text = True
+    uses_intent = True
+
+    def __init__(self, config: IDreamRecConfig, n_items: int, item_vectors: Tensor | None):
+        super().__init__(n_items, config.history_len)
+        if item_vectors is None:
+            raise ValueError("idreamrec needs item_vectors (n_items + 1, d): the whitened text vectors")
+        if item_vectors.dim() != 2 or item_vectors.shape[0] != n_items + 1:
+            raise ValueError(
+                f"item_vectors must be (n_items + 1, d) = ({n_items + 1}, d), got {tuple(item_vectors.shape)}"
+            )
+        self.config = config
+        self.dim = int(item_vectors.shape[1])
+        # frozen text vectors, row 0 = padding (saved in checkpoints so that scores are reproducible)
+        self.register_buffer("item_vectors", item_vectors.detach().float().clone().contiguous())
+        if config.item_residual:
+            # learnable correction of each item's vector, zero at init; padding_idx keeps row 0 at zero
+            self.item_residual = nn.Embedding(n_items + 1, self.dim, padding_idx=0)
+            nn.init.zeros_(self.item_residual.weight)
+        else:
+            self.item_residual = None
+        self.dit = DiT(
+            dim=self.dim,
+            max_len=config.history_len,
+            width=config.width,
+            depth=config.depth,
+            heads=config.heads,
+            mlp_ratio=config.mlp_ratio,
+            dropout=config.dropout,
+            adaln_zero=config.adaln_zero,
+        )
+        self._schedule_cpu = make_schedule(config.schedule, config.T)  # float64
+        self._schedules: dict[torch.device, Schedule] = {}
+
+    # ------------------------------------------------------------------------------------------------
+    # helpers
+    # ------------------------------------------------------------------------------------------------
+
+    def schedule(self, device: torch.device | None = None) -> Schedule:
+        """The diffusion schedule (float64) on `device` (default: the model's), cached per device."""
+        device = torch.device(device) if device is not None else self.item_vectors.device
+        if device not in self._schedules:
+            self._schedules[device] = self._schedule_cpu.to(device)
+        return self._schedules[device]
+
+    def item_table(self) -> Tensor:
+        """(n_items + 1, d): the vectors used for history tokens, training targets and scoring."""
+        if self.item_residual is None:
+            return self.item_vectors
+        return self.item_vectors + self.item_residual.weight
+
+    def item_vecs(self, ids: Tensor) -> Tensor:
+        """ids: LongTensor (...) -> (..., d), = item_table()[ids]."""
+        v = self.item_vectors[ids]
+        if self.item_residual is not None:
+            v = v + self.item_residual(ids)
+        return v
+
+    def _history(self, history: Tensor) -> Tensor:
+        """Left-pad with 0 / keep the last history_len columns: (B, L_in) -> (B, history_len)."""
+        L = self.config.history_len
+        if history.shape[1] >= L:
+            return history[:, history.shape[1] - L :]
+        return F.pad(history, (L - history.shape[1], 0), value=0)
+
+    @staticmethod
+    def _intent(batch: dict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
+        """(intent (B, d), intent_mask (B,) bool) or (None, None) when the batch has no intention."""
+        if "intent" not in batch:
+            return None, None
+        intent = batch["intent"]
+        mask = batch.get("intent_mask")
+        if mask is None:
+            mask = torch.ones(intent.shape[0], dtype=torch.bool, device=intent.device)
+        return intent.float(), mask.bool()
+
+    def denoise(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        history: Tensor,
+        hist_keep: Tensor,
+        intent: Tensor | None = None,
+        intent_mask: Tensor | None = None,
+    ) -> Tensor:
+        """One DiT forward: f(x_t, t | h, I) -> x0_hat (B, d).
+
+        x_t: (B, d); t: (B,); history: (B, history_len) item ids (0 = padding);
+        hist_keep: (B,) bool, False = history dropped (null history token);
+        intent: (B, d) or None; intent_mask: (B,) bool, False = null intention.
+        """
+        hist_mask = (history != 0) & hist_keep[:, None]  # (B, L)
+        return self.dit(x_t, t, self.item_vecs(history), hist_mask, intent, intent_mask)
+
+    # ------------------------------------------------------------------------------------------------
+    # training
+    # ------------------------------------------------------------------------------------------------
+
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+        cfg = self.config
+        history = self._history(batch["history"])
+        target = batch["target"]
+        B, dev = target.shape[0], target.device
+        s = self.schedule(dev)
+        gen_dev = generator.device if generator is not None else dev
+
+        x0 = self.item_vecs(target)  # (B, d)
+        t = sample_timesteps(B, cfg.T, generator, dev)  # (B,)
+        noise = randn((B, self.dim), generator, dev)
+        x_t = q_sample(s, x0, t, noise)  # (B, d)
+        hist_keep = (torch.rand(B, generator=generator, device=gen_dev) >= cfg.p_uncond).to(dev)
+        intent, intent_mask = self._intent(batch)
+        if intent is not None:
+            keep_i = (torch.rand(B, generator=generator, device=gen_dev) >= cfg.p_intent_drop).to(dev)
+            intent_mask = intent_mask & hist_keep & keep_i  # a dropped history is fully unconditional
+
+        if cfg.loss == "mse":
+            x0_hat = self.denoise(x_t, t, history, hist_keep, intent, intent_mask)
+            return F.mse_loss(x0_hat, x0)
+
+        # PreferDiff: n_neg items != target, uniformly; their centroid is noised at the same t and
+        # denoised under the same condition, in the same forward as the positive
+        r = torch.randint(1, self.n_items, (B, cfg.n_neg), generator=generator, device=gen_dev).to(dev)
+        neg = r + (r >= target[:, None]).long()  # uniform over {1..n_items} \ {target}
+        x0_neg = self.item_vecs(neg).mean(dim=1)  # (B, d)
+        x_t_neg = q_sample(s, x0_neg, t, randn((B, self.dim), generator, dev))
+
+        def two(a: Tensor | None) -> Tensor | None:
+            return None if a is None else torch.cat([a, a])
+
+        out = self.denoise(
+            torch.cat([x_t, x_t_neg]), two(t), two(history), two(hist_keep), two(intent), two(intent_mask)
+        )
+        return preferdiff_loss(out[:B], x0, out[B:], x0_neg, lam=cfg.lam, scale=cfg.scale)
+
+    # ------------------------------------------------------------------------------------------------
+    # generation and scoring
+    # ------------------------------------------------------------------------------------------------
+
+    #: rows per DiT forward when sampling (CPU throughput per row peaks at 256-512 rows, measured)
+    sample_chunk: int = 512
+
+    def _branches(self, parts: list[tuple[Tensor, bool, bool]], x_t, t, history, intent) -> list[Tensor]:
+        """Stack the branches (rows, hist_keep, intent_on) into one batched DiT forward (in chunks of
+        sample_chunk rows: rows are independent) and split the result back: one (len(rows), d) each."""
+        dev = x_t.device
+        idx = torch.cat([rows for rows, _, _ in parts])
+        keep = torch.cat([torch.full((r.numel(),), k, dtype=torch.bool, device=dev) for r, k, _ in parts])
+        use_i = torch.cat([torch.full((r.numel(),), i, dtype=torch.bool, device=dev) for r, _, i in parts])
+        outs = []
+        for c in range(0, idx.numel(), self.sample_chunk):
+            sl = idx[c : c + self.sample_chunk]
+            intent_c = None if intent is None else intent[sl]
+            outs.append(
+                self.denoise(x_t[sl], t[sl], history[sl], keep[c : c + sl.numel()], intent_c, use_i[c : c + sl.numel()])
+            )
+        return list(torch.cat(outs).split([rows.numel() for rows, _, _ in parts]))
+
+    def guided_x0(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        history: Tensor,
+        intent: Tensor | None,
+        intent_mask: Tensor | None,
+        w: float,
+        rho: float,
+    ) -> Tensor:
+        """x0 = (1 − w)·f(∅,∅) + (w − rho·m)·f(h,∅) + rho·m·f(h,I), m = intention present (B,).
+
+        Only the branches with a non-zero coefficient are evaluated. The conditional branches f(h,∅) and
+        f(h,I) (the latter only for the rows that have an intention) share one batched DiT forward; the
+        unconditional branch f(∅,∅) gets its own, on 4 tokens instead of L + 3 (its history is one null
+        token): 2.1x less CPU time than stacking it with the others (measured, B = 1024, L = 20).
+        x_t: (B, d), t: (B,) -> (B, d).
+        """
+        B, dev = x_t.shape[0], x_t.device
+        if intent is None:
+            m = torch.zeros(B, dtype=torch.bool, device=dev)
+        elif intent_mask is None:
+            m = torch.ones(B, dtype=torch.bool, device=dev)
+        else:
+            m = intent_mask.bool()
+        a0 = 1.0 - w
+        a1 = w - rho * m.to(x_t.dtype)  # (B,)
+        rows_i = m.nonzero().squeeze(1) if rho != 0 else m.new_zeros(0, dtype=torch.long)
+        all_rows = torch.arange(B, device=dev)
+
+        x0 = torch.zeros_like(x_t)
+        cond: list[tuple[Tensor, bool, bool]] = []
+        if bool((a1 != 0).any()):
+            cond.append((all_rows, True, False))  # f(h, ∅)
+        if rows_i.numel() > 0:
+            cond.append((rows_i, True, True))  # f(h, I)
+        if cond:
+            outs = self._branches(cond, x_t, t, history, intent)
+            if bool((a1 != 0).any()):
+                x0 = x0 + a1[:, None] * outs.pop(0)
+            if rows_i.numel() > 0:
+                x0 = x0.index_add(0, rows_i, rho * outs.pop(0))
+        if a0 != 0:
+            (f_uu,) = self._branches([(all_rows, False, False)], x_t, t, history, intent)  # f(∅, ∅)
+            x0 = x0 + a0 * f_uu
+        return x0
+
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: dict[str, Tensor],
+        steps: int | None = None,
+        w: float | None = None,
+        rho: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The guided oracle vector (B, d): DDIM from x_T ~ N(0, I) (drawn with `generator`).
+
+        steps / w / rho default to the config's; steps = T with eta = 1 is ancestral DDPM sampling.
+        """
+        cfg = self.config
+        steps = cfg.steps if steps is None else int(steps)
+        w = cfg.w if w is None else float(w)
+        rho = cfg.rho if rho is None else float(rho)
+        history = self._history(batch["history"])
+        intent, intent_mask = self._intent(batch)
+        dev = history.device
+
+        def model_fn(x_t: Tensor, t: Tensor) -> Tensor:
+            return self.guided_x0(x_t, t, history, intent, intent_mask, w, rho)
+
+        return ddim_sample(
+            model_fn,
+            self.schedule(dev),
+            (history.shape[0], self.dim),
+            steps,
+            eta=cfg.eta,
+            prediction_type="x0",
+            generator=generator,
+            device=dev,
+        )
+
+    @torch.no_grad()
+    def score_all(
+        self,
+        batch: dict[str, Tensor],
+        steps: int | None = None,
+        w: float | None = None,
+        rho: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """(B, n_items + 1) inner products of the oracle with every item vector; column 0 = -inf."""
+        oracle = self.generate(batch, steps=steps, w=w, rho=rho, generator=generator)  # (B, d)
+        scores = oracle @ self.item_table().T  # (B, n_items + 1)
+        scores[:, 0] = float("-inf")
+        return scores
