@@ -122,7 +122,9 @@ def describe(
     model: Annotated[Optional[str], typer.Option("--model", help="LLM model name or GGUF path")] = None,
     base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint [env OPENAI_BASE_URL]")] = None,
     concurrency: Annotated[Optional[int], typer.Option(help="parallel requests")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="describe only the first N items (0 = all)")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="LLM-describe only the first N items (0 = all)")] = None,
+    intents: Annotated[
+        Optional[bool], typer.Option("--intents/--no-intents", help="also write user intentions")] = None,
     config: ConfigOpt = None,
     cache_dir: CacheOpt = None,
     run_dir: RunDirOpt = None,
@@ -134,7 +136,7 @@ def describe(
 
     cfg = _config(config, dataset, data_dir, cache_dir, run_dir, sets=sets, **{
         "describe.llm": llm, "describe.model": model, "describe.base_url": base_url,
-        "describe.concurrency": concurrency, "describe.limit": limit})
+        "describe.concurrency": concurrency, "describe.limit": limit, "describe.intents": intents})
     _ensure_data(cfg)
     res = stage.run(cfg, force=force, log=_log)
     _print_info("describe", res)
@@ -146,6 +148,8 @@ def embed(
     data_dir: DataDirOpt = None,
     tem: Annotated[Optional[str], typer.Option(help="local (sentence-transformers) | openai")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="TEM model name or path")] = None,
+    source: Annotated[Optional[str], typer.Option(help="descriptions (LLM) | metadata (raw item text)")] = None,
+    base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint for --tem openai")] = None,
     config: ConfigOpt = None,
     cache_dir: CacheOpt = None,
     run_dir: RunDirOpt = None,
@@ -156,7 +160,7 @@ def embed(
     from recpipe.pipeline import embed as stage
 
     cfg = _config(config, dataset, data_dir, cache_dir, run_dir, sets=sets,
-                  **{"embed.tem": tem, "embed.model": model})
+                  **{"embed.tem": tem, "embed.model": model, "embed.source": source, "embed.base_url": base_url})
     res = stage.run(cfg, force=force, log=_log)
     _print_info("embed", res)
 
