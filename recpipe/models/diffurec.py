@@ -1,0 +1,257 @@
+"""DiffuRec (Li et al., TOIS 2023) and DiffuRecSys (seed 002): diffusion over the target item's embedding
+with a transformer approximator conditioned on the history, trained with cross-entropy over all items.
+
+Faithful to WHUIR/DiffuRec (see shared/REFERENCE.md):
+- approximator input at every position: LN(dropout(E[seq])) + lambda * (x_t + t_emb), lambda ~ N(0.001, 0.001)
+  per element, drawn afresh at every call (training and every reverse step); 4 pre-LN transformer blocks
+  (4 heads, GELU FFN of width 4D, block-output dropout), then LN(dropout(.)); x0_hat = the last position;
+- t_emb = sinusoidal(t * 1000 / T) -> Linear(D, 4D) -> SiLU -> Linear(4D, D);
+- `trunc_lin` schedule with T = 32; uniform timesteps (the reference's "lossaware" sampler is never updated,
+  so it stays uniform); loss = CE of x0_hat . E^T over all items; inference = 32 ancestral reverse steps
+  from N(0, I) with the reference's variance choice (`reverse_variance="large"`: beta_t, the first step
+  using the posterior variance), scores = x_T0 . E^T;
+- no position embeddings (the reference has them commented out; `position_embeddings=True` adds them).
+
+Fixed faults: padding KEYS are masked and attention is causal (the reference masks padded queries and has
+no causal mask); the padding embedding is fixed at zero and never rankable; every block feeds the next.
+
+DiffuRecSys options (all off for "diffurec", on for "diffurecsys"):
+- `cross_attention`: in each block, before self-attention, a cross-attention sublayer whose queries are
+  lambda * (x_t + t_emb) (one per position) and whose keys/values are the normalised history; x_t then enters
+  only through it (as in DiffuRecSys). Standard scaled dot-product attention with padding/causal masks: the
+  reference's linear attention normalised keys over the head axis (a bug) and fed the original input to
+  every block (only the last counted) -- here each block feeds the next;
+- `offset_noise`: training noise eps + offset * c with c ~ N(0, 1) ONE constant per sample (the paper's
+  N(offset * c, I); the reference adds a full second Gaussian instead); inference starts from N(0, I);
+- `ensemble_seeds`: multi-seed inference (its Algorithm 3): the softmax score distributions of that many
+  seeded reverse runs are averaged. Scores are log-probabilities (log of the mean distribution), so one seed
+  gives exactly the single run's log-softmax.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recpipe.models import diffusion as D
+from recpipe.models.base import Recommender, register
+from recpipe.models.sasrec import (
+    MultiHeadAttention,
+    PreLNBlock,
+    attention_mask,
+    crop_history,
+    right_aligned_positions,
+)
+
+LN_EPS = 1e-12  # DiffuRec's TF-style LayerNorm epsilon
+
+
+@dataclass
+class DiffuRecConfig:
+    history_len: int = 50  # DiffuRec: max_len 50 on every dataset
+    hidden: int = 128  # DiffuRec: hidden_size 128
+    n_blocks: int = 4  # DiffuRec: num_blocks 4
+    n_heads: int = 4  # DiffuRec: 4 attention heads (hard-coded)
+    dropout: float = 0.1  # DiffuRec: dropout 0.1 (attention, FFN, residuals, output)
+    emb_dropout: float = 0.3  # DiffuRec: emb_dropout 0.3 on the history embeddings
+    T: int = 32  # DiffuRec: diffusion_steps 32
+    schedule: Literal["trunc_lin", "linear", "cosine"] = "trunc_lin"  # DiffuRec: noise_schedule trunc_lin
+    lambda_uncertainty: float = 0.001  # DiffuRec: lambda ~ N(0.001, 0.001) scales x_t into the history
+    rescale_timesteps: bool = True  # DiffuRec: timesteps fed to the embedding as t * 1000 / T
+    reverse_variance: Literal["large", "posterior"] = "large"  # DiffuRec's reverse step uses beta_t ("large")
+    position_embeddings: bool = False  # DiffuRec has them commented out; causal attention still orders items
+    cross_attention: bool = False  # DiffuRecSys' cross-attention conditioning; off in DiffuRec
+    offset_noise: float = 0.0  # DiffuRecSys: 0.1; 0 = plain Gaussian noise as in DiffuRec
+    ensemble_seeds: int = 1  # DiffuRecSys averages several seeded reverse runs; 1 = a single run (DiffuRec)
+    ensemble_seed: int = 0  # seeds used when score_all gets no generator: ensemble_seed, +1, ... (reproducible)
+    # training settings live in TrainConfig; DiffuRec used Adam lr 1e-3, batch 512, no weight decay
+
+
+@dataclass
+class DiffuRecSysConfig(DiffuRecConfig):
+    cross_attention: bool = True  # DiffuRecSys: cross-attention between x_t and the history in every block
+    offset_noise: float = 0.1  # DiffuRecSys: offset noise N(0.1 c, I)
+    ensemble_seeds: int = 5  # DiffuRecSys Algorithm 3 (multi-seed ensemble); 5 runs bounds inference at 5x
+    # paper/code also used max_len 100 and weight decay 1e-4 (TrainConfig); kept at DiffuRec's 50 here so the
+    # two differ only by the three DiffuRecSys techniques
+
+
+class DiffuBlock(nn.Module):
+    """[cross-attention sublayer] + pre-LN self-attention/FFN block + block-output dropout."""
+
+    def __init__(self, d: int, n_heads: int, dropout: float, cross: bool):
+        super().__init__()
+        self.cross = MultiHeadAttention(d, n_heads, dropout) if cross else None
+        self.ln_cross = nn.LayerNorm(d, eps=LN_EPS) if cross else None
+        self.block = PreLNBlock(d, n_heads, dropout, 4 * d, "gelu_tanh", ln_eps=LN_EPS)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, query: torch.Tensor | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        if self.cross is not None:
+            x = x + self.drop(self.cross(query, self.ln_cross(x), mask))
+        return self.drop(self.block(x, mask, last_only))
+
+
+class DiffuRec(Recommender):
+    train_mode = "position"
+    generative = False  # scores are a softmax over items; no CFG or step-count knobs for the evaluator
+
+    def __init__(self, config: DiffuRecConfig, n_items: int):
+        super().__init__(n_items, config.history_len)
+        c = self.config = config
+        d = c.hidden
+        if c.reverse_variance not in ("large", "posterior"):
+            raise ValueError(f"unknown reverse_variance {c.reverse_variance!r}")
+        if c.ensemble_seeds < 1:
+            raise ValueError("ensemble_seeds must be >= 1")
+        self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)  # N(0, 1) as nn.Embedding's default
+        self.pos_emb = nn.Embedding(c.history_len, d) if c.position_embeddings else None
+        self.emb_drop = nn.Dropout(c.emb_dropout)
+        self.emb_ln = nn.LayerNorm(d, eps=LN_EPS)
+        self.time_mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
+        self.blocks = nn.ModuleList(DiffuBlock(d, c.n_heads, c.dropout, c.cross_attention) for _ in range(c.n_blocks))
+        self.out_drop = nn.Dropout(c.dropout)
+        self.out_ln = nn.LayerNorm(d, eps=LN_EPS)
+        for blk in self.blocks:  # DiffuRec: Xavier-normal FFN weights and attention output projections
+            for lin in (blk.block.ffn.net[0], blk.block.ffn.net[3], blk.block.attn.out):
+                nn.init.xavier_normal_(lin.weight)
+        kw = {  # DiffuRec's own versions: linear scaled by 1000 / T, cosine capped at 0.999 with no floor
+            "linear": {"beta_start": 1e-4 * 1000 / c.T, "beta_end": 0.02 * 1000 / c.T},
+            "cosine": {"clip_min": 0.0, "clip_max": 0.999},
+        }.get(c.schedule, {})
+        self._schedule = D.make_schedule(c.schedule, c.T, **kw)
+        #: compute only the last position in the last block (same result; a switch for the equivalence test)
+        self.last_only = True
+
+    # -- pieces -------------------------------------------------------------------------------------------
+    def schedule(self, device: torch.device) -> D.Schedule:
+        if self._schedule.betas.device != device:
+            self._schedule = self._schedule.to(device)
+        return self._schedule
+
+    def history_rep(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LN(dropout(E[seq] (+ positions))) (B, L, D) and the attention mask."""
+        seq = crop_history(history, self.history_len)
+        x = self.item_emb(seq)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(right_aligned_positions(seq.shape[1], seq.device))
+        return self.emb_ln(self.emb_drop(x)), attention_mask(seq > 0, causal=True)
+
+    def approximate(
+        self,
+        rep: torch.Tensor,
+        mask: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """x0_hat (B, D) from the history representation and the noisy target x_t at step t."""
+        c = self.config
+        tt = t.float() * (1000.0 / c.T) if c.rescale_timesteps else t.float()
+        z = x_t + self.time_mlp(D.timestep_embedding(tt, c.hidden).to(x_t.dtype))
+        # drawn for the full history_len and right-aligned, so extra left padding never changes the draws
+        B, L, d = rep.shape
+        std = D.randn((B, self.history_len, d), generator, rep.device, rep.dtype)
+        lam = c.lambda_uncertainty * (1.0 + std[:, self.history_len - L :])
+        query = lam * z[:, None, :]
+        if c.cross_attention:
+            h = rep
+        else:
+            h, query = rep + query, None
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):  # only x0_hat = the last position is read: skip the rest at the end
+            h = blk(h, mask, query, last_only=i == last and self.last_only)
+        return self.out_ln(self.out_drop(h))[:, -1]
+
+    # -- interface ----------------------------------------------------------------------------------------
+    def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        c = self.config
+        target = batch["target"]
+        B, dev = target.shape[0], target.device
+        s = self.schedule(dev)
+        rep, mask = self.history_rep(batch["history"])
+        x0 = self.item_emb(target)
+        t = D.sample_timesteps(B, c.T, generator=generator, device=dev)
+        noise = D.randn(x0.shape, generator, dev, x0.dtype)
+        if c.offset_noise:
+            noise = noise + c.offset_noise * D.randn((B, 1), generator, dev, x0.dtype)
+        x0_hat = self.approximate(rep, mask, D.q_sample(s, x0, t, noise), t, generator)
+        logits = x0_hat @ self.item_emb.weight[1:].T  # padding column excluded
+        return F.cross_entropy(logits, target - 1)
+
+    @torch.no_grad()
+    def reverse(self, history: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One reverse run: T ancestral steps from N(0, I) -> x0 (B, D)."""
+        c = self.config
+        rep, mask = self.history_rep(history)
+        B, dev = rep.shape[0], rep.device
+        s = self.schedule(dev)
+
+        def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.approximate(rep, mask, x, t, generator)
+
+        if c.reverse_variance == "posterior":
+            return D.ddpm_sample(fn, s, (B, c.hidden), prediction_type="x0", generator=generator, device=dev)
+        # DiffuRec's p_sample: posterior mean, variance beta_t (posterior variance at the first step), no noise at t=0
+        log_var = torch.log(torch.cat([s.posterior_variance[1:2], s.betas[1:]])).to(rep.dtype)
+        x = D.randn((B, c.hidden), generator, dev, rep.dtype)
+        for i in reversed(range(c.T)):
+            t = torch.full((B,), i, device=dev, dtype=torch.long)
+            mean = D.q_posterior(s, fn(x, t), x, t)[0]
+            if i > 0:
+                noise = D.randn(x.shape, generator, dev, x.dtype)
+                x = mean + torch.exp(0.5 * log_var[i]) * noise
+            else:
+                x = mean
+        return x
+
+    def _log_probs(self, history: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        x0 = self.reverse(history, generator)
+        return F.log_softmax(x0 @ self.item_emb.weight[1:].T, dim=-1)
+
+    @torch.no_grad()
+    def score_all(
+        self,
+        batch: dict[str, torch.Tensor],
+        generator: torch.Generator | None = None,
+        seeds: list[int] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Log-probabilities over items (B, n_items + 1), column 0 = -inf.
+
+        seeds: explicit ensemble seeds (one reverse run each, averaged in probability space). Without them,
+        `ensemble_seeds` > 1 draws that many seeds from `generator`, and 1 makes a single run with `generator`.
+        Without a generator (the evaluator passes none to non-generative models) the seeds are
+        ensemble_seed, ensemble_seed + 1, ...: inference is reproducible either way. Other kwargs are ignored.
+        """
+        history = batch["history"]
+        dev = history.device
+        k = self.config.ensemble_seeds
+        if seeds is None and generator is None:
+            seeds = [self.config.ensemble_seed + i for i in range(k)]
+        elif seeds is None and k > 1:
+            seeds = torch.randint(0, 2**62, (k,), generator=generator, device=generator.device).tolist()
+        if seeds is None:
+            logp = self._log_probs(history, generator)
+        else:
+            runs = [self._log_probs(history, torch.Generator(device=dev).manual_seed(int(sd))) for sd in seeds]
+            logp = torch.logsumexp(torch.stack(runs), dim=0) - math.log(len(runs))
+        pad = torch.full((logp.shape[0], 1), float("-inf"), device=dev, dtype=logp.dtype)
+        return torch.cat([pad, logp], dim=1)
+
+
+@register("diffurec", DiffuRecConfig)
+def build_diffurec(config: DiffuRecConfig, n_items: int, item_vectors: torch.Tensor | None = None) -> DiffuRec:
+    return DiffuRec(config, n_items)
+
+
+@register("diffurecsys", DiffuRecSysConfig)
+def build_diffurecsys(config: DiffuRecConfig, n_items: int, item_vectors: torch.Tensor | None = None) -> DiffuRec:
+    return DiffuRec(config, n_items)
