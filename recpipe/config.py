@@ -128,7 +128,7 @@ class TrainConfig:
 class EvaluateConfig:
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])  # the cut-offs every paper reports
     batch_size: int = 1024  # users scored per batch; the score matrix is batch x n_items floats
-    steps: list[int] = field(default_factory=lambda: [1])  # DDIM step counts to evaluate (generative models)
+    steps: list[int] = field(default_factory=lambda: [0])  # sampler steps per row; 0 = the model's own default
     intent: str = "none"  # none | category | llm | all: which intention rows to add (text models)
     split: str = "test"  # the test split is read once, at the end; "valid" for model selection studies
     category_column: str = "genres"  # item column whose values make category-level intentions ("|" separated)
@@ -363,6 +363,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.index.device in ("auto", "cpu", "gpu"), "index.device must be auto, cpu or gpu")
     need(cfg.train.epochs >= 1 and cfg.train.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")
     need(all(k >= 1 for k in cfg.evaluate.ks), "evaluate.ks must be positive")
+    need(bool(cfg.evaluate.steps) and all(s >= 0 for s in cfg.evaluate.steps), "evaluate.steps must be >= 0")
     need(cfg.evaluate.intent in ("none", "category", "llm", "all"), "evaluate.intent must be none|category|llm|all")
     need(cfg.evaluate.split in ("test", "valid"), "evaluate.split must be test or valid")
     need(cfg.recommend.k >= 1, "recommend.k must be >= 1")

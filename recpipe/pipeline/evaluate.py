@@ -145,9 +145,10 @@ def evaluate_model(cfg: Config, model_name: str, log=print) -> dict[str, Any]:
         rows.append(r)
         return r
 
+    steps_kw = lambda s: {"steps": s} if s else {}  # 0: the model's own sampler (DreamRec: DDPM, iDreamRec: 1)
     if model.generative and "steps" in _score_params(model):
         for s in ec.steps:
-            row(f"{model_name} ({s}-step)" if len(ec.steps) > 1 or s != 1 else model_name, model, {"steps": s})
+            row(f"{model_name} ({s}-step)" if s else model_name, model, steps_kw(s))
     else:
         row(model_name, model)
 
@@ -164,9 +165,8 @@ def evaluate_model(cfg: Config, model_name: str, log=print) -> dict[str, Any]:
             if it is None:
                 continue
             row(f"{kind} intention alone", search, intent_fn=it.fn("raw"))
-            row(f"{kind}: history alone", model, {"steps": ec.steps[0]} if model.generative else None)
-            row(f"{kind}: history + intention", model, {"steps": ec.steps[0]} if model.generative else None,
-                intent_fn=it.fn("whitened"))
+            row(f"{kind}: history alone", model, steps_kw(ec.steps[0]))
+            row(f"{kind}: history + intention", model, steps_kw(ec.steps[0]), intent_fn=it.fn("whitened"))
     return {"model": model_name, "split": split, "users": rows[0]["users"], "rows": rows, "ks": ec.ks}
 
 
