@@ -34,3 +34,14 @@ def _isolated_cwd(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one torch thread avoids OpenMP overhead (large on a busy 2-core machine)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

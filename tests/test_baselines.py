@@ -78,13 +78,7 @@ def user_batch(B: int, g: torch.Generator) -> dict[str, torch.Tensor]:
 
 
 # small configs: the defaults' structure, scaled down to keep the file fast on 2 CPU cores
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast and does not fight other processes for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = {

@@ -14,14 +14,7 @@ from recpipe.models.base import build_model, get_model_config_cls
 from recpipe.models.dit import DiT
 from recpipe.models.idreamrec import IDreamRec, IDreamRecConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread avoids OpenMP overhead (large on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 N_ITEMS, DIM = 40, 12
