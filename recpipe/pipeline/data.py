@@ -97,7 +97,8 @@ def _read_table(path: Path, **kw: Any) -> pd.DataFrame:
             return pd.read_parquet(path)
         return pd.read_csv(path, **kw)
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: cannot decode as {kw.get('encoding', 'utf-8')} text ({e.reason} at byte {e.start})") from None
+        enc = kw.get("encoding", "utf-8")
+        raise DataError(f"{path}: cannot decode as {enc} text ({e.reason} at byte {e.start})") from None
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: file is empty") from None
     except (pd.errors.ParserError, ValueError, OSError) as e:
@@ -131,7 +132,8 @@ def _ids(s: pd.Series) -> pd.Series:
     return s.astype(str)
 
 
-def _finish(inter: pd.DataFrame, items: pd.DataFrame, inter_path: Path, items_path: Path | None, fmt: str) -> RawDataset:
+def _finish(inter: pd.DataFrame, items: pd.DataFrame, inter_path: Path, items_path: Path | None,
+            fmt: str) -> RawDataset:
     inter = inter.copy()
     if inter[["user_id", "item_id"]].isna().any().any():
         raise DataError(f"{inter_path}: empty user_id or item_id values")
@@ -397,7 +399,8 @@ def load(stage_dir: Path) -> Dataset:
     except FileNotFoundError as e:
         raise ArtifactError(f"{e.filename}: missing; run `recpipe data` first") from None
     except Exception as e:  # corrupt parquet / npz
-        raise ArtifactError(f"{stage_dir}: corrupt data artifacts ({type(e).__name__}); run `recpipe data --force`") from None
+        raise ArtifactError(
+            f"{stage_dir}: corrupt data artifacts ({type(e).__name__}); run `recpipe data --force`") from None
     return Dataset(items, users, offsets, seq_items, seq_times)
 
 

@@ -483,7 +483,8 @@ def load_trained(run_dir: Path, model_name: str, device: str | torch.device = "c
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise ArtifactError(f"{d / 'model.safetensors'}: does not match its config ({str(e).splitlines()[0]})") from None
+        first = str(e).splitlines()[0]
+        raise ArtifactError(f"{d / 'model.safetensors'}: does not match its config ({first})") from None
     return model.to(device).eval(), conf, m
 
 
