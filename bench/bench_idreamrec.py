@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--eval-users", type=int, default=2000, help="validation users for model selection/sweeps")
     ap.add_argument("--set", dest="sets", action="append", default=[])
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--speed-only", action="store_true", help="only the speed section, on an existing run")
     a = ap.parse_args()
     if not (Path(a.data_dir) / a.dataset).exists():
         print(f"skip: {a.data_dir}/{a.dataset} not found")
@@ -54,6 +55,12 @@ def main() -> None:
 
     bench_root = Path(a.cache_dir) / f"bench-{a.dataset}"
     report: list[str] = [f"# iDreamRec on {a.dataset}\n"]
+    if a.speed_only:
+        variant = a.variants.split(",")[0]
+        cfg = load_config(None, {"run.dataset": a.dataset, "run.data_dir": a.data_dir, "run.cache_dir": a.cache_dir,
+                                 "run.run_dir": str(bench_root / variant), "train.model": "idreamrec"})
+        print(speed(cfg))
+        return
     base_over = {
         "run.dataset": a.dataset, "run.data_dir": a.data_dir, "run.cache_dir": a.cache_dir,
         "describe.llm": a.llm, "train.model": "idreamrec", "train.epochs": a.epochs,

@@ -123,6 +123,7 @@ def test_training_resumes_after_interruption(tmp_path):
     assert resumed and 6 <= resumed[0] < 9, logs  # the last state saved before the kill (step 6 or epoch end)
     steps = [e["step"] for e in map(__import__("json").loads, (res.stage_dir / "log.jsonl").read_text().splitlines())]
     assert steps[:2] == [3, 6] and steps == sorted(set(steps))
+    assert steps[-1] == res.manifest.info["steps"], "the last steps are validated even off the eval_every grid"
 
 
 def test_idreamrec_pipeline_on_text_vectors(tmp_path):

@@ -364,6 +364,30 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
                              users=val_users, device=device, seed=seed)
         return res
 
+    def check(final: bool) -> None:
+        """Validate, keep the best EMA weights, decide on early stopping, save the resumable state."""
+        nonlocal best_state
+        res = validate()
+        ndcg = res["masked"]["NDCG@10"]
+        recent = losses[-eval_every:] or [float("nan")]
+        entry = {"step": st["step"], "epoch": st["epoch"] + st["batch_in_epoch"] / per_epoch,
+                 "loss": float(np.mean(recent)), "valid": res, "train_time_s": round(st["train_time"], 2)}
+        st["log"].append(entry)
+        log(f"step {st['step']}: loss {entry['loss']:.4f}  valid NDCG@10 {ndcg:.4f} "
+            f"(unmasked {res['unmasked']['NDCG@10']:.4f})  HR@10 {res['masked']['HR@10']:.4f}")
+        if ndcg > st["best"]:
+            st["best"], st["best_step"], st["bad"] = ndcg, st["step"], 0
+            src = ema.shadow if ema is not None else model.state_dict()
+            best_state = {k: v.detach().clone() for k, v in src.items()}
+        else:
+            st["bad"] += 1
+            if st["bad"] >= tc.patience:
+                log(f"early stop: no better validation NDCG@10 for {tc.patience} validations")
+                st["done"] = True
+        if final:
+            st["done"] = True
+        save_state()
+
     n_params = model.num_parameters()
     log(f"train/{model_name}: {n_params:,} parameters, {mode} batches, {per_epoch} steps/epoch, up to {total} "
         f"steps on {device}")
@@ -398,29 +422,10 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
                 st["batch_in_epoch"] += 1
                 losses.append(loss.item())
                 bar.update(task, advance=1, info=f"loss {np.mean(losses[-50:]):.4f} best {max(st['best'], 0):.4f}")
-                stop_now = tc.max_steps and st["step"] >= tc.max_steps
+                stop_now = bool(tc.max_steps) and st["step"] >= tc.max_steps
                 if st["step"] % eval_every == 0 or stop_now:
                     st["train_time"] += time.perf_counter() - t_epoch  # training time excludes validation
-                    res = validate()
-                    ndcg = res["masked"]["NDCG@10"]
-                    entry = {"step": st["step"], "epoch": st["epoch"] + st["batch_in_epoch"] / per_epoch,
-                             "loss": float(np.mean(losses[-eval_every:])), "valid": res,
-                             "train_time_s": round(st["train_time"], 2)}
-                    st["log"].append(entry)
-                    log(f"step {st['step']}: loss {entry['loss']:.4f}  valid NDCG@10 {ndcg:.4f} "
-                        f"(unmasked {res['unmasked']['NDCG@10']:.4f})  HR@10 {res['masked']['HR@10']:.4f}")
-                    if ndcg > st["best"]:
-                        st["best"], st["best_step"], st["bad"] = ndcg, st["step"], 0
-                        src = ema.shadow if ema is not None else model.state_dict()
-                        best_state = {k: v.detach().clone() for k, v in src.items()}
-                    else:
-                        st["bad"] += 1
-                        if st["bad"] >= tc.patience:
-                            log(f"early stop: no better validation NDCG@10 for {tc.patience} validations")
-                            st["done"] = True
-                    if stop_now:
-                        st["done"] = True
-                    save_state()
+                    check(stop_now)
                     t_epoch = time.perf_counter()
                     if st["done"]:
                         break
@@ -428,7 +433,11 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
                 st["epoch"] += 1
                 st["batch_in_epoch"] = 0
                 st["train_time"] += time.perf_counter() - t_epoch
-                save_state()
+                last_epoch = st["epoch"] >= tc.epochs
+                if last_epoch and (not st["log"] or st["log"][-1]["step"] != st["step"]):
+                    check(True)  # the steps after the last periodic validation must be validated too
+                else:
+                    save_state()
 
     if best_state is None:
         raise ArtifactError(f"train/{model_name}: no validation was run (0 training batches?)")
