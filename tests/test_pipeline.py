@@ -17,7 +17,7 @@ import pytest
 
 from recpipe.artifacts import run_stage
 from recpipe.config import load_config
-from recpipe.errors import ArtifactError, DataError
+from recpipe.errors import ArtifactError, ConfigError, DataError
 from recpipe.pipeline import data as D
 from recpipe.pipeline import evaluate as E
 from recpipe.pipeline import train as T
@@ -159,3 +159,25 @@ def test_cli_train_missing_upstream_is_one_line(tmp_path):
                        timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "has not been run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_benchmark_table_chart_and_reuse(tmp_path):
+    from recpipe.pipeline import benchmark
+
+    _build(tmp_path, n_users=60)
+    cfg = _cfg(tmp_path, **{"train.max_steps": 6, "train.eval_every": 3, "model.sasrec.history_len": 12})
+    logs: list[str] = []
+    res = benchmark.run(cfg, ["sasrec", "diffrec"], log=logs.append)
+    assert [r["model"] for r in res["rows"]] == ["sasrec", "diffrec"]
+    for r in res["rows"]:
+        assert r["users"] == D.load(cfg.run_dir / "data").n_users and r["parameters"] > 0
+        assert 0 <= r["masked"]["NDCG@10"] <= 1 and r["train_time_s"] > 0
+    out = cfg.run_dir / "benchmark"
+    table = (out / "table.md").read_text()
+    assert table.count("| sasrec |") == 2 and table.count("| diffrec |") == 2  # masked + unmasked lines
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    logs.clear()
+    benchmark.run(cfg, ["sasrec"], log=logs.append)
+    assert any("train/sasrec: up to date" in m for m in logs), "a finished model is reused, not retrained"
+    with pytest.raises(ConfigError, match="unknown model"):
+        benchmark.run(cfg, ["nope"], log=logs.append)
