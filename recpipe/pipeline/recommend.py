@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -50,13 +49,11 @@ class RecommendService:
         self.index = None
         if getattr(self.model, "uses_text", False):
             from recpipe.pipeline import whiten
-            from recpipe.pipeline.index import ItemIndex
+            from recpipe.pipeline.index import build_index
 
             self.whitening, _, self.winfo = whiten.load_whitening(run_dir)
             table = self.model.item_table().detach().cpu().numpy()  # the vectors the model scores against
-            ic = cfg.index
-            self.index = ItemIndex(table, kind=ic.kind, device=ic.device, nlist=ic.nlist, nprobe=ic.nprobe,
-                                   hnsw_m=ic.hnsw_m, seed=cfg.run.seed)
+            self.index = build_index(table, cfg.index, seed=cfg.run.seed)
         self.load_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------------------
@@ -131,6 +128,3 @@ class RecommendService:
         seq = self.ds.sequence(self.ds.user_index(user_id))
         return [str(self.titles[i - 1]) for i in seq[-n:]]
 
-
-def info(svc: RecommendService) -> dict[str, Any]:
-    return {"model": svc.model_name, "load_s": round(svc.load_s, 3), "items": svc.ds.n_items}
