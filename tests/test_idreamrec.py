@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 N_ITEMS, DIM = 40, 12
-SMALL = dict(width=32, depth=2, heads=4, history_len=6, T=100, dropout=0.0)
+SMALL = dict(width=32, depth=2, heads=4, history_len=6, T=100, dropout=0.0, layout="full")  # causal: test_causal.py
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -69,7 +69,10 @@ def batch(B: int = 16, width: int = 6, seed: int = 0, intent: bool = False) -> d
 def test_registered_and_config_defaults_documented():
     assert get_model_config_cls("idreamrec") is IDreamRecConfig
     m = build_model("idreamrec", {"width": 32, "depth": 1, "heads": 2}, N_ITEMS, whitened(N_ITEMS, DIM))
-    assert isinstance(m, IDreamRec) and m.generative and m.train_mode == "position"
+    assert isinstance(m, IDreamRec) and m.generative and m.train_mode == "window"  # the causal layout
+    full = build_model("idreamrec", {"width": 32, "depth": 1, "heads": 2, "layout": "full"}, N_ITEMS,
+                       whitened(N_ITEMS, DIM))
+    assert full.train_mode == "position" and isinstance(full.dit, DiT)
     assert m.uses_text and m.uses_intent
     assert m.history_len == IDreamRecConfig().history_len == 20
     with pytest.raises(KeyError):
@@ -243,9 +246,9 @@ def test_dit_last_block_shortcut_is_exact():
         calls = []
         orig = type(dit.blocks[0]).forward
 
-        def full_forward(self, x, attn_mask, c=None, last_only=False, calls=calls, orig=orig):
-            calls.append(last_only)
-            return orig(self, x, attn_mask, c, last_only=False)
+        def full_forward(self, x, attn_mask, c=None, query=None, calls=calls, orig=orig):
+            calls.append(query is not None)
+            return orig(self, x, attn_mask, c, query=None)
 
         type(dit.blocks[0]).forward = full_forward
         try:
@@ -385,7 +388,7 @@ def test_overfits_next_item_rule():
     vec = whitened(n, d, seed=1)
     perm = torch.randperm(n, generator=gen(2)) + 1
     torch.manual_seed(0)
-    cfg = IDreamRecConfig(width=64, depth=2, heads=4, history_len=L, T=1000, dropout=0.0)
+    cfg = IDreamRecConfig(width=64, depth=2, heads=4, history_len=L, T=1000, dropout=0.0, layout="full")
     m = build_model("idreamrec", cfg, n_items=n, item_vectors=vec)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     g = gen(3)

@@ -72,15 +72,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None, last_only: bool = False) -> Tensor:
-        # x: (B, S, W); attn_mask: (B, 1, 1, S) bool, True = this key may be attended to
-        # last_only: only the last token queries -> (B, 1, W); else (B, S, W)
+    def forward(self, x: Tensor, attn_mask: Tensor | None, query: slice | None = None) -> Tensor:
+        # x: (B, S, W); attn_mask: bool (True = may attend) or additive float, broadcastable to
+        # (B, H, S_q, S); query: the tokens that query (a slice of S) -> (B, S_q, W); None: all of them
         B, S, W = x.shape
         hd = W // self.heads
-        if last_only:
-            q = F.linear(x[:, -1:], self.qkv.weight[:W], self.qkv.bias[:W])  # (B, 1, W)
+        if query is not None:
+            xq = x[:, query]
+            Sq = xq.shape[1]
+            q = F.linear(xq, self.qkv.weight[:W], self.qkv.bias[:W])  # (B, S_q, W)
             kv = F.linear(x, self.qkv.weight[W:], self.qkv.bias[W:])  # (B, S, 2W)
-            q = q.view(B, 1, self.heads, hd).transpose(1, 2)  # (B, H, 1, hd)
+            q = q.view(B, Sq, self.heads, hd).transpose(1, 2)  # (B, H, S_q, hd)
             k, v = kv.view(B, S, 2, self.heads, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, S, hd)
         else:
             qkv = self.qkv(x).view(B, S, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
@@ -116,15 +118,16 @@ class DiTBlock(nn.Module):
         if adaln_zero:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None, c: Tensor | None = None, last_only: bool = False) -> Tensor:
-        # x: (B, S, W); c: (B, W) or None -> (B, S, W), or (B, 1, W) (the last token) if last_only:
-        # the last block only needs the read-out token, whose output is the same either way
-        res = x[:, -1:] if last_only else x
+    def forward(self, x: Tensor, attn_mask: Tensor | None, c: Tensor | None = None, query: slice | None = None
+                ) -> Tensor:
+        # x: (B, S, W); c: (B, W) or None -> (B, S, W), or (B, S_q, W) for the `query` tokens only: the
+        # last block only needs the read-out tokens, whose outputs are the same either way
+        res = x if query is None else x[:, query]
         if not self.adaln_zero:
-            x = res + self.attn(self.norm1(x), attn_mask, last_only)
+            x = res + self.attn(self.norm1(x), attn_mask, query)
             return x + self.mlp(self.norm2(x))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = res + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), attn_mask, last_only)
+        x = res + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), attn_mask, query)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
@@ -273,5 +276,138 @@ class DiT(nn.Module):
 
         c = (e_t + e_int) if self.adaln_zero else None  # (B, W)
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, attn_mask, c, last_only=i == len(self.blocks) - 1)
+            tokens = block(tokens, attn_mask, c, query=slice(-1, None) if i == len(self.blocks) - 1 else None)
         return self.final(tokens[:, -1], c)  # (B, d)
+
+
+class CausalDiT(nn.Module):
+    """The same denoiser with the history tokens SHARED by several targets ("causal" layout).
+
+    One forward reads a window of N history items once and denoises G targets against it, each target
+    seeing the (at most max_len) items before its own anchor, so training covers every target of a
+    window in one pass and the guidance branches of a sample share one history:
+
+        tokens = [null, h_0 ... h_{N-1},  (intention_g, timestep_g, x_t,g) for g in 0..G-1]   (B, 1+N+3G, W)
+
+    - h_i = Linear(d -> W)(item vector), oldest first; NO absolute position (a token is shared by targets
+      at different distances). Order enters through learned relative-position biases, one per head and
+      distance, zero at init: history token i attends to history k for i - max_len < k <= i (causal,
+      bias_hh[i - k]); a target anchored at a attends to history k for a - max_len <= k < a (bias_th[a-1-k]).
+    - A target group (its intention, timestep and noisy-target tokens) attends to its own three tokens and
+      to its history; with the history dropped, or no real item in its window, to the learned null token
+      instead. History tokens never attend to target tokens, so targets cannot see each other.
+    - The output is read at each group's x_t token: (B, G, d).
+
+    With N <= max_len and a target anchored at N, the function equals a single-target model over the same
+    history; a longer training window lets a history token see up to max_len items of its own past, one
+    more than a single-target window gives its earliest items (as in SASRec's training).
+    """
+
+    def __init__(self, dim: int, max_len: int, width: int = 128, depth: int = 2, heads: int = 4,
+                 mlp_ratio: float = 4.0, dropout: float = 0.1):
+        super().__init__()
+        self.dim, self.max_len, self.width, self.heads = dim, max_len, width, heads
+        self.hist_proj = nn.Linear(dim, width)
+        self.null_hist = nn.Parameter(torch.zeros(width))
+        self.intent_proj = nn.Linear(dim, width)
+        self.null_intent = nn.Parameter(torch.zeros(width))
+        self.t_embedder = TimestepEmbedder(width)
+        self.x_proj = nn.Linear(dim, width)
+        self.rel_hh = nn.Parameter(torch.zeros(heads, max_len))  # history -> history, by distance i - k
+        self.rel_th = nn.Parameter(torch.zeros(heads, max_len))  # target -> history, by distance a - 1 - k
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(DiTBlock(width, heads, mlp_ratio, dropout, False) for _ in range(depth))
+        self.final = FinalLayer(width, dim, False)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.null_hist, std=0.02)
+        nn.init.normal_(self.null_intent, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        nn.init.zeros_(self.final.linear.weight)  # first prediction: 0, the mean of whitened vectors
+        nn.init.zeros_(self.final.linear.bias)
+        # recency prior as in ALiBi (bias = -slope_h · distance), slopes 4, 2, 1, 1/2, ...: one head starts
+        # on the most recent item, the others average further back; learned from there (slopes 1, 1/2, ...
+        # learned a next-item rule ~2x slower in tests/test_causal.py)
+        slopes = 2.0 ** (2 - torch.arange(self.heads, dtype=torch.float32))
+        dist = torch.arange(self.max_len, dtype=torch.float32)
+        with torch.no_grad():
+            self.rel_hh.copy_(-slopes[:, None] * dist[None])
+            self.rel_th.copy_(-slopes[:, None] * dist[None])
+
+    def attention_bias(self, hist_valid: Tensor, anchor: Tensor, hist_keep: Tensor, dtype: torch.dtype) -> Tensor:
+        """Additive attention mask (B, H, S, S), S = 1 + N + 3G, -inf where a token may not look.
+
+        hist_valid: (B, N) bool; anchor: (B, G) long in [0, N]; hist_keep: (B, G) bool."""
+        B, N = hist_valid.shape
+        G = anchor.shape[1]
+        L, H, dev = self.max_len, self.heads, hist_valid.device
+        S = 1 + N + 3 * G
+        ninf = torch.tensor(float("-inf"), dtype=dtype, device=dev)
+        bias = torch.full((B, H, S, S), float("-inf"), dtype=dtype, device=dev)
+        bias[:, :, 0, 0] = 0  # null token: itself
+        # history -> history: causal, within max_len, real keys only; a padding token sees itself only
+        i = torch.arange(N, device=dev)
+        dist = i[:, None] - i[None, :]  # (N, N) i - k
+        ok = (dist >= 0) & (dist < L)
+        rel = self.rel_hh.to(dtype)[:, dist.clamp(0, L - 1)]  # (H, N, N)
+        hh = torch.where(ok[None, None] & hist_valid[:, None, None, :], rel[None], ninf)  # (B, H, N, N)
+        eye = torch.eye(N, dtype=torch.bool, device=dev)
+        hh = torch.where(eye[None, None] & ~hist_valid[:, None, :, None], torch.zeros((), dtype=dtype, device=dev), hh)
+        bias[:, :, 1 : 1 + N, 1 : 1 + N] = hh
+        # target group -> history (or the null token) and its own three tokens
+        dk = anchor[:, :, None] - 1 - i[None, None, :]  # (B, G, N) a - 1 - k
+        see = (dk >= 0) & (dk < L) & hist_valid[:, None, :]  # (B, G, N)
+        use_hist = see.any(dim=2) & hist_keep  # (B, G)
+        see = see & use_hist[..., None]
+        rel_t = self.rel_th.to(dtype)[:, dk.clamp(0, L - 1)]  # (H, B, G, N)
+        th = torch.where(see[:, None], rel_t.permute(1, 0, 2, 3), ninf)  # (B, H, G, N)
+        th = th.repeat_interleave(3, dim=2)  # (B, H, 3G, N): the group's three tokens look alike
+        bias[:, :, 1 + N :, 1 : 1 + N] = th
+        null_col = torch.where(use_hist, ninf, torch.zeros((), dtype=dtype, device=dev))  # (B, G)
+        bias[:, :, 1 + N :, 0] = null_col.repeat_interleave(3, dim=1)[:, None]
+        g = torch.arange(3 * G, device=dev) // 3
+        own = g[:, None] == g[None, :]  # (3G, 3G) block diagonal
+        bias[:, :, 1 + N :, 1 + N :] = torch.where(own, 0.0, float("-inf")).to(dtype)
+        return bias
+
+    def forward(self, hist: Tensor, hist_valid: Tensor, x_t: Tensor, t: Tensor, anchor: Tensor, hist_keep: Tensor,
+                intent: Tensor | None = None, intent_mask: Tensor | None = None) -> Tensor:
+        """Predict x0 for G targets per row.
+
+        hist: (B, N, d) item vectors, oldest first (values at invalid slots are ignored);
+        hist_valid: (B, N) bool, real items; x_t: (B, G, d); t: (B, G) long;
+        anchor: (B, G) long: target g sees the history items before slot anchor[b, g];
+        hist_keep: (B, G) bool, False = history dropped (null token);
+        intent: (B, G, d) or None; intent_mask: (B, G) bool, False = null intention.
+        Returns (B, G, d).
+        """
+        B, N, _ = hist.shape
+        G = x_t.shape[1]
+        hist_valid = hist_valid.bool()
+        zero = torch.zeros((), dtype=hist.dtype, device=hist.device)
+        h = self.hist_proj(torch.where(hist_valid[..., None], hist, zero))  # (B, N, W)
+        if intent is None:
+            e_int = self.null_intent.to(h.dtype).expand(B, G, -1)
+        else:
+            keep = (torch.ones(B, G, dtype=torch.bool, device=h.device) if intent_mask is None
+                    else intent_mask.bool())[..., None]
+            proj = self.intent_proj(torch.where(keep, intent, torch.zeros((), dtype=intent.dtype)))
+            e_int = torch.where(keep, proj, self.null_intent.to(proj.dtype))  # (B, G, W)
+        e_t = self.t_embedder(t.reshape(-1)).view(B, G, -1)  # (B, G, W)
+        e_x = self.x_proj(x_t)  # (B, G, W)
+        groups = torch.stack([e_int, e_t, e_x], dim=2).reshape(B, 3 * G, -1)  # (B, 3G, W)
+        null = self.null_hist.to(h.dtype).expand(B, 1, -1)
+        tokens = self.drop(torch.cat([null, h, groups], dim=1))  # (B, 1+N+3G, W)
+        bias = self.attention_bias(hist_valid, anchor, hist_keep.bool(), tokens.dtype)
+        read = slice(1 + N + 2, None, 3)  # the x_t tokens
+        for i, block in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
+            tokens = block(tokens, bias[:, :, read] if last else bias, None, query=read if last else None)
+        return self.final(tokens)  # (B, G, d)

@@ -4,7 +4,10 @@ The model generates an "oracle" item vector x0 in the space of the (whitened, fr
 items, conditioned on the user's recent history and optionally on an intention vector, and ranks every
 item by its inner product with the oracle.
 
-- Denoiser: recpipe.models.dit.DiT, in-context conditioning, x0 prediction.
+- Denoiser: in-context conditioning, x0 prediction; layout "causal" (default, recpipe.models.dit.CausalDiT:
+  the history tokens are shared by all targets of a training window, so one forward trains ~20 targets
+  and one forward serves every guidance branch) or "full" (recpipe.models.dit.DiT: one target per forward,
+  every token sees every token).
 - Training: x0 = vectors[target], t ~ U{0..T-1}, x_t = q_sample(x0, t, noise), MSE(DiT(x_t, t | h, I), x0).
   Classifier-free guidance training: with probability p_uncond a sample's history is dropped, and then
   its intention too (a fully unconditional sample); otherwise its intention (where present) is dropped
@@ -17,8 +20,9 @@ where f(h,I) := f(h,∅) for a sample without intention, so for it x0 = f(∅,�
 which is DreamRec's (1 + w')·f(h) − w'·f(∅) with w' = w − 1 (DreamRec's w = 2 is w = 3 here).
     w = 0, rho = 0: the unconditional model f(∅,∅);  w = 1, rho = 0: the plain history-conditional f(h,∅);
     w = 1, rho = 1: the plain fully conditional f(h,I);  w > 1 / rho > 1: extrapolated guidance.
-Per sampling step, the conditional branches a call needs share ONE batched DiT forward and the
-unconditional branch (4 tokens long: its history is a single null token) gets a second, short one.
+Per sampling step, layout "causal" evaluates every branch a call needs in ONE forward (the branches are
+groups over one shared history); layout "full" batches the conditional branches into one forward and gives
+the unconditional branch (4 tokens long: its history is a single null token) a second, short one.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from recpipe.models.diffusion import (
     randn,
     sample_timesteps,
 )
-from recpipe.models.dit import DiT
+from recpipe.models.dit import CausalDiT, DiT
 
 
 @dataclass
@@ -56,6 +60,11 @@ class IDreamRecConfig:
     dropout: float = 0.1  # DreamRec / DiffuRec / PreferDiff all use 0.1
     adaln_zero: bool = False  # iDreamRec conditions in-context only; adaLN-Zero is the DiT alternative
     history_len: int = 20  # ML-1M histories are long but CPU cost is linear in tokens; 2x DreamRec's 10
+    layout: str = "causal"  # history tokens shared by the targets of a window (causal history attention,
+    # relative positions; dit.CausalDiT): the same validation NDCG@10 after one ML-1M epoch as "full" (0.050
+    # vs 0.052) in ~5x less CPU time, and one forward for all guidance branches. "full": every token sees
+    # every token, one target per forward, absolute positions (dit.DiT; needed for adaln_zero)
+    window: int = 20  # causal layout: targets per training window (each sees its own history_len items)
     # --- training
     p_uncond: float = 0.1  # iDreamRec / DreamRec / PreferDiff: history dropped with p = 0.1
     p_intent_drop: float = 0.1  # same rate for the intention, so f(h, ∅) is learned where intents exist
@@ -64,6 +73,8 @@ class IDreamRecConfig:
     scale: float = 5.0  # PreferDiff's gamma (scale inside the log-sigmoid), its config default
     n_neg: int = 4  # negatives averaged into one centroid (PreferDiff "-C"): one extra forward whatever n
     item_residual: bool = False  # learnable per-item residual on the frozen text vectors (off = paper)
+    residual_target_grad: bool = False  # False: the residual learns from history tokens only (stop-gradient
+    # on the x0 target, as in BYOL/SimSiam), True: also from the target, which lets x0-MSE shrink the space
     # --- sampling / scoring
     w: float = 3.0  # history guidance, = DreamRec's w = 2 ((1+2)·f(h) − 2·f(∅)); w = 1: no guidance
     rho: float = 1.0  # intention guidance; 1 = use f(h, I) as is, 0 = ignore the intention
@@ -84,6 +95,12 @@ class IDreamRecConfig:
                 raise ValueError(f"{name} must be in [0, 1]")
         if self.n_neg < 1:
             raise ValueError("n_neg must be >= 1")
+        if self.layout not in ("full", "causal"):
+            raise ValueError(f"layout must be 'full' or 'causal', got {self.layout!r}")
+        if self.layout == "causal" and self.adaln_zero:
+            raise ValueError("adaln_zero needs layout = 'full' (causal groups have no single condition vector)")
+        if self.window < 1:
+            raise ValueError("window must be >= 1")
 
 
 @register("idreamrec", IDreamRecConfig)
@@ -113,16 +130,14 @@ class IDreamRec(Recommender):
             nn.init.zeros_(self.item_residual.weight)
         else:
             self.item_residual = None
-        self.dit = DiT(
-            dim=self.dim,
-            max_len=config.history_len,
-            width=config.width,
-            depth=config.depth,
-            heads=config.heads,
-            mlp_ratio=config.mlp_ratio,
-            dropout=config.dropout,
-            adaln_zero=config.adaln_zero,
-        )
+        size = dict(width=config.width, depth=config.depth, heads=config.heads, mlp_ratio=config.mlp_ratio,
+                    dropout=config.dropout)
+        if config.layout == "causal":
+            self.dit = CausalDiT(dim=self.dim, max_len=config.history_len, **size)
+            self.train_mode = "window"  # the trainer's batches: windows of targets with their history
+            self.window = config.window
+        else:
+            self.dit = DiT(dim=self.dim, max_len=config.history_len, adaln_zero=config.adaln_zero, **size)
         self._schedule_cpu = make_schedule(config.schedule, config.T)  # float64
         self._schedules: dict[torch.device, Schedule] = {}
 
@@ -149,6 +164,14 @@ class IDreamRec(Recommender):
         if self.item_residual is not None:
             v = v + self.item_residual(ids)
         return v
+
+    def target_vecs(self, ids: Tensor) -> Tensor:
+        """The regression targets: item_vecs(ids), with the residual's gradient stopped unless
+        residual_target_grad (a target the loss may move collapses under x0-MSE: pulling every item's
+        vector together lowers the loss; measured on ML-1M, validation NDCG@10 fell with it)."""
+        if self.item_residual is None or self.config.residual_target_grad:
+            return self.item_vecs(ids)
+        return self.item_vectors[ids] + self.item_residual(ids).detach()
 
     def _history(self, history: Tensor) -> Tensor:
         """Left-pad with 0 / keep the last history_len columns: (B, L_in) -> (B, history_len)."""
@@ -191,6 +214,8 @@ class IDreamRec(Recommender):
     # ------------------------------------------------------------------------------------------------
 
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+        if self.config.layout == "causal":
+            return self._window_loss(batch, generator)
         cfg = self.config
         history = self._history(batch["history"])
         target = batch["target"]
@@ -198,7 +223,7 @@ class IDreamRec(Recommender):
         s = self.schedule(dev)
         gen_dev = generator.device if generator is not None else dev
 
-        x0 = self.item_vecs(target)  # (B, d)
+        x0 = self.target_vecs(target)  # (B, d)
         t = sample_timesteps(B, cfg.T, generator, dev)  # (B,)
         noise = randn((B, self.dim), generator, dev)
         x_t = q_sample(s, x0, t, noise)  # (B, d)
@@ -226,6 +251,58 @@ class IDreamRec(Recommender):
             torch.cat([x_t, x_t_neg]), two(t), two(history), two(hist_keep), two(intent), two(intent_mask)
         )
         return preferdiff_loss(out[:B], x0, out[B:], x0_neg, lam=cfg.lam, scale=cfg.scale)
+
+    def _window_loss(self, batch: dict[str, Tensor], generator: torch.Generator | None) -> Tensor:
+        """Causal layout: every target of a window in one forward.
+
+        batch["window"]: (B, N) item ids, oldest first, 0 = padding; batch["target"]: (B, C) the items at
+        the last C slots of the window that are training targets (0 = not a target); target g sits at slot
+        N - C + g and sees the history before it. intent / intent_mask: (B, C, d) / (B, C) per target.
+        The same draws as the full layout, per target: t, noise, history drop, intention drop.
+        """
+        cfg = self.config
+        window, target = batch["window"], batch["target"]
+        (B, N), C = window.shape, target.shape[1]
+        dev = window.device
+        gen_dev = generator.device if generator is not None else dev
+        s = self.schedule(dev)
+        is_t = target != 0  # (B, C)
+        x0 = self.target_vecs(target)  # (B, C, d)
+        t = sample_timesteps(B * C, cfg.T, generator, dev)  # (B*C,)
+        noise = randn((B * C, self.dim), generator, dev)
+        x_t = q_sample(s, x0.reshape(B * C, -1), t, noise).view(B, C, -1)
+        hist_keep = (torch.rand(B, C, generator=generator, device=gen_dev) >= cfg.p_uncond).to(dev)
+        intent, intent_mask = batch.get("intent"), batch.get("intent_mask")
+        if intent is not None:
+            intent = intent.float()
+            intent_mask = torch.ones_like(is_t) if intent_mask is None else intent_mask.bool()
+            keep_i = (torch.rand(B, C, generator=generator, device=gen_dev) >= cfg.p_intent_drop).to(dev)
+            intent_mask = intent_mask & hist_keep & keep_i
+        anchor = (N - C + torch.arange(C, device=dev)).expand(B, C)
+        hist = self.item_vecs(window)  # (B, N, d)
+        valid = window != 0
+        t = t.view(B, C)
+        n = is_t.sum().clamp(min=1)
+
+        if cfg.loss == "mse":
+            x0_hat = self.dit(hist, valid, x_t, t, anchor, hist_keep, intent, intent_mask)  # (B, C, d)
+            return ((x0_hat - x0) ** 2).mean(dim=2)[is_t].sum() / n
+
+        r = torch.randint(1, self.n_items, (B, C, cfg.n_neg), generator=generator, device=gen_dev).to(dev)
+        neg = r + (r >= target[..., None]).long()
+        x0_neg = self.item_vecs(neg).mean(dim=2)  # (B, C, d)
+        x_t_neg = q_sample(s, x0_neg.reshape(B * C, -1), t.reshape(-1),
+                           randn((B * C, self.dim), generator, dev)).view(B, C, -1)
+
+        def two(a: Tensor | None) -> Tensor | None:
+            return None if a is None else torch.cat([a, a], dim=1)
+
+        out = self.dit(hist, valid, torch.cat([x_t, x_t_neg], dim=1), two(t), two(anchor), two(hist_keep),
+                       two(intent), two(intent_mask))  # (B, 2C, d)
+        sel = is_t.reshape(-1)
+        return preferdiff_loss(out[:, :C].reshape(B * C, -1)[sel], x0.reshape(B * C, -1)[sel],
+                               out[:, C:].reshape(B * C, -1)[sel], x0_neg.reshape(B * C, -1)[sel],
+                               lam=cfg.lam, scale=cfg.scale)
 
     # ------------------------------------------------------------------------------------------------
     # generation and scoring
@@ -268,6 +345,8 @@ class IDreamRec(Recommender):
         token): 2.1x less CPU time than stacking it with the others (measured, B = 1024, L = 20).
         x_t: (B, d), t: (B,) -> (B, d).
         """
+        if self.config.layout == "causal":
+            return self._guided_x0_causal(x_t, t, history, intent, intent_mask, w, rho)
         B, dev = x_t.shape[0], x_t.device
         if intent is None:
             m = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -295,6 +374,41 @@ class IDreamRec(Recommender):
         if a0 != 0:
             (f_uu,) = self._branches([(all_rows, False, False)], x_t, t, history, intent)  # f(∅, ∅)
             x0 = x0 + a0 * f_uu
+        return x0
+
+    def _guided_x0_causal(self, x_t, t, history, intent, intent_mask, w: float, rho: float) -> Tensor:
+        """guided_x0 for the causal layout: the branches with a non-zero coefficient are groups of ONE
+        forward that reads the history once (f(∅,∅) looks at the null token only). (B, d)."""
+        B, dev = x_t.shape[0], x_t.device
+        m = (torch.zeros(B, dtype=torch.bool, device=dev) if intent is None
+             else torch.ones(B, dtype=torch.bool, device=dev) if intent_mask is None else intent_mask.bool())
+        use_i = rho != 0 and bool(m.any())
+        # branches: (hist_keep, intent on, coefficient (B,))
+        coef_h = w - rho * m.to(x_t.dtype) if use_i else torch.full((B,), w, dtype=x_t.dtype, device=dev)
+        branches = []
+        if 1.0 - w != 0:
+            branches.append((False, False, torch.full((B,), 1.0 - w, dtype=x_t.dtype, device=dev)))
+        if bool((coef_h != 0).any()):
+            branches.append((True, False, coef_h))
+        if use_i:
+            branches.append((True, True, rho * m.to(x_t.dtype)))
+        if not branches:
+            return torch.zeros_like(x_t)
+        G = len(branches)
+        N = history.shape[1]
+        hist_keep = torch.tensor([k for k, _, _ in branches], device=dev).expand(B, G)
+        on = torch.tensor([i for _, i, _ in branches], device=dev)[None] & m[:, None]  # (B, G)
+        intent_g = None if not use_i else intent.float()[:, None].expand(B, G, -1)
+        anchor = torch.full((B, G), N, dtype=torch.long, device=dev)
+        x0 = torch.zeros_like(x_t)
+        for c in range(0, B, self.sample_chunk):
+            sl = slice(c, c + self.sample_chunk)
+            h = history[sl]
+            out = self.dit(self.item_vecs(h), h != 0, x_t[sl, None].expand(-1, G, -1),
+                           t[sl, None].expand(-1, G), anchor[sl], hist_keep[sl],
+                           None if intent_g is None else intent_g[sl], on[sl])  # (b, G, d)
+            coef = torch.stack([cf[sl] for _, _, cf in branches], dim=1)  # (b, G)
+            x0[sl] = (coef[..., None] * out).sum(dim=1)
         return x0
 
     @torch.no_grad()

@@ -1,8 +1,9 @@
 """Train stage: any registered model on the data stage's split, with model selection on validation only.
 
 - Batches follow the model's `train_mode`: "position" (every training position of every user, in shuffled
-  passes), "sequence" (each user's training sequence, a target at every position) or "user" (each user's
-  whole training history).
+  passes), "window" (the same targets, in runs of `window` consecutive targets that share one history
+  window; batch_size still counts targets), "sequence" (each user's training sequence, a target at every
+  position) or "user" (each user's whole training history).
 - AdamW, linear warm-up then cosine decay, gradient clipping, EMA weights (used for validation and saved).
 - Validation every `eval_every` steps (default once per epoch) on the validation split, seen items masked,
   early stopping on NDCG@10. The test split is never read here.
@@ -80,6 +81,30 @@ class Batcher:
         return {"history": torch.from_numpy(hist), "target": torch.from_numpy(self.items[pos].copy()),
                 "_pos": torch.from_numpy(pos)}
 
+    def window_units(self, C: int) -> np.ndarray:
+        """Exclusive end positions of the target windows: each user's training targets, cut into runs of C
+        from the end of the training part backwards (the first run of a user may be shorter)."""
+        start = self.offsets[:-1] + 1  # first target position of each user
+        end = self.offsets[1:] - 2  # exclusive end of the training part
+        n = np.maximum(end - start, 0)
+        runs = -(-n // C)  # ceil
+        user = np.repeat(np.arange(len(n)), runs)
+        k = np.arange(runs.sum()) - np.repeat(np.cumsum(runs) - runs, runs)
+        return end[user] - k * C
+
+    def windows(self, ends: np.ndarray, C: int) -> dict[str, torch.Tensor]:
+        """For each window end e: "window" (B, L + C) the items at [e - C - L, e), left-padded before the
+        user's start, and "target" (B, C) the items at [e - C, e) that are training targets (0 elsewhere).
+        Leading columns that are padding in every row are dropped (the causal model is invariant to them)."""
+        u = self.user_of[ends - 1]
+        start = self.offsets[u]
+        win = self._window(ends, start, self.L + C)
+        pos = ends[:, None] - C + np.arange(C)[None, :]
+        tgt = np.where(pos > start[:, None], win[:, -C:], 0)
+        used = (win != 0).any(axis=0)
+        first = min(int(used.argmax()), self.L) if used.any() else self.L
+        return {"window": torch.from_numpy(np.ascontiguousarray(win[:, first:])), "target": torch.from_numpy(tgt)}
+
     def sequences(self, users: np.ndarray) -> dict[str, torch.Tensor]:
         """input_seq / target_seq over each user's training part (the last L transitions)."""
         start = self.offsets[users]
@@ -107,12 +132,16 @@ class Batcher:
         return batch, seen
 
 
-def iterate_training(b: Batcher, mode: str, batch_size: int, epoch: int, seed: int, skip: int = 0
-                     ) -> Iterator[dict[str, torch.Tensor]]:
-    """One shuffled pass (epoch) over the training data; `skip` batches already done (resume)."""
+def iterate_training(b: Batcher, mode: str, batch_size: int, epoch: int, seed: int, skip: int = 0,
+                     window: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """One shuffled pass (epoch) over the training data; `skip` batches already done (resume).
+    mode "window": batch_size windows of `window` targets each."""
     rng = np.random.default_rng([seed, epoch])
     if mode == "position":
         units = b.train_positions
+    elif mode == "window":
+        units = b.window_units(window)
+        batch_size = max(1, batch_size // window)  # batch_size counts targets in every mode
     else:
         users = np.arange(b.ds.n_users)
         train_len = np.diff(b.offsets) - 2
@@ -122,15 +151,20 @@ def iterate_training(b: Batcher, mode: str, batch_size: int, epoch: int, seed: i
         chunk = perm[i: i + batch_size]
         if mode == "position":
             yield b.positions(chunk)
+        elif mode == "window":
+            yield b.windows(chunk, window)
         elif mode == "sequence":
             yield b.sequences(chunk)
         else:
             yield b.user_histories(chunk, cut=2)
 
 
-def n_batches(b: Batcher, mode: str, batch_size: int) -> int:
+def n_batches(b: Batcher, mode: str, batch_size: int, window: int = 0) -> int:
     if mode == "position":
         n = len(b.train_positions)
+    elif mode == "window":
+        n = len(b.window_units(window))
+        batch_size = max(1, batch_size // window)
     else:
         n = int((np.diff(b.offsets) - 2 >= (2 if mode == "sequence" else 1)).sum())
     return math.ceil(n / batch_size)
@@ -320,7 +354,8 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr)
     ema = EMA(model, tc.ema) if tc.ema > 0 else None
-    per_epoch = n_batches(b, mode, tc.batch_size)
+    window = int(getattr(model, "window", 0))
+    per_epoch = n_batches(b, mode, tc.batch_size, window)
     total = tc.epochs * per_epoch if not tc.max_steps else min(tc.max_steps, tc.epochs * per_epoch)
     eval_every = tc.eval_every or per_epoch
     rng = np.random.default_rng([seed, 7])
@@ -399,11 +434,13 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
         task = bar.add_task(model_name, total=total, completed=st["step"], info="")
         while not st["done"] and st["epoch"] < tc.epochs:
             t_epoch = time.perf_counter()
-            for batch in iterate_training(b, mode, tc.batch_size, st["epoch"], seed, skip=st["batch_in_epoch"]):
+            for batch in iterate_training(b, mode, tc.batch_size, st["epoch"], seed, skip=st["batch_in_epoch"],
+                                          window=window):
                 if intents is not None:
                     tgt = batch["target"]
                     batch["intent"] = intents[tgt.to(device)]
-                    batch["intent_mask"] = (torch.rand(len(tgt), generator=gen, device=device) < tc.intent_prob)
+                    batch["intent_mask"] = (torch.rand(tuple(tgt.shape), generator=gen, device=device)
+                                            < tc.intent_prob) & (tgt.to(device) != 0)
                 batch = {k: v.to(device) for k, v in batch.items() if not k.startswith("_")}
                 for g in opt.param_groups:
                     g["lr"] = lr_at(st["step"], total, tc)
@@ -446,7 +483,7 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
         tmp.write_text("".join(json.dumps(e) + "\n" for e in st["log"]))
     best = next(e for e in st["log"] if e["step"] == st["best_step"])
     write_json(out_dir / "valid.json", best)
-    samples = len(b.train_positions) if mode == "position" else None
+    samples = len(b.train_positions) if mode in ("position", "window") else None
     info = {
         "model": model_name, "parameters": n_params, "steps": st["step"], "best_step": st["best_step"],
         "valid": best["valid"], "train_time_s": round(st["train_time"], 2), "steps_per_epoch": per_epoch,

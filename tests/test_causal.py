@@ -1,0 +1,243 @@
+"""iDreamRec's causal layout (recpipe.models.dit.CausalDiT) and its window batches (train.Batcher.windows)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from recpipe.models.base import build_model
+from recpipe.models.dit import CausalDiT
+from recpipe.models.idreamrec import IDreamRecConfig
+from recpipe.pipeline import data as D
+from recpipe.pipeline.train import Batcher, iterate_training, n_batches
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DIM, L = 8, 5
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = gen(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+def dit() -> CausalDiT:
+    torch.manual_seed(0)
+    return perturbed(CausalDiT(dim=DIM, max_len=L, width=16, depth=2, heads=4, dropout=0.0))
+
+
+def inputs(B=3, N=7, C=4, seed=0):
+    g = gen(seed)
+    hist = torch.randn(B, N, DIM, generator=g)
+    valid = torch.ones(B, N, dtype=torch.bool)
+    valid[1, :3] = False  # left padding
+    x_t = torch.randn(B, C, DIM, generator=g)
+    t = torch.randint(0, 100, (B, C), generator=g)
+    anchor = (N - C + torch.arange(C)).expand(B, C).contiguous()
+    keep = torch.ones(B, C, dtype=torch.bool)
+    keep[0, 1] = False
+    return hist, valid, x_t, t, anchor, keep
+
+
+def test_window_equals_one_target_at_a_time_when_it_fits():
+    m = dit()
+    hist, valid, x_t, t, anchor, keep = inputs(N=5, C=3)  # every window within max_len
+    out = m(hist, valid, x_t, t, anchor, keep)
+    for b in range(3):
+        for g in range(3):
+            a = int(anchor[b, g])
+            one = m(hist[b:b + 1, :a], valid[b:b + 1, :a], x_t[b:b + 1, g:g + 1], t[b:b + 1, g:g + 1],
+                    torch.tensor([[a]]), keep[b:b + 1, g:g + 1])
+            torch.testing.assert_close(one[0, 0], out[b, g], rtol=1e-5, atol=1e-5)
+
+
+def test_targets_see_neither_the_future_nor_each_other_nor_padding():
+    m = dit()
+    hist, valid, x_t, t, anchor, keep = inputs()
+    out = m(hist, valid, x_t, t, anchor, keep)
+    # changing the item at slot s changes only targets anchored after s (and within max_len of it)
+    for s in range(7):
+        h2 = hist.clone()
+        h2[:, s] += 5.0
+        out2 = m(h2, valid, x_t, t, anchor, keep)
+        for g in range(4):
+            a = int(anchor[0, g])
+            changed = not torch.allclose(out2[2, g], out[2, g])
+            assert changed == (s < a and keep[2, g].item()), (s, g)
+    # another target's noisy input or timestep never matters
+    x2, t2 = x_t.clone(), t.clone()
+    x2[:, 0] += 3.0
+    t2[:, 0] = (t2[:, 0] + 50) % 100
+    out3 = m(hist, valid, x2, t2, anchor, keep)
+    torch.testing.assert_close(out3[:, 1:], out[:, 1:])
+    assert not torch.allclose(out3[:, 0], out[:, 0])
+    # padding values are never read, NaN included
+    h4 = hist.clone()
+    h4[1, :3] = float("nan")
+    torch.testing.assert_close(m(h4, valid, x_t, t, anchor, keep), out)
+
+
+def test_dropped_history_reads_the_null_token_only():
+    m = dit()
+    hist, valid, x_t, t, anchor, keep = inputs()
+    drop = torch.zeros_like(keep)
+    a = m(hist, valid, x_t, t, anchor, drop)
+    b = m(torch.randn_like(hist), valid, x_t, t, anchor, drop)
+    torch.testing.assert_close(a, b)
+    # an empty history window (all padding) is the same as a dropped one
+    torch.testing.assert_close(m(hist, torch.zeros_like(valid), x_t, t, anchor, keep), a)
+
+
+def test_left_padding_amount_does_not_matter():
+    m = dit()
+    hist, valid, x_t, t, anchor, keep = inputs()
+    pad = 3
+    hist2 = torch.cat([torch.randn(3, pad, DIM), hist], dim=1)
+    valid2 = torch.cat([torch.zeros(3, pad, dtype=torch.bool), valid], dim=1)
+    out2 = m(hist2, valid2, x_t, t, anchor + pad, keep)
+    torch.testing.assert_close(out2, m(hist, valid, x_t, t, anchor, keep), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+N_ITEMS = 30
+
+
+def vectors(n: int = N_ITEMS, d: int = 16, seed: int = 1) -> torch.Tensor:
+    x = torch.randn(n, d, generator=gen(seed))
+    return torch.cat([torch.zeros(1, d), (x - x.mean(0)) / x.std(0)])
+
+
+def model(**kw):
+    torch.manual_seed(0)
+    cfg = IDreamRecConfig(**{**dict(width=32, depth=2, heads=4, history_len=6, T=100, dropout=0.0,
+                                    layout="causal", window=4), **kw})
+    return build_model("idreamrec", cfg, n_items=N_ITEMS, item_vectors=vectors())
+
+
+def test_causal_guidance_is_one_forward_and_combines_branches():
+    m = perturbed(model())
+    B = 9
+    hist = torch.randint(1, N_ITEMS + 1, (B, 6), generator=gen(2))
+    hist[:3, :2] = 0
+    intent = torch.randn(B, 16, generator=gen(3))
+    mask = torch.arange(B) % 2 == 0
+    x_t, t = torch.randn(B, 16, generator=gen(4)), torch.full((B,), 99)
+    anchor = torch.full((B, 1), 6)
+
+    def f(keep: bool, use_i: bool) -> torch.Tensor:
+        return m.dit(m.item_vecs(hist), hist != 0, x_t[:, None], t[:, None], anchor,
+                     torch.full((B, 1), keep), intent[:, None], (mask & use_i)[:, None])[:, 0]
+
+    f_uu, f_hu, f_hi = f(False, False), f(True, False), f(True, True)
+    calls = []
+    orig = m.dit.forward
+    m.dit.forward = lambda *a, **k: calls.append(a[2].shape[1]) or orig(*a, **k)
+    for w, rho in [(3.0, 1.0), (1.0, 0.0), (0.0, 0.0), (2.5, 0.7)]:
+        got = m.guided_x0(x_t, t, hist, intent, mask, w, rho)
+        want = f_uu + w * (f_hu - f_uu) + rho * torch.where(mask[:, None], f_hi - f_hu, torch.zeros(()))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert calls == [3, 1, 1, 3]  # one forward per step; only the branches with a non-zero weight
+
+
+def test_causal_overfits_next_item_rule_from_window_batches():
+    """next item = perm[previous item]; trained on windows of 4 targets, scored one target at a time."""
+    perm = torch.randperm(N_ITEMS, generator=gen(2)) + 1
+
+    def seqs(n: int, seed: int) -> torch.Tensor:  # 6 random items, then 4 that follow the rule
+        s = torch.randint(1, N_ITEMS + 1, (n, 10), generator=gen(seed))
+        for j in range(6, 10):
+            s[:, j] = perm[s[:, j - 1] - 1]
+        return s
+
+    m = model(width=64)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    g = gen(3)
+    m.train()
+    losses = []
+    for step in range(200):
+        s = seqs(64, 100 + step)
+        loss = m.loss({"window": s, "target": s[:, -4:]}, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+    m.eval()
+    s = seqs(200, 7)
+    acc = (m.score_all({"history": s[:, 3:9]}, generator=gen(4)).argmax(1) == s[:, 9]).float().mean().item()
+    assert acc > 0.8, acc
+
+
+def test_causal_loss_masks_non_targets_and_follows_the_generator():
+    m = perturbed(model())
+    win = torch.randint(1, N_ITEMS + 1, (5, 10), generator=gen(0))
+    tgt = win[:, -4:].clone()
+
+    def loss(model, w, t, seed=1):
+        return model.loss({"window": w, "target": t}, gen(seed)).item()
+
+    assert loss(m, win, tgt) == loss(m, win, tgt)
+    assert loss(m, win, tgt) != loss(m, win, tgt, seed=2)
+    # with every history dropped, a slot's item matters only as a target: once its target is 0
+    # (not a target), changing the item there changes nothing
+    m1 = perturbed(model(p_uncond=1.0))
+    win2 = win.clone()
+    win2[:, -4] = (win2[:, -4] % N_ITEMS) + 1
+    tgt0 = tgt.clone()
+    tgt0[:, 0] = 0
+    assert loss(m1, win2, win2[:, -4:]) != loss(m1, win, tgt)  # as a target, the item counts
+    assert loss(m1, win2, tgt0) == pytest.approx(loss(m1, win, tgt0), rel=1e-6)
+    with pytest.raises(ValueError, match="adaln_zero"):
+        model(adaln_zero=True)
+
+
+# ------------------------------------------------------------------------------------------- the batches
+def toy_dataset(lengths: list[int], seed: int = 0) -> D.Dataset:
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    items = rng.integers(1, 50, offsets[-1]).astype(np.int64)
+    n_users = len(lengths)
+    return D.Dataset(pd.DataFrame({"item": np.arange(1, 50)}), pd.DataFrame({"user": np.arange(n_users)}),
+                     offsets, items, np.arange(offsets[-1], dtype=np.int64))
+
+
+def test_windows_cover_every_training_target_once_with_its_history():
+    ds = toy_dataset([3, 4, 9, 25, 60, 2])
+    b = Batcher(ds, 5)
+    C = 4
+    seen = []
+    for batch in iterate_training(b, "window", 8, epoch=0, seed=0, window=C):  # 8 targets = 2 windows
+        win, tgt = batch["window"].numpy(), batch["target"].numpy()
+        N = win.shape[1]
+        assert win.shape[0] <= 2 and N <= 5 + C
+        for r in range(len(win)):
+            for g in range(C):
+                if tgt[r, g] == 0:
+                    continue
+                seen.append(tgt[r, g])
+                slot = N - C + g
+                assert win[r, slot] == tgt[r, g]
+                # the history the target sees (up to 5 items before it) is the user's real past
+                hist = win[r, max(0, slot - 5):slot]
+                hist = hist[hist != 0]
+                assert len(hist) >= 1
+                found = False
+                for u in range(ds.n_users):
+                    s = ds.sequence(u)[:-2]
+                    for p in range(1, len(s)):
+                        if s[p] == tgt[r, g] and np.array_equal(s[max(0, p - 5):p][-len(hist):], hist) and \
+                                len(hist) == min(5, p):
+                            found = True
+                assert found
+    want = np.concatenate([ds.sequence(u)[1:-2] for u in range(ds.n_users)])
+    assert sorted(seen) == sorted(want.tolist())
+    assert n_batches(b, "window", 8, C) == len(list(iterate_training(b, "window", 8, 0, 0, window=C)))
