@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The main job end to end on the embedded default dataset (ml-100k): data (downloaded, checksum-verified),
 # describe (the bundled local LLM writes the first 100 items' descriptions and intentions; the rest come from
-# metadata, to stay within ~15 minutes on 2 cores), embed, whiten + train (2 epochs), evaluate, recommend.
-DEMO_FLAGS ?= --set describe.limit=100 --set train.epochs=2
+# metadata, to stay within ~15 minutes on 2 cores), embed, whiten + train (10 epochs), evaluate, recommend.
+DEMO_FLAGS ?= --set describe.limit=100 --set train.epochs=10
 demo: install
 	$(BIN)/recpipe run --dataset ml-100k $(DEMO_FLAGS) --intent "a funny comedy"
 

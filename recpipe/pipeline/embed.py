@@ -164,14 +164,14 @@ class LocalTEM(TEM):
         texts = [prepare_text(t, self.max_chars) for t in texts]
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        with self._lock, _torch_threads(1 if len(texts) <= SMALL_BATCH else 0):
+        with self._lock, torch_threads(1 if len(texts) <= SMALL_BATCH else 0):
             out = self.st.encode(texts, batch_size=batch_size or self.batch_size, show_progress_bar=show_progress,
                                  convert_to_numpy=True, normalize_embeddings=self.normalize)
         return np.ascontiguousarray(out, dtype=np.float32)
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int):
+def torch_threads(n: int):
     """Run a block on n torch threads (0 = unchanged); restored afterwards."""
     import torch
 
