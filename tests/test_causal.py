@@ -241,3 +241,26 @@ def test_windows_cover_every_training_target_once_with_its_history():
     want = np.concatenate([ds.sequence(u)[1:-2] for u in range(ds.n_users)])
     assert sorted(seen) == sorted(want.tolist())
     assert n_batches(b, "window", 8, C) == len(list(iterate_training(b, "window", 8, 0, 0, window=C)))
+
+
+def test_last_block_reads_only_the_target_tokens_exactly():
+    """The last block computes queries for the x_t tokens only; the same as running it on every token."""
+    m = dit()
+    hist, valid, x_t, t, anchor, keep = inputs()
+    out = m(hist, valid, x_t, t, anchor, keep)
+    block_cls = type(m.blocks[0])
+    orig = block_cls.forward
+    queries = []
+
+    def every_token(self, x, attn_mask, c=None, query=None):
+        queries.append(query)
+        y = orig(self, x, m.attention_bias(valid, anchor, keep, x.dtype), c, query=None)
+        return y[:, query] if query is not None else y
+
+    block_cls.forward = every_token
+    try:
+        ref = m(hist, valid, x_t, t, anchor, keep)
+    finally:
+        block_cls.forward = orig
+    assert queries[0] is None and queries[-1] is not None
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
