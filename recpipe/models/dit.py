@@ -152,6 +152,38 @@ class FinalLayer(nn.Module):
         return self.linear(x)
 
 
+def init_linears(module: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for every Linear (DiT's _basic_init)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def init_denoiser_params(module: nn.Module) -> None:
+    """The learned null tokens and the timestep MLP ~ N(0, 0.02) (as DiT); the output layer zero, so the
+    first prediction is x0_hat = 0, the mean of whitened vectors."""
+    nn.init.normal_(module.null_hist, std=0.02)
+    nn.init.normal_(module.null_intent, std=0.02)
+    nn.init.normal_(module.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(module.t_embedder.mlp[2].weight, std=0.02)
+    nn.init.zeros_(module.final.linear.weight)
+    nn.init.zeros_(module.final.linear.bias)
+
+
+def intent_tokens(proj: nn.Linear, null: Tensor, intent: Tensor | None, keep: Tensor, shape: tuple[int, ...]
+                  ) -> Tensor:
+    """Intention tokens (*shape, W): proj(intent) where `keep`, the learned null token elsewhere (and
+    everywhere when intent is None). Absent intentions are zeroed before the projection, so NaN or garbage
+    there cannot leak. intent: (*shape, d) or None; keep: (*shape) bool or None (= all kept)."""
+    if intent is None:
+        return null.expand(*shape, -1)
+    keep = (torch.ones(shape, dtype=torch.bool, device=intent.device) if keep is None else keep.bool())[..., None]
+    e = proj(torch.where(keep, intent, torch.zeros((), dtype=intent.dtype)))
+    return torch.where(keep, e, null.to(e.dtype))
+
+
 class DiT(nn.Module):
     """Denoiser x0_hat = DiT(x_t, t | history, intention) over item vectors of dimension `dim`.
 
@@ -188,29 +220,14 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        def _basic_init(m: nn.Module) -> None:
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-        self.apply(_basic_init)
+        init_linears(self)
         nn.init.normal_(self.pos_emb, std=0.02)
-        nn.init.normal_(self.null_hist, std=0.02)
-        nn.init.normal_(self.null_intent, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity (gates = 0) ...
-        for block in self.blocks:
-            if self.adaln_zero:
-                nn.init.zeros_(block.adaLN_modulation[-1].weight)
-                nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        init_denoiser_params(self)
+        # adaLN-Zero: every block and the final layer start as the identity (gates = 0)
         if self.adaln_zero:
-            nn.init.zeros_(self.final.adaLN_modulation[-1].weight)
-            nn.init.zeros_(self.final.adaLN_modulation[-1].bias)
-        # ... and the output starts at 0 (the mean of whitened vectors)
-        nn.init.zeros_(self.final.linear.weight)
-        nn.init.zeros_(self.final.linear.bias)
+            for mod in [block.adaLN_modulation for block in self.blocks] + [self.final.adaLN_modulation]:
+                nn.init.zeros_(mod[-1].weight)
+                nn.init.zeros_(mod[-1].bias)
 
     def forward(
         self,
@@ -257,15 +274,7 @@ class DiT(nn.Module):
         h = torch.where(null_slot[..., None], self.null_hist.to(h.dtype), h)
 
         # condition tokens
-        if intent is None:
-            e_int = self.null_intent.to(h.dtype).expand(B, -1)  # (B, W)
-        else:
-            if intent_mask is None:
-                intent_mask = torch.ones(B, dtype=torch.bool, device=intent.device)
-            keep = intent_mask.bool()[:, None]
-            # zero absent intentions before the projection, so NaN/garbage there cannot leak
-            proj = self.intent_proj(torch.where(keep, intent, torch.zeros((), dtype=intent.dtype)))
-            e_int = torch.where(keep, proj, self.null_intent.to(proj.dtype))  # (B, W)
+        e_int = intent_tokens(self.intent_proj, self.null_intent.to(h.dtype), intent, intent_mask, (B,))  # (B, W)
         e_t = self.t_embedder(t)  # (B, W)
         e_x = self.x_proj(x_t)  # (B, W)
 
@@ -291,8 +300,9 @@ class CausalDiT(nn.Module):
 
     - h_i = Linear(d -> W)(item vector), oldest first; NO absolute position (a token is shared by targets
       at different distances). Order enters through learned relative-position biases, one per head and
-      distance, zero at init: history token i attends to history k for i - max_len < k <= i (causal,
-      bias_hh[i - k]); a target anchored at a attends to history k for a - max_len <= k < a (bias_th[a-1-k]).
+      distance, initialised to an ALiBi recency prior: history token i attends to history k for
+      i - max_len < k <= i (causal, bias_hh[i - k]); a target anchored at a attends to history k for
+      a - max_len <= k < a (bias_th[a-1-k]).
     - A target group (its intention, timestep and noisy-target tokens) attends to its own three tokens and
       to its history; with the history dropped, or no real item in its window, to the learned null token
       instead. History tokens never attend to target tokens, so targets cannot see each other.
@@ -321,17 +331,8 @@ class CausalDiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.normal_(self.null_hist, std=0.02)
-        nn.init.normal_(self.null_intent, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        nn.init.zeros_(self.final.linear.weight)  # first prediction: 0, the mean of whitened vectors
-        nn.init.zeros_(self.final.linear.bias)
+        init_linears(self)
+        init_denoiser_params(self)
         # recency prior as in ALiBi (bias = -slope_h · distance), slopes 4, 2, 1, 1/2, ...: one head starts
         # on the most recent item, the others average further back; learned from there (slopes 1, 1/2, ...
         # learned a next-item rule ~2x slower in tests/test_causal.py)
@@ -393,13 +394,7 @@ class CausalDiT(nn.Module):
         hist_valid = hist_valid.bool()
         zero = torch.zeros((), dtype=hist.dtype, device=hist.device)
         h = self.hist_proj(torch.where(hist_valid[..., None], hist, zero))  # (B, N, W)
-        if intent is None:
-            e_int = self.null_intent.to(h.dtype).expand(B, G, -1)
-        else:
-            keep = (torch.ones(B, G, dtype=torch.bool, device=h.device) if intent_mask is None
-                    else intent_mask.bool())[..., None]
-            proj = self.intent_proj(torch.where(keep, intent, torch.zeros((), dtype=intent.dtype)))
-            e_int = torch.where(keep, proj, self.null_intent.to(proj.dtype))  # (B, G, W)
+        e_int = intent_tokens(self.intent_proj, self.null_intent.to(h.dtype), intent, intent_mask, (B, G))  # (B, G, W)
         e_t = self.t_embedder(t.reshape(-1)).view(B, G, -1)  # (B, G, W)
         e_x = self.x_proj(x_t)  # (B, G, W)
         groups = torch.stack([e_int, e_t, e_x], dim=2).reshape(B, 3 * G, -1)  # (B, 3G, W)

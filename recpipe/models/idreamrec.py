@@ -182,13 +182,14 @@ class IDreamRec(Recommender):
 
     @staticmethod
     def _intent(batch: dict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
-        """(intent (B, d), intent_mask (B,) bool) or (None, None) when the batch has no intention."""
+        """(intent (..., d), intent_mask (...) bool) or (None, None) when the batch has no intention;
+        (B, d) / (B,) per sample, or (B, C, d) / (B, C) per target of a window."""
         if "intent" not in batch:
             return None, None
         intent = batch["intent"]
         mask = batch.get("intent_mask")
         if mask is None:
-            mask = torch.ones(intent.shape[0], dtype=torch.bool, device=intent.device)
+            mask = torch.ones(intent.shape[:-1], dtype=torch.bool, device=intent.device)
         return intent.float(), mask.bool()
 
     def denoise(
@@ -272,10 +273,8 @@ class IDreamRec(Recommender):
         noise = randn((B * C, self.dim), generator, dev)
         x_t = q_sample(s, x0.reshape(B * C, -1), t, noise).view(B, C, -1)
         hist_keep = (torch.rand(B, C, generator=generator, device=gen_dev) >= cfg.p_uncond).to(dev)
-        intent, intent_mask = batch.get("intent"), batch.get("intent_mask")
+        intent, intent_mask = self._intent(batch)
         if intent is not None:
-            intent = intent.float()
-            intent_mask = torch.ones_like(is_t) if intent_mask is None else intent_mask.bool()
             keep_i = (torch.rand(B, C, generator=generator, device=gen_dev) >= cfg.p_intent_drop).to(dev)
             intent_mask = intent_mask & hist_keep & keep_i
         anchor = (N - C + torch.arange(C, device=dev)).expand(B, C)
@@ -345,8 +344,6 @@ class IDreamRec(Recommender):
         token): 2.1x less CPU time than stacking it with the others (measured, B = 1024, L = 20).
         x_t: (B, d), t: (B,) -> (B, d).
         """
-        if self.config.layout == "causal":
-            return self._guided_x0_causal(x_t, t, history, intent, intent_mask, w, rho)
         B, dev = x_t.shape[0], x_t.device
         if intent is None:
             m = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -354,6 +351,8 @@ class IDreamRec(Recommender):
             m = torch.ones(B, dtype=torch.bool, device=dev)
         else:
             m = intent_mask.bool()
+        if self.config.layout == "causal":
+            return self._guided_x0_causal(x_t, t, history, intent, m, w, rho)
         a0 = 1.0 - w
         a1 = w - rho * m.to(x_t.dtype)  # (B,)
         rows_i = m.nonzero().squeeze(1) if rho != 0 else m.new_zeros(0, dtype=torch.long)
@@ -376,12 +375,11 @@ class IDreamRec(Recommender):
             x0 = x0 + a0 * f_uu
         return x0
 
-    def _guided_x0_causal(self, x_t, t, history, intent, intent_mask, w: float, rho: float) -> Tensor:
-        """guided_x0 for the causal layout: the branches with a non-zero coefficient are groups of ONE
-        forward that reads the history once (f(∅,∅) looks at the null token only). (B, d)."""
+    def _guided_x0_causal(self, x_t, t, history, intent, m: Tensor, w: float, rho: float) -> Tensor:
+        """guided_x0 for the causal layout (m: (B,) bool, intention present): the branches with a non-zero
+        coefficient are groups of ONE forward that reads the history once (f(∅,∅) looks at the null token
+        only). (B, d)."""
         B, dev = x_t.shape[0], x_t.device
-        m = (torch.zeros(B, dtype=torch.bool, device=dev) if intent is None
-             else torch.ones(B, dtype=torch.bool, device=dev) if intent_mask is None else intent_mask.bool())
         use_i = rho != 0 and bool(m.any())
         # branches: (hist_keep, intent on, coefficient (B,))
         coef_h = w - rho * m.to(x_t.dtype) if use_i else torch.full((B,), w, dtype=x_t.dtype, device=dev)

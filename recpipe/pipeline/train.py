@@ -132,20 +132,24 @@ class Batcher:
         return batch, seen
 
 
+def _units(b: Batcher, mode: str, batch_size: int, window: int) -> tuple[np.ndarray, int]:
+    """(the units one epoch shuffles, units per batch) for a train mode; batch_size counts targets in
+    "window" mode too, so a batch holds batch_size // window windows."""
+    if mode == "position":
+        return b.train_positions, batch_size
+    if mode == "window":
+        return b.window_units(window), max(1, batch_size // window)
+    users = np.arange(b.ds.n_users)
+    train_len = np.diff(b.offsets) - 2
+    return users[train_len >= (2 if mode == "sequence" else 1)], batch_size
+
+
 def iterate_training(b: Batcher, mode: str, batch_size: int, epoch: int, seed: int, skip: int = 0,
                      window: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """One shuffled pass (epoch) over the training data; `skip` batches already done (resume).
-    mode "window": batch_size windows of `window` targets each."""
+    mode "window": windows of `window` targets, batch_size targets a batch."""
     rng = np.random.default_rng([seed, epoch])
-    if mode == "position":
-        units = b.train_positions
-    elif mode == "window":
-        units = b.window_units(window)
-        batch_size = max(1, batch_size // window)  # batch_size counts targets in every mode
-    else:
-        users = np.arange(b.ds.n_users)
-        train_len = np.diff(b.offsets) - 2
-        units = users[train_len >= (2 if mode == "sequence" else 1)]
+    units, batch_size = _units(b, mode, batch_size, window)
     perm = units[rng.permutation(len(units))]
     for i in range(skip * batch_size, len(perm), batch_size):
         chunk = perm[i: i + batch_size]
@@ -160,14 +164,8 @@ def iterate_training(b: Batcher, mode: str, batch_size: int, epoch: int, seed: i
 
 
 def n_batches(b: Batcher, mode: str, batch_size: int, window: int = 0) -> int:
-    if mode == "position":
-        n = len(b.train_positions)
-    elif mode == "window":
-        n = len(b.window_units(window))
-        batch_size = max(1, batch_size // window)
-    else:
-        n = int((np.diff(b.offsets) - 2 >= (2 if mode == "sequence" else 1)).sum())
-    return math.ceil(n / batch_size)
+    units, batch_size = _units(b, mode, batch_size, window)
+    return math.ceil(len(units) / batch_size)
 
 
 # -------------------------------------------------------------------------------------------- evaluation
