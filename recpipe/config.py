@@ -197,7 +197,7 @@ class Config:
             raise ConfigError(str(e.args[0])) from None
         try:
             return config_from_dict(cls, self.model.get(name, {}))
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError) as e:  # ValueError: a model config's own checks
             raise ConfigError(f"[model.{name}]: {e.args[0] if e.args else e}") from None
 
 

@@ -68,3 +68,15 @@ def test_cli_data_bad_file_keeps_previous_result(tmp_path):
     r = _recpipe("data", "--dataset", "toy", "--data-dir", str(tmp_path / "data"), "--kcore", "2", cwd=tmp_path)
     assert r.returncode == 2 and "missing column(s) timestamp" in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "cache" / "toy" / "data" / "manifest.json").read_text() == manifest
+
+
+@pytest.mark.parametrize("model,setting,match", [
+    ("idreamrec", {"layout": "bogus"}, r"\[model.idreamrec\]: layout must be"),
+    ("idreamrec", {"window": 0}, r"\[model.idreamrec\]: window must be >= 1"),
+    ("idreamrec", {"loss": "ce"}, r"\[model.idreamrec\]: loss must be"),
+])
+def test_bad_model_config_is_a_config_error(model, setting, match):
+    """A model config's own checks (ValueError in __post_init__) surface as one-line ConfigErrors."""
+    cfg = load_config(None, {f"model.{model}.{k}": str(v) for k, v in setting.items()})
+    with pytest.raises(ConfigError, match=match):
+        cfg.model_config(model)
