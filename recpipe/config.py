@@ -134,6 +134,9 @@ class EvaluateConfig:
     split: str = "test"  # the test split is read once, at the end; "valid" for model selection studies
     category_column: str = "genres"  # item column whose values make category-level intentions ("|" separated)
     category_template: str = "a {category} movie"  # the intention text; {category} is one of the target's
+    # float32 | bfloat16: the precision a generative model's denoiser runs at while scoring (the scores
+    # themselves stay float32: bf16 scores would tie); float32 keeps the numbers identical across machines
+    dtype: str = "float32"
 
 
 @dataclass
@@ -142,6 +145,10 @@ class RecommendConfig:
     steps: int = 1  # one-step generation: as good as many steps for iDreamRec, and fast
     w: float = -1.0  # history guidance; < 0 -> the trained model's default
     rho: float = -1.0  # intention strength; < 0 -> the trained model's default
+    # auto | float32 | bfloat16: the precision of the intent's TEM forward (most of a request's time);
+    # auto = bfloat16 where the CPU computes it natively (avx512_bf16 / amx_bf16: ~1.5x faster encode,
+    # intent vectors within cosine 0.9999 of float32), else float32
+    dtype: str = "auto"
 
 
 SECTIONS: dict[str, type] = {
@@ -369,7 +376,9 @@ def _validate(cfg: Config) -> None:
     need(bool(cfg.evaluate.steps) and all(s >= 0 for s in cfg.evaluate.steps), "evaluate.steps must be >= 0")
     need(cfg.evaluate.intent in ("none", "category", "llm", "all"), "evaluate.intent must be none|category|llm|all")
     need(cfg.evaluate.split in ("test", "valid"), "evaluate.split must be test or valid")
+    need(cfg.evaluate.dtype in ("float32", "bfloat16"), "evaluate.dtype must be float32 or bfloat16")
     need(cfg.recommend.k >= 1, "recommend.k must be >= 1")
+    need(cfg.recommend.dtype in ("auto", "float32", "bfloat16"), "recommend.dtype must be auto, float32 or bfloat16")
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

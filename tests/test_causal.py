@@ -264,3 +264,32 @@ def test_last_block_reads_only_the_target_tokens_exactly():
         block_cls.forward = orig
     assert queries[0] is None and queries[-1] is not None
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_attention_equals_sdpa():
+    """Under no_grad with an additive mask, Attention uses plain matmuls; they must equal SDPA (the training
+    path), masked keys, a query subset and -inf entries included."""
+    import torch.nn.functional as F
+
+    from recpipe.models.dit import _attention_math
+
+    g = torch.Generator().manual_seed(0)
+    B, H, S, hd = 5, 4, 11, 8
+    q, k, v = (torch.randn(B, H, S, hd, generator=g) for _ in range(3))
+    bias = torch.randn(B, H, S, S, generator=g)
+    bias[torch.rand(B, H, S, S, generator=g) < 0.4] = float("-inf")
+    bias[..., 0] = 0.0  # every query sees at least one key
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(_attention_math(q, k, v, bias), ref, atol=1e-5, rtol=1e-5)
+    qs = q[:, :, 3::3]
+    ref = F.scaled_dot_product_attention(qs, k, v, attn_mask=bias[:, :, 3::3])
+    torch.testing.assert_close(_attention_math(qs, k, v, bias[:, :, 3::3]), ref, atol=1e-5, rtol=1e-5)
+    # the whole model: no_grad output (matmul path) == grad-enabled output (SDPA path)
+    m = CausalDiT(dim=6, max_len=4, width=16, depth=2, heads=2, dropout=0.0).eval()
+    hist = torch.randn(3, 7, 6, generator=g)
+    valid = torch.rand(3, 7, generator=g) > 0.3
+    args = (hist, valid, torch.randn(3, 2, 6, generator=g), torch.randint(0, 100, (3, 2), generator=g),
+            torch.tensor([[7, 3]] * 3), torch.tensor([[True, False]] * 3))
+    with torch.no_grad():
+        fast = m(*args)
+    torch.testing.assert_close(fast, m(*args).detach(), atol=1e-5, rtol=1e-5)

@@ -10,7 +10,7 @@ from fault_server import FakeOpenAI, fake_embedding
 from test_describe import SECRET, make_dataset
 
 from recpipe.config import load_config
-from recpipe.errors import ArtifactError, BackendError
+from recpipe.errors import ArtifactError, BackendError, ConfigError
 from recpipe.pipeline import data as D
 from recpipe.pipeline import describe as DS
 from recpipe.pipeline import embed as E
@@ -56,6 +56,13 @@ def test_local_tem_item_embeddings(described):
         assert v.shape == (1, 384) and v.dtype == np.float32
         np.testing.assert_allclose(v[0], X[i], atol=1e-5)
     assert E.load_tem(info) is tem  # loaded once per process
+    # a bf16 query (recommend.dtype): another forward, the same direction to 1e-4
+    for i in (1, n):
+        v = tem.encode([desc.loc[i - 1, "text"]], dtype="bfloat16")[0]
+        assert v.dtype == np.float32 and not np.allclose(v, X[i], atol=1e-6)
+        assert float(v @ X[i]) > 0.9995
+    with pytest.raises(ConfigError, match="dtype"):
+        tem.encode(["x"], dtype="float16")
     # semantic sanity: a query about the item's genres is closer to it than an unrelated query
     q = tem.encode(["an action thriller", "a recipe for lemon cake"])
     assert float(q[0] @ X[1]) > float(q[1] @ X[1])

@@ -57,3 +57,27 @@ def test_accumulator_averages_over_users_not_batches():
 def test_nan_scores_are_rejected():
     with pytest.raises(ValueError, match="NaN"):
         target_ranks(torch.tensor([[0.0, float("nan"), 1.0]]), torch.tensor([2]))
+
+
+def _brute_rank(scores: np.ndarray, target: int, exclude: set[int]) -> int:
+    t = scores[target]
+    return sum(1 for i in range(1, len(scores)) if i != target and i not in exclude and scores[i] >= t)
+
+
+def test_ranks_match_brute_force_with_ties_repeats_and_padding():
+    rng = np.random.default_rng(7)
+    B, n = 64, 40
+    scores = torch.from_numpy(rng.integers(0, 6, (B, n + 1)).astype(np.float32))  # many ties
+    scores[::3, 0] = 100.0  # a padding score that would win if it were rankable
+    scores[1::5, 0] = float("nan")  # padding's own score is never read
+    target = torch.from_numpy(rng.integers(1, n + 1, B))
+    hists = [rng.choice(np.arange(1, n + 1), rng.integers(0, 12), replace=False) for _ in range(B)]
+    hists[0] = np.append(hists[0], target[0].item())  # a repeat: the target is in the history
+    seen = history_mask(hists, n)
+    acc = RankAccumulator()
+    acc.add(scores, target, seen)
+    for b in range(B):
+        s, t = scores[b].numpy(), int(target[b])
+        assert acc.unmasked[0][b] == _brute_rank(s, t, set())
+        assert acc.masked[0][b] == _brute_rank(s, t, set(hists[b].tolist()) - {t})
+        assert target_ranks(scores[b:b + 1], target[b:b + 1], seen[b:b + 1]).item() == acc.masked[0][b]

@@ -138,13 +138,34 @@ def test_idreamrec_pipeline_on_text_vectors(tmp_path):
     res = T.run(cfg, log=lambda m: None, progress=False)
     assert res.manifest.info["valid"]["masked"]["NDCG@10"] > 0.25, res.manifest.info["valid"]
     ev = E.run(cfg, log=lambda m: None)
-    assert ev.manifest.info["rows"][0]["masked"]["HR@10"] > 0.4
+    hr = ev.manifest.info["rows"][0]["masked"]["HR@10"]
+    assert hr > 0.4
+    # a bf16 denoiser (evaluate.dtype): a new evaluation, float32 scores, about the same quality
+    cfg.evaluate.dtype = "bfloat16"
+    ev16 = E.run(cfg, log=lambda m: None)
+    assert not ev16.skipped and ev16.manifest.config["evaluate"]["dtype"] == "bfloat16"
+    assert abs(ev16.manifest.info["rows"][0]["masked"]["HR@10"] - hr) < 0.05
     from recpipe.pipeline.recommend import RecommendService
 
     svc = RecommendService(cfg)
     recs = svc.recommend("3", k=10)
     assert len(recs) == 10
     assert not set(D.load(cfg.run_dir / "data").sequence(3).tolist()) & {r.item for r in recs}
+
+    # the same intent twice: the TEM runs once (a warm service keeps recent intent vectors)
+    class CountingTEM:
+        calls = 0
+
+        def encode(self, texts, dtype="float32"):
+            CountingTEM.calls += 1
+            return np.full((len(texts), 16), 0.25, np.float32)
+
+    svc._tem = CountingTEM()
+    a = svc.recommend("3", intent="cozy  mystery", k=5)
+    b = svc.recommend("4", intent="cozy mystery", k=5)
+    assert CountingTEM.calls == 1 and len(a) == len(b) == 5
+    svc.recommend("3", intent="a different request", k=5)
+    assert CountingTEM.calls == 2
     # the whitening was refit on other vectors: the trained model no longer matches, and says so
     _fake_embed(cfg, seed=1)
     whiten.run(cfg, log=lambda m: None)

@@ -87,9 +87,23 @@ class Attention(nn.Module):
         else:
             qkv = self.qkv(x).view(B, S, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)  # each (B, H, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, S_q, hd)
+        if torch.is_grad_enabled() or attn_mask is None or attn_mask.dtype == torch.bool:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, S_q, hd)
+        else:  # inference with an additive mask: plain batched matmuls beat SDPA's CPU kernel for short
+            # sequences (1024 x 27 tokens: 13.7 vs 20.9 ms; training keeps SDPA, whose backward is faster)
+            y = _attention_math(q, k, v, attn_mask)
         y = y.transpose(1, 2).reshape(B, q.shape[2], W)
         return self.proj_drop(self.proj(y))
+
+
+def _attention_math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(hd) + bias) v; q: (B, H, S_q, hd), k/v: (B, H, S, hd), bias broadcastable to
+    (B, H, S_q, S) -> (B, H, S_q, hd). Equals F.scaled_dot_product_attention with the same additive mask."""
+    B, H, Sq, hd = q.shape
+    S = k.shape[2]
+    bias = bias.to(q.dtype).expand(B, H, Sq, S).reshape(B * H, Sq, S)
+    a = torch.baddbmm(bias, q.reshape(B * H, Sq, hd), k.reshape(B * H, S, hd).transpose(1, 2), alpha=hd ** -0.5)
+    return torch.bmm(a.softmax(-1), v.reshape(B * H, S, hd)).view(B, H, Sq, hd)
 
 
 class Mlp(nn.Module):

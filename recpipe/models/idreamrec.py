@@ -417,10 +417,13 @@ class IDreamRec(Recommender):
         w: float | None = None,
         rho: float | None = None,
         generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
     ) -> Tensor:
-        """The guided oracle vector (B, d): DDIM from x_T ~ N(0, I) (drawn with `generator`).
+        """The guided oracle vector (B, d) in float32: DDIM from x_T ~ N(0, I) (drawn with `generator`).
 
         steps / w / rho default to the config's; steps = T with eta = 1 is ancestral DDPM sampling.
+        dtype = torch.bfloat16 runs the denoiser's matmuls under bf16 autocast (~1.6x faster on CPUs with
+        native bf16; the guidance sum and the sampler stay float32).
         """
         cfg = self.config
         steps = cfg.steps if steps is None else int(steps)
@@ -430,8 +433,11 @@ class IDreamRec(Recommender):
         intent, intent_mask = self._intent(batch)
         dev = history.device
 
+        amp = dtype is not None and dtype != torch.float32
+
         def model_fn(x_t: Tensor, t: Tensor) -> Tensor:
-            return self.guided_x0(x_t, t, history, intent, intent_mask, w, rho)
+            with torch.autocast(dev.type, dtype=dtype, enabled=amp):
+                return self.guided_x0(x_t, t, history, intent, intent_mask, w, rho).float()
 
         return ddim_sample(
             model_fn,
@@ -452,9 +458,11 @@ class IDreamRec(Recommender):
         w: float | None = None,
         rho: float | None = None,
         generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
     ) -> Tensor:
-        """(B, n_items + 1) inner products of the oracle with every item vector; column 0 = -inf."""
-        oracle = self.generate(batch, steps=steps, w=w, rho=rho, generator=generator)  # (B, d)
+        """(B, n_items + 1) inner products of the oracle with every item vector; column 0 = -inf.
+        The scores are float32 whatever `dtype` the denoiser ran at (bf16 scores would tie)."""
+        oracle = self.generate(batch, steps=steps, w=w, rho=rho, generator=generator, dtype=dtype)  # (B, d)
         scores = oracle @ self.item_table().T  # (B, n_items + 1)
         scores[:, 0] = float("-inf")
         return scores

@@ -26,19 +26,29 @@ def target_ranks(scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tens
     exclude: (B, N+1) bool, True = not rankable (seen items); the target itself is never excluded
     returns: (B,) long
     """
-    scores = scores.float().clone()
-    scores[:, 0] = -torch.inf
+    unmasked, masked = target_ranks_both(scores, target, exclude)
+    return unmasked if masked is None else masked
+
+
+def target_ranks_both(scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(unmasked ranks, masked ranks or None) from ONE comparison pass over the score matrix.
+
+    An item counts against the target when its score is >= the target's (ties are pessimistic); the target
+    itself and padding never count, and in the masked column neither do excluded items.
+    """
+    if scores.dtype != torch.float32 and scores.dtype != torch.float64:
+        scores = scores.float()  # low-precision scores would tie far more often
+    if bool(torch.isnan(scores[:, 1:]).any()):  # padding's own score is never read
+        raise ValueError("scores contain NaN")
     rows = torch.arange(scores.shape[0], device=scores.device)
     t_score = scores[rows, target]
-    if exclude is not None:
-        exclude = exclude.clone()
-        exclude[rows, target] = False
-        scores = scores.masked_fill(exclude, -torch.inf)
-    if torch.isnan(scores).any():
-        raise ValueError("scores contain NaN")
-    greater = (scores > t_score[:, None]).sum(1)
-    ties = (scores == t_score[:, None]).sum(1) - 1  # other items with exactly the target's score
-    return greater + ties
+    ge = scores >= t_score[:, None]  # (B, N+1), True at the target itself
+    unmasked = ge.sum(1) - 1 - ge[:, 0].long()  # minus the target and padding
+    if exclude is None:
+        return unmasked, None
+    hidden = (ge & exclude).sum(1) - exclude[rows, target].long() - (ge[:, 0] & exclude[:, 0]).long()
+    return unmasked, unmasked - hidden
 
 
 def history_mask(histories: Sequence[np.ndarray], n_items: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -79,8 +89,9 @@ class RankAccumulator:
         self.unmasked: list[np.ndarray] = []
 
     def add(self, scores: torch.Tensor, target: torch.Tensor, seen: torch.Tensor) -> None:
-        self.unmasked.append(target_ranks(scores, target).cpu().numpy())
-        self.masked.append(target_ranks(scores, target, seen).cpu().numpy())
+        unmasked, masked = target_ranks_both(scores, target, seen)
+        self.unmasked.append(unmasked.cpu().numpy())
+        self.masked.append(masked.cpu().numpy())
 
     def result(self, ks: Sequence[int]) -> dict[str, dict[str, float]]:
         return {

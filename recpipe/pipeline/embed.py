@@ -65,7 +65,9 @@ class TEM:
     def dim(self) -> int:
         raise NotImplementedError
 
-    def encode(self, texts: list[str], batch_size: int | None = None, show_progress: bool = False) -> np.ndarray:
+    def encode(self, texts: list[str], batch_size: int | None = None, show_progress: bool = False,
+               dtype: str = "float32") -> np.ndarray:
+        """float32 (n, dim); `dtype` = the precision a local network runs at (remote TEMs ignore it)."""
         raise NotImplementedError
 
     def info(self) -> dict[str, Any]:
@@ -155,19 +157,51 @@ class LocalTEM(TEM):
             dim = st.get_sentence_embedding_dimension()
         self._dim = int(dim)
         self._lock = threading.Lock()
+        self._lp: tuple[str, Any] | None = None  # (dtype, low-precision copy) for fast queries
 
     @property
     def dim(self) -> int:
         return self._dim
 
-    def encode(self, texts: list[str], batch_size: int | None = None, show_progress: bool = False) -> np.ndarray:
+    def encode(self, texts: list[str], batch_size: int | None = None, show_progress: bool = False,
+               dtype: str = "float32") -> np.ndarray:
+        """float32 (n, dim). `dtype="bfloat16"` runs a bf16 copy of the network for small batches (queries):
+        ~1.6x faster where the CPU has native bf16, cosine >= 0.9999 to the float32 vector. Item embeddings
+        (the embed stage) always run in float32."""
+        if dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"TEM dtype must be float32 or bfloat16, not {dtype!r}")
         texts = [prepare_text(t, self.max_chars) for t in texts]
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        with self._lock, torch_threads(1 if len(texts) <= SMALL_BATCH else 0):
+        if len(texts) <= SMALL_BATCH:
+            return self._encode_small(texts, dtype)
+        with self._lock:
             out = self.st.encode(texts, batch_size=batch_size or self.batch_size, show_progress_bar=show_progress,
                                  convert_to_numpy=True, normalize_embeddings=self.normalize)
         return np.ascontiguousarray(out, dtype=np.float32)
+
+    def _encode_small(self, texts: list[str], dtype: str) -> np.ndarray:
+        """A few texts (a request's intention): the model's own modules called directly on one torch thread,
+        without `SentenceTransformer.encode`'s batching machinery (~2 ms per call); the same vectors."""
+        import torch
+
+        with self._lock, torch_threads(1), torch.inference_mode():
+            st = self.st if dtype == "float32" else self._low_precision(dtype)
+            features = (st.preprocess if hasattr(st, "preprocess") else st.tokenize)(texts)
+            out = st(features)["sentence_embedding"].float()
+            if self.normalize:
+                out = torch.nn.functional.normalize(out, p=2, dim=1)
+        return np.ascontiguousarray(out.numpy(), dtype=np.float32)
+
+    def _low_precision(self, dtype: str):
+        """A copy of the model in `dtype` (made once, ~45 MB for MiniLM in bf16)."""
+        if self._lp is None or self._lp[0] != dtype:
+            import copy
+
+            import torch
+
+            self._lp = (dtype, copy.deepcopy(self.st).to(getattr(torch, dtype)))
+        return self._lp[1]
 
 
 @contextlib.contextmanager
@@ -218,7 +252,8 @@ class OpenAITEM(TEM):
     def key(self, text: str) -> str:
         return "embed:" + hashlib.sha256(f"{self.model}\x00{text}".encode()).hexdigest()
 
-    def encode(self, texts: list[str], batch_size: int | None = None, show_progress: bool = False) -> np.ndarray:
+    def encode(self, texts: list[str], batch_size: int | None = None, show_progress: bool = False,
+               dtype: str = "float32") -> np.ndarray:
         texts = [prepare_text(t, self.max_chars) or "(empty)" for t in texts]  # the API rejects empty input
         if not texts:
             return np.zeros((0, self._dim or 0), dtype=np.float32)

@@ -145,12 +145,18 @@ def evaluate_model(cfg: Config, model_name: str, log=print) -> dict[str, Any]:
         rows.append(r)
         return r
 
-    steps_kw = lambda s: {"steps": s} if s else {}  # 0: the model's own sampler (DreamRec: DDPM, iDreamRec: 1)
+    low = {}  # the denoiser's precision (models whose score_all takes a dtype; scores stay float32)
+    if ec.dtype != "float32":
+        if "dtype" in _score_params(model):
+            low = {"dtype": train_stage.resolve_dtype(ec.dtype, device)}
+        else:
+            log(f"evaluate: {model_name} scores in float32 (evaluate.dtype={ec.dtype} applies to iDreamRec)")
+    steps_kw = lambda s: {**low, "steps": s} if s else dict(low)  # 0: the model's own sampler (iDreamRec: 1)
     if model.generative and "steps" in _score_params(model):
         for s in ec.steps:
             row(f"{model_name} ({s}-step)" if s else model_name, model, steps_kw(s))
     else:
-        row(model_name, model)
+        row(model_name, model, dict(low))
 
     kinds = {"none": [], "category": ["category"], "llm": ["llm"], "all": ["category", "llm"]}[ec.intent]
     if kinds and not getattr(model, "uses_intent", False):

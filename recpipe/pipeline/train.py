@@ -213,6 +213,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def native_bf16() -> bool:
+    """True where this CPU computes bfloat16 natively (x86 avx512_bf16 or amx_bf16); elsewhere bf16 is
+    emulated and slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """float32 | bfloat16 | auto (bfloat16 on a CUDA GPU that supports it or a CPU with native bf16)."""
+    if name == "auto":
+        dev = torch.device(device)
+        ok = torch.cuda.is_bf16_supported() if dev.type == "cuda" else native_bf16()
+        return torch.bfloat16 if ok else torch.float32
+    if name not in ("float32", "bfloat16"):
+        raise ConfigError(f"dtype must be auto, float32 or bfloat16, not {name!r}")
+    return getattr(torch, name)
+
+
 def needs_text(model_name: str) -> bool:
     from recpipe.models.base import _REGISTRY, _import_all
 
