@@ -172,9 +172,13 @@ def speed(cfg) -> str:
     ds = data.load(cfg.run_dir / "data")
     b = train.Batcher(ds, model.history_len)
     train.evaluate_split(model, b, "test", [10], users=np.arange(min(512, ds.n_users)))  # warm-up
-    t0 = time.perf_counter()
-    train.evaluate_split(model, b, "test", [10], batch_size=cfg.evaluate.batch_size)
-    scoring = ds.n_users / (time.perf_counter() - t0)
+    scoring, quality = {}, {}
+    for name, dt in (("float32", None), ("bfloat16", torch.bfloat16)):  # evaluate.dtype
+        t0 = time.perf_counter()
+        res = train.evaluate_split(model, b, "test", [10], batch_size=cfg.evaluate.batch_size,
+                                   score_kwargs={"dtype": dt}, seed=cfg.run.seed)
+        scoring[name] = ds.n_users / (time.perf_counter() - t0)
+        quality[name] = (res["masked"]["NDCG@10"], res["unmasked"]["NDCG@10"])
 
     t0 = time.perf_counter()
     svc = RecommendService(cfg)
@@ -202,10 +206,12 @@ def speed(cfg) -> str:
     q = lambda xs, p: float(np.percentile(xs, p))
     return (
         "\n## Speed (2 CPU cores)\n"
-        f"- batch scoring, 1 step, every test user, full ranking + metrics, {torch.get_num_threads()} torch threads: "
-        f"{scoring:,.0f} users/s (target >= 5,000)\n"
-        f"- recommend, warm, with intent (TEM encode + 1-step + FAISS): p50 {q(times, 50):.1f} ms, "
-        f"p95 {q(times, 95):.1f} ms (target p50 <= 15 ms)\n"
+        + "".join(
+            f"- batch scoring, 1 step, every test user, full ranking + metrics, {torch.get_num_threads()} torch "
+            f"threads, denoiser in {name} (evaluate.dtype): {scoring[name]:,.0f} users/s (target >= 5,000); "
+            f"NDCG@10 {quality[name][0]:.4f} masked / {quality[name][1]:.4f} unmasked\n" for name in scoring)
+        + f"- recommend, warm, with intent (TEM encode in {svc.dtype} + 1-step + FAISS), distinct intents: p50 "
+        f"{q(times, 50):.1f} ms, p95 {q(times, 95):.1f} ms (target p50 <= 15 ms)\n"
         f"- recommend, warm, history only: p50 {q(times_h, 50):.1f} ms, p95 {q(times_h, 95):.1f} ms\n"
         f"- service load (artifacts, model, index): {load_s:.2f} s\n"
         f"- `recpipe recommend` cold command wall time: {cold:.2f} s (exit {r.returncode})\n"
