@@ -120,7 +120,12 @@ class TrainConfig:
     patience: int = 3  # stop after this many validations without a better NDCG@10
     eval_users: int = 0  # validate on at most N users (0 = all); speeds up model selection on big data
     max_steps: int = 0  # stop after N optimizer steps (0 = no limit); for smoke runs
-    intent_prob: float = 0.5  # share of samples shown the target's LLM intention (models that take one)
+    intent_prob: float = 0.5  # share of samples shown an intention for their target (models that take one)
+    # which intention: llm = the describe stage's intention of the target (the paper's); category = a
+    # category-level one ("a comedy movie" from one of the target's evaluate.category_column values, filled
+    # into evaluate.category_template, drawn per sample), what a user types when they know the kind of item
+    # but not the item; mixed = either, half and half
+    intent_source: str = "llm"
     device: str = "auto"  # cuda when torch sees a GPU, else cpu
     threads: int = 0  # torch intra-op threads; 0 = all cores
 
@@ -372,6 +377,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.index.kind in ("flat", "ivf", "hnsw"), "index.kind must be flat, ivf or hnsw")
     need(cfg.index.device in ("auto", "cpu", "gpu"), "index.device must be auto, cpu or gpu")
     need(cfg.train.epochs >= 1 and cfg.train.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")
+    need(cfg.train.intent_source in ("llm", "category", "mixed"), "train.intent_source must be llm, category or mixed")
     need(all(k >= 1 for k in cfg.evaluate.ks), "evaluate.ks must be positive")
     need(bool(cfg.evaluate.steps) and all(s >= 0 for s in cfg.evaluate.steps), "evaluate.steps must be >= 0")
     need(cfg.evaluate.intent in ("none", "category", "llm", "all"), "evaluate.intent must be none|category|llm|all")

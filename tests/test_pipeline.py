@@ -202,3 +202,58 @@ def test_benchmark_table_chart_and_reuse(tmp_path):
     assert any("train/sasrec: up to date" in m for m in logs), "a finished model is reused, not retrained"
     with pytest.raises(ConfigError, match="unknown model"):
         benchmark.run(cfg, ["nope"], log=logs.append)
+
+
+class _HashTEM:
+    """A deterministic stand-in TEM: a text's vector comes from its hash (no model download needed)."""
+
+    calls: list[list[str]] = []
+
+    def encode(self, texts, dtype="float32"):
+        _HashTEM.calls.append(list(texts))
+        out = np.stack([np.random.default_rng(abs(hash(t)) % 2**32).standard_normal(16) for t in texts])
+        return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_category_training_intentions(tmp_path, monkeypatch):
+    import torch
+
+    from recpipe.pipeline import embed, whiten
+
+    _build(tmp_path)
+    cfg = _cfg(tmp_path, **{"train.model": "idreamrec", "train.epochs": 1, "train.intent_source": "category",
+                            "model.idreamrec.width": 32, "model.idreamrec.history_len": 5})
+    D.run(cfg, log=lambda m: None)
+    _fake_embed(cfg)
+    whiten.run(cfg, log=lambda m: None)
+    monkeypatch.setattr(embed, "load_tem", lambda info: _HashTEM())
+    ds = D.load(cfg.run_dir / "data")
+    cats = T.category_intents(cfg, ds)
+    assert cats.texts == ["a action movie", "a comedy movie", "a drama movie", "a horror movie"]
+    assert cats.vectors.shape == (4, 16) and cats.items.shape == (ds.n_items + 1, 2)
+    assert (cats.items[0] == -1).all()  # padding has none
+    for i in range(1, ds.n_items + 1):
+        want = {f"a {g.lower()} movie" for g in ds.items["genres"].iloc[i - 1].split("|")}
+        assert {cats.texts[c] for c in cats.items[i] if c >= 0} == want
+
+    # the sampler draws only the target's own categories, each about equally often
+    s = T.IntentSampler("category", None, cats, torch.device("cpu"))
+    comedy_drama = 1 + int(np.flatnonzero(ds.items["genres"].to_numpy() == "Comedy|Drama")[0])
+    tgt = torch.full((4000,), comedy_drama)
+    tgt[:10] = 0
+    vec, ok = s(tgt, torch.Generator().manual_seed(0))
+    assert not ok[:10].any() and ok[10:].all()
+    hits = [(vec[10:] == torch.from_numpy(cats.vectors[c])).all(1).float().mean().item() for c in range(4)]
+    assert hits[0] == hits[3] == 0 and abs(hits[1] - 0.5) < 0.05 and abs(hits[1] + hits[2] - 1) < 1e-6
+
+    llm = np.full((ds.n_items + 1, 16), 7.0, np.float32)
+    vec, ok = T.IntentSampler("mixed", llm, cats, torch.device("cpu"))(tgt, torch.Generator().manual_seed(1))
+    assert abs((vec[10:, 0] == 7.0).float().mean().item() - 0.5) < 0.05 and ok[10:].all()
+
+    # a training run records where its intentions came from, and the default keeps old fingerprints
+    res = T.run(cfg, log=lambda m: None, progress=False)
+    assert res.manifest.config["intent_categories"] == {"column": "genres", "template": "a {category} movie"}
+    assert "intent_source" not in T.train_config_dict(_cfg(tmp_path), "idreamrec")["train"]
+    cfg.evaluate.category_column = "nope"
+    with pytest.raises(ConfigError, match="category_column"):
+        T.run(cfg, log=lambda m: None, progress=False)

@@ -370,6 +370,13 @@ class Dataset:
         """Each user's training items (everything before the validation target)."""
         return [self.sequence(u)[:-2] for u in range(self.n_users)]
 
+    def item_categories(self, column: str) -> list[list[str]] | None:
+        """Each item's categories from a "|" (or ",") separated column, in item order; None without it."""
+        if column not in self.items.columns:
+            return None
+        return [[c.strip() for c in str(v).replace(",", "|").split("|") if c.strip() and str(v) != "nan"]
+                for v in self.items[column].to_numpy()]
+
     def user_index(self, user_id: str) -> int:
         hit = np.flatnonzero(self.users["user_id"].to_numpy() == str(user_id))
         if not len(hit):

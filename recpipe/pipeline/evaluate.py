@@ -48,13 +48,13 @@ class VectorSearch(Recommender):
 def category_texts(ds: data_stage.Dataset, targets: np.ndarray, column: str, template: str, seed: int
                    ) -> list[str] | None:
     """One category-level intention per target: the template filled with one of the target's categories."""
-    if column not in ds.items.columns:
+    cats = ds.item_categories(column)
+    if cats is None:
         return None
-    cats = ds.items[column].to_numpy()
     rng = np.random.default_rng([seed, 11])
     out = []
     for t in targets:
-        parts = [c.strip() for c in str(cats[t - 1]).replace(",", "|").split("|") if c.strip()]
+        parts = cats[t - 1]
         if not parts:
             return None
         out.append(template.format(category=parts[rng.integers(len(parts))].lower()))

@@ -291,6 +291,7 @@ class TrainInputs:
     intent_vectors: np.ndarray | None
     fingerprints: dict[str, str]
     text_info: dict[str, Any]
+    categories: CategoryIntents | None = None  # train.intent_source = category | mixed
 
 
 def gather_inputs(cfg: Config, model_name: str) -> TrainInputs:
@@ -308,7 +309,80 @@ def gather_inputs(cfg: Config, model_name: str) -> TrainInputs:
                 f"{run_dir / 'whiten'}: vectors for {iv.shape[0] - 1} items but the data stage has {ds.n_items}; "
                 "re-run `recpipe embed` and `recpipe train`"
             )
-    return TrainInputs(ds, iv, itv, fps, info)
+    cats = None
+    if needs_text(model_name) and cfg.train.intent_source != "llm" and cfg.train.intent_prob > 0:
+        cats = category_intents(cfg, ds)
+        fps["embed"] = require_stage(run_dir, "embed", hint="recpipe embed").fingerprint  # the TEM that embeds them
+    if cfg.train.intent_source == "mixed" and itv is None and needs_text(model_name):
+        raise ConfigError("train.intent_source=mixed needs the describe stage's intentions (describe.intents=true); "
+                          "use train.intent_source=category")
+    return TrainInputs(ds, iv, itv, fps, info, cats)
+
+
+@dataclasses.dataclass
+class CategoryIntents:
+    """Category-level training intentions: one text per category, each item's categories."""
+
+    texts: list[str]  # the template filled with each category (lower-cased, as evaluate does)
+    vectors: np.ndarray  # (C, d) whitened TEM vectors of the texts
+    items: np.ndarray  # (n_items + 1, M) int64 category index per item, -1 = none; row 0 = padding
+
+
+def category_intents(cfg: Config, ds: data_stage.Dataset) -> CategoryIntents:
+    """Embed "a <category> movie" (evaluate.category_template) for every category of evaluate.category_column
+    with the items' TEM, whitened like the items."""
+    from recpipe.pipeline import whiten
+    from recpipe.pipeline.embed import load_tem
+
+    col, template = cfg.evaluate.category_column, cfg.evaluate.category_template
+    cats = ds.item_categories(col)
+    if cats is None or not any(cats):
+        raise ConfigError(f"train.intent_source={cfg.train.intent_source} needs the item column "
+                          f"evaluate.category_column={col!r} (absent or empty in this dataset)")
+    names = sorted({c.lower() for cs in cats for c in cs})
+    index = {c: i for i, c in enumerate(names)}
+    width = max(len(cs) for cs in cats)
+    items = np.full((ds.n_items + 1, width), -1, dtype=np.int64)
+    for i, cs in enumerate(cats, start=1):
+        ids = list(dict.fromkeys(index[c.lower()] for c in cs))
+        items[i, : len(ids)] = ids
+    try:
+        texts = [template.format(category=c) for c in names]
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"evaluate.category_template {template!r}: {e}") from None
+    emb = require_stage(cfg.run_dir, "embed", hint="recpipe embed")
+    w, _, _ = whiten.load_whitening(cfg.run_dir)
+    raw = load_tem(emb.info).encode(texts)
+    return CategoryIntents(texts, w.transform(raw).astype(np.float32), items)
+
+
+class IntentSampler:
+    """Per-sample training intentions for targets (any shape), drawn with the trainer's generator.
+
+    llm: the describe stage's intention of the target; category: one of the target's categories, uniformly;
+    mixed: a fair coin between the two (category falls back to llm for an item without categories).
+    Returns (intention vectors (..., d), available (...) bool)."""
+
+    def __init__(self, source: str, llm: np.ndarray | None, cats: CategoryIntents | None, device: torch.device):
+        as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+        self.source = source
+        self.llm = as_t(llm.astype(np.float32)) if llm is not None else None
+        if cats is not None:
+            self.cat_vec, self.cat_items = as_t(cats.vectors), as_t(cats.items)
+            self.cat_n = (self.cat_items >= 0).sum(1)  # (n_items + 1,)
+
+    def __call__(self, tgt: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        real = tgt != 0
+        if self.source == "llm":
+            return self.llm[tgt], real
+        u = torch.rand(tuple(tgt.shape), generator=gen, device=tgt.device)
+        k = (u * self.cat_n[tgt]).long().clamp_max(self.cat_items.shape[1] - 1)
+        c = self.cat_items[tgt, k]  # -1 where the item has no category
+        vec = self.cat_vec[c.clamp_min(0)]
+        if self.source == "category":
+            return vec, real & (c >= 0)
+        use_cat = (torch.rand(tuple(tgt.shape), generator=gen, device=tgt.device) < 0.5) & (c >= 0)
+        return torch.where(use_cat[..., None], vec, self.llm[tgt]), real
 
 
 def train_config_dict(cfg: Config, model_name: str) -> dict[str, Any]:
@@ -316,7 +390,13 @@ def train_config_dict(cfg: Config, model_name: str) -> dict[str, Any]:
     tc = to_dict(cfg.train)
     tc.pop("threads")
     tc.pop("device")  # where it runs does not change what it computes (within float tolerance)
-    return {"model": model_name, "model_config": dataclasses.asdict(mcfg), "train": tc, "seed": cfg.run.seed}
+    out = {"model": model_name, "model_config": dataclasses.asdict(mcfg), "train": tc, "seed": cfg.run.seed}
+    if tc["intent_source"] == "llm":
+        tc.pop("intent_source")  # the default (and the only behaviour before it existed): old runs stay valid
+    elif needs_text(model_name):
+        out["intent_categories"] = {"column": cfg.evaluate.category_column,
+                                    "template": cfg.evaluate.category_template}
+    return out
 
 
 def run(cfg: Config, model_name: str | None = None, force: bool = False, log=print, progress: bool = True
@@ -364,9 +444,14 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
     model = make_model(model_name, mcfg, inp.ds.n_items, inp.item_vectors).to(device)
     b = Batcher(inp.ds, model.history_len)
     mode = model.train_mode
-    intents = None
-    if inp.intent_vectors is not None and getattr(model, "uses_intent", False) and tc.intent_prob > 0:
-        intents = torch.from_numpy(np.ascontiguousarray(inp.intent_vectors, dtype=np.float32)).to(device)
+    intents = None  # IntentSampler: an intention for a share (intent_prob) of the training targets
+    if getattr(model, "uses_intent", False) and tc.intent_prob > 0:
+        if tc.intent_source == "llm" and inp.intent_vectors is not None:
+            intents = IntentSampler("llm", inp.intent_vectors, None, device)
+        elif tc.intent_source != "llm" and inp.categories is not None:
+            intents = IntentSampler(tc.intent_source, inp.intent_vectors, inp.categories, device)
+            log(f"train/{model_name}: {tc.intent_source} intentions, {len(inp.categories.texts)} categories "
+                f"(e.g. {inp.categories.texts[0]!r})")
 
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -457,10 +542,10 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
             for batch in iterate_training(b, mode, tc.batch_size, st["epoch"], seed, skip=st["batch_in_epoch"],
                                           window=window):
                 if intents is not None:
-                    tgt = batch["target"]
-                    batch["intent"] = intents[tgt.to(device)]
+                    tgt = batch["target"].to(device)
+                    batch["intent"], ok = intents(tgt, gen)
                     batch["intent_mask"] = (torch.rand(tuple(tgt.shape), generator=gen, device=device)
-                                            < tc.intent_prob) & (tgt.to(device) != 0)
+                                            < tc.intent_prob) & ok
                 batch = {k: v.to(device) for k, v in batch.items() if not k.startswith("_")}
                 for g in opt.param_groups:
                     g["lr"] = lr_at(st["step"], total, tc)
