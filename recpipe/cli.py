@@ -318,13 +318,15 @@ def benchmark(
     seed: SeedOpt = None,
     sets: SetOpt = None,
     force: ForceOpt = False,
+    reuse: Annotated[bool, typer.Option(help="train nothing: table the models already trained and evaluated "
+                                             "in the run directory, each with its own settings")] = False,
 ):
     """Train (or reuse) each model, evaluate all on the same split: one table (markdown, JSON, PNG chart)."""
     from recpipe.pipeline import benchmark as stage
 
     cfg = _config(config, dataset, data_dir, cache_dir, run_dir, seed, sets)
     names = [m.strip() for m in models.split(",") if m.strip()]
-    result = stage.run(cfg, names, force=force, log=_log)
+    result = stage.run(cfg, names, force=force, log=_log, reuse=reuse)
     from recpipe.pipeline.evaluate import print_table
 
     print_table(result["rows"], cfg.evaluate.ks, title=f"benchmark on {cfg.run.dataset} ({result['split']} split)")

@@ -203,6 +203,19 @@ def test_benchmark_table_chart_and_reuse(tmp_path):
     with pytest.raises(ConfigError, match="unknown model"):
         benchmark.run(cfg, ["nope"], log=logs.append)
 
+    # --reuse: models trained with their own budgets are tabled as they are, never retrained
+    other = _cfg(tmp_path, **{"train.max_steps": 9, "train.eval_every": 3, "model.sasrec.history_len": 12})
+    T.run(other, "sasrec", log=lambda m: None, progress=False)
+    logs.clear()
+    with pytest.raises(ArtifactError, match="scored an earlier train/sasrec"):
+        benchmark.run(other, ["sasrec", "diffrec"], log=logs.append, reuse=True)
+    E.run(other, "sasrec", log=lambda m: None)
+    res = benchmark.run(cfg, ["sasrec", "diffrec"], log=logs.append, reuse=True)  # cfg's own budget is ignored
+    assert [r["steps"] for r in res["rows"]] == [9, 6] and not any("train/" in m for m in logs)
+    assert "| 9 |" in (out / "table.md").read_text()
+    with pytest.raises(ArtifactError, match="dreamrec"):
+        benchmark.run(cfg, ["dreamrec"], log=logs.append, reuse=True)
+
 
 class _HashTEM:
     """A deterministic stand-in TEM: a text's vector comes from its hash (no model download needed)."""

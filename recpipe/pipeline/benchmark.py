@@ -12,29 +12,43 @@ from typing import Any
 
 from recpipe.artifacts import atomic_path, write_json
 from recpipe.config import Config
-from recpipe.errors import ConfigError
+from recpipe.errors import ArtifactError, ConfigError
 from recpipe.models.base import model_names
 
 
-def run(cfg: Config, models: list[str], force: bool = False, log=print) -> dict[str, Any]:
+def run(cfg: Config, models: list[str], force: bool = False, log=print, reuse: bool = False) -> dict[str, Any]:
+    """reuse=True trains nothing: the table collects the models already trained and evaluated in the run
+    directory, each as it was trained (its own steps and settings, recorded in the table)."""
+    from recpipe.artifacts import require_stage
     from recpipe.pipeline import data, describe, embed, evaluate, train, whiten
 
     known = model_names()
     unknown = [m for m in models if m not in known]
     if unknown:
         raise ConfigError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    data.run(cfg, log=log)
-    if any(train.needs_text(m) for m in models):
-        describe.run(cfg, log=log)
-        embed.run(cfg, log=log)
-        whiten.run(cfg, log=log)
+    if not reuse:
+        data.run(cfg, log=log)
+        if any(train.needs_text(m) for m in models):
+            describe.run(cfg, log=log)
+            embed.run(cfg, log=log)
+            whiten.run(cfg, log=log)
     rows = []
     for name in models:
         t0 = time.perf_counter()
-        tr = train.run(cfg, name, force=force, log=log)
-        ev = evaluate.run(cfg, name, force=force, log=log)
-        info = tr.manifest.info
-        for r in ev.manifest.info["rows"]:
+        if reuse:
+            trm = require_stage(cfg.run_dir, f"train/{name}", hint=f"recpipe train --model {name}")
+            evm = require_stage(cfg.run_dir, f"evaluate/{name}", hint=f"recpipe evaluate --model {name}")
+            if evm.inputs.get("train") != trm.fingerprint:
+                raise ArtifactError(f"evaluate/{name} scored an earlier train/{name}; "
+                                    f"run `recpipe evaluate --model {name}`")
+            if evm.info.get("split") != cfg.evaluate.split:
+                raise ArtifactError(f"evaluate/{name} scored the {evm.info.get('split')} split, not "
+                                    f"{cfg.evaluate.split}; run `recpipe evaluate --model {name}`")
+        else:
+            trm = train.run(cfg, name, force=force, log=log).manifest
+            evm = evaluate.run(cfg, name, force=force, log=log).manifest
+        info = trm.info
+        for r in evm.info["rows"]:
             if "intention" in r["name"] or ":" in r["name"]:
                 continue
             rows.append({**r, "model": name, "parameters": info["parameters"],
@@ -55,13 +69,13 @@ def markdown(result: dict[str, Any]) -> str:
     ks = result["ks"]
     cols = [f"{m}@{k}" for m in ("HR", "NDCG") for k in ks]
     lines = [f"Dataset {result['dataset']}, {result['split']} split, full ranking, every user.\n",
-             "| model | column | " + " | ".join(cols) + " | train s | users/s | params |",
-             "|---|---|" + "---|" * (len(cols) + 3)]
+             "| model | column | " + " | ".join(cols) + " | steps | train s | users/s | params |",
+             "|---|---|" + "---|" * (len(cols) + 4)]
     for r in result["rows"]:
         for col in ("masked", "unmasked"):
             vals = " | ".join(f"{r[col][c]:.4f}" for c in cols)
-            extra = (f"{r['train_time_s']:,.0f} | {r['users_per_s']:,.0f} | {r['parameters']:,}" if col == "masked"
-                     else " | | ")
+            extra = (f"{r['steps']:,} | {r['train_time_s']:,.0f} | {r['users_per_s']:,.0f} | {r['parameters']:,}"
+                     if col == "masked" else " | | | ")
             lines.append(f"| {r['name']} | {'seen-masked' if col == 'masked' else 'unmasked'} | {vals} | {extra} |")
     return "\n".join(lines) + "\n"
 
