@@ -446,3 +446,17 @@ def test_options(name, options):
     a, b = scores(model, hist, seed=1), scores(model, hist, seed=1)
     torch.testing.assert_close(a, b)
     assert torch.isfinite(a[:, 1:]).all() and torch.isneginf(a[:, 0]).all()
+
+
+def test_dreamrec_target_stop_gradient():
+    """target_grad=False: the x0 loss reaches a target's embedding only through the history encoder, so
+    an item that is a target but never in a history gets no gradient; with the reference (True) it does."""
+    batch = position_batch(16, torch.Generator().manual_seed(7))
+    only_target = sorted(set(batch["target"].tolist()) - set(batch["history"].flatten().tolist()))
+    assert only_target
+    for flag in (True, False):
+        model = build("dreamrec", target_grad=flag, p_uncond=0.0)
+        model.train()
+        model.loss(batch, generator=torch.Generator().manual_seed(0)).backward()
+        g = model.item_emb.weight.grad[only_target].abs().sum().item()
+        assert (g > 0) == flag

@@ -59,6 +59,11 @@ class DreamRecConfig:
     pd_scale: float = 5.0  # PreferDiff's config default gamma inside the log-sigmoid; same as idreamrec's
     n_neg: int = 4  # uniform negatives per target, averaged into one centroid; same as idreamrec's
     pd_centroid: bool = True  # PreferDiff's L_BPR-Diff-C: one denoised centroid instead of n_neg pairs
+    # DreamRec trains the target embedding through the x0 loss too; that loss is smallest when every embedding
+    # shrinks towards the predictions, and on ml-100k / Beauty validation falls to chance (the collapse
+    # iDreamRec's per-item residual showed). False stops the gradient at the x0 target (as BYOL / SimSiam do):
+    # embeddings then learn only as history inputs. True = the reference.
+    target_grad: bool = True
     # training settings live in TrainConfig; DreamRec used AdamW, batch 256, lr 1e-3 (YooChoose), no decay
 
 
@@ -141,6 +146,8 @@ class DreamRec(Recommender):
         drop = rand((B, 1), generator, dev) < c.p_uncond
         h = torch.where(drop, self.none_emb.expand_as(h), h)
         x0 = self.item_emb(target)
+        if not c.target_grad:
+            x0 = x0.detach()
         t = D.sample_timesteps(B, c.T, generator=generator, device=dev)
         noise = D.randn(x0.shape, generator, dev, x0.dtype)
         x0_hat = self.denoise(D.q_sample(s, x0, t, noise), h, t)
@@ -151,6 +158,8 @@ class DreamRec(Recommender):
         neg = randint(1, self.n_items, (B, n), generator, dev)
         neg = neg + (neg >= target[:, None]).long()  # skip the target: uniform over the n_items - 1 others
         x0_neg = self.item_emb(neg)  # (B, n, d)
+        if not c.target_grad:
+            x0_neg = x0_neg.detach()
         if c.pd_centroid:  # PreferDiff's "-C": one centroid of the negatives, noised and denoised once
             x0_neg, n = x0_neg.mean(dim=1, keepdim=True), 1
         t_neg = t.repeat_interleave(n)
