@@ -102,7 +102,8 @@ def build_intentions(cfg: Config, kind: str, ds: data_stage.Dataset, targets: np
 
 
 # ---------------------------------------------------------------------------------------------- stage
-def run(cfg: Config, model_name: str | None = None, force: bool = False, log=print) -> StageResult:
+def run(cfg: Config, model_name: str | None = None, force: bool = False, log=print, progress: bool = True
+        ) -> StageResult:
     model_name = model_name or cfg.train.model
     tm = require_stage(cfg.run_dir, f"train/{model_name}", hint=f"recpipe train --model {model_name}")
     inputs = {"train": tm.fingerprint}
@@ -112,7 +113,7 @@ def run(cfg: Config, model_name: str | None = None, force: bool = False, log=pri
     config = {"evaluate": to_dict(ec), "model": model_name, "seed": cfg.run.seed}
 
     def build(out_dir: Path) -> dict[str, Any]:
-        result = evaluate_model(cfg, model_name, log=log)
+        result = evaluate_model(cfg, model_name, log=log, progress=progress)
         write_json(out_dir / "metrics.json", result)
         with atomic_path(out_dir / "table.md") as tmp:
             tmp.write_text(markdown_table(result["rows"], ec.ks))
@@ -121,7 +122,7 @@ def run(cfg: Config, model_name: str | None = None, force: bool = False, log=pri
     return run_stage(cfg.run_dir, f"evaluate/{model_name}", config, inputs, build, force=force, log=log)
 
 
-def evaluate_model(cfg: Config, model_name: str, log=print) -> dict[str, Any]:
+def evaluate_model(cfg: Config, model_name: str, log=print, progress: bool = False) -> dict[str, Any]:
     ec = cfg.evaluate
     device = train_stage.resolve_device(cfg.train.device)
     model, conf, _ = train_stage.load_trained(cfg.run_dir, model_name, device)
@@ -136,7 +137,8 @@ def evaluate_model(cfg: Config, model_name: str, log=print) -> dict[str, Any]:
     def row(name: str, m: Recommender, score_kwargs: dict | None = None, intent_fn=None) -> dict[str, Any]:
         t0 = time.perf_counter()
         res = train_stage.evaluate_split(m, b, split, ec.ks, batch_size=ec.batch_size, device=device,
-                                         score_kwargs=score_kwargs, intent_fn=intent_fn, seed=cfg.run.seed)
+                                         score_kwargs=score_kwargs, intent_fn=intent_fn, seed=cfg.run.seed,
+                                         progress=name if progress else "")
         dt = time.perf_counter() - t0
         r = {"name": name, "masked": res["masked"], "unmasked": res["unmasked"], "users": res["users"],
              "users_per_s": round(res["users"] / dt, 1)}

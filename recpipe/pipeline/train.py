@@ -173,11 +173,12 @@ def n_batches(b: Batcher, mode: str, batch_size: int, window: int = 0) -> int:
 def evaluate_split(
     model: Recommender, b: Batcher, split: str, ks: list[int], batch_size: int = 1024,
     users: np.ndarray | None = None, device: str | torch.device = "cpu", score_kwargs: dict | None = None,
-    intent_fn=None, seed: int = 0,
+    intent_fn=None, seed: int = 0, progress: str = "",
 ) -> dict[str, Any]:
     """Full-ranking metrics (masked and unmasked columns) over every user of a split (or `users`).
 
     intent_fn(users, targets) -> (B, d) float tensor | None adds an intention to each batch.
+    progress: a label shows a progress bar (users scored, rate, time left) under that name; "" shows none.
     """
     was_training = model.training
     model.eval()
@@ -188,6 +189,7 @@ def evaluate_split(
     if getattr(model, "generative", False):
         kwargs["generator"] = gen
     n_items = model.n_items
+    bar = _user_progress(progress, len(users))
     try:
         for i in range(0, len(users), batch_size):
             u = users[i: i + batch_size]
@@ -199,9 +201,33 @@ def evaluate_split(
             batch = {k: v.to(device) for k, v in batch.items()}
             scores = model.score_all(batch, **kwargs)
             acc.add(scores, batch["target"], history_mask(seen, n_items, device=scores.device))
+            if bar is not None:
+                bar.advance(bar.task_ids[0], len(u))
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.stop()
     return acc.result(ks)
+
+
+def _user_progress(label: str, total: int):
+    """A started rich progress bar counting users, or None without a label."""
+    if not label:
+        return None
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(TextColumn(f"[bold]evaluate[/] {label}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("users"), TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+    bar.add_task(label, total=total)
+    bar.start()
+    return bar
 
 
 # ---------------------------------------------------------------------------------------------- helpers
