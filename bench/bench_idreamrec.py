@@ -173,9 +173,10 @@ def speed(cfg) -> str:
     model, _, _ = train.load_trained(cfg.run_dir, "idreamrec")
     ds = data.load(cfg.run_dir / "data")
     b = train.Batcher(ds, model.history_len)
-    train.evaluate_split(model, b, "test", [10], users=np.arange(min(512, ds.n_users)))  # warm-up
     scoring, quality = {}, {}
     for name, dt in (("float32", None), ("bfloat16", torch.bfloat16)):  # evaluate.dtype
+        train.evaluate_split(model, b, "test", [10], users=np.arange(min(1024, ds.n_users)),
+                             score_kwargs={"dtype": dt})  # warm-up: each precision has its own kernels
         t0 = time.perf_counter()
         res = train.evaluate_split(model, b, "test", [10], batch_size=cfg.evaluate.batch_size,
                                    score_kwargs={"dtype": dt}, seed=cfg.run.seed)
