@@ -210,10 +210,8 @@ def evaluate_split(
     return acc.result(ks)
 
 
-def _user_progress(label: str, total: int):
-    """A started rich progress bar counting users, or None without a label."""
-    if not label:
-        return None
+def progress_bar(title: str, info: str, disable: bool = False, transient: bool = False):
+    """The one progress bar layout: title, bar, done/total, info, elapsed, remaining (rich markup allowed)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -223,8 +221,15 @@ def _user_progress(label: str, total: int):
         TimeRemainingColumn,
     )
 
-    bar = Progress(TextColumn(f"[bold]evaluate[/] {label}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("users"), TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+    return Progress(TextColumn(title), BarColumn(), MofNCompleteColumn(), TextColumn(info), TimeElapsedColumn(),
+                    TimeRemainingColumn(), disable=disable, transient=transient)
+
+
+def _user_progress(label: str, total: int):
+    """A started rich progress bar counting users, or None without a label."""
+    if not label:
+        return None
+    bar = progress_bar(f"[bold]evaluate[/] {label}", "users", transient=True)
     bar.add_task(label, total=total)
     bar.start()
     return bar
@@ -451,15 +456,6 @@ def make_model(model_name: str, model_config: Any, n_items: int, item_vectors: n
 
 def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir: Path, log, progress: bool
            ) -> dict[str, Any]:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -558,10 +554,8 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
     log(f"train/{model_name}: {n_params:,} parameters, {mode} batches, {per_epoch} steps/epoch, up to {total} "
         f"steps on {device}")
     model.train()
-    columns = [TextColumn("[bold]train[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     losses: list[float] = []
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    with progress_bar("[bold]train[/] {task.description}", "{task.fields[info]}", disable=not progress) as bar:
         task = bar.add_task(model_name, total=total, completed=st["step"], info="")
         while not st["done"] and st["epoch"] < tc.epochs:
             t_epoch = time.perf_counter()
