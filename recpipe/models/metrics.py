@@ -38,7 +38,7 @@ def target_ranks_both(scores: torch.Tensor, target: torch.Tensor, exclude: torch
     itself and padding never count, and in the masked column neither do excluded items.
     """
     if scores.dtype != torch.float32 and scores.dtype != torch.float64:
-        scores = scores.float()  # low-precision scores would tie far more often
+        scores = scores.float()  # compare in float32 (the ties bf16/fp16 scores already have remain)
     if bool(torch.isnan(scores[:, 1:]).any()):  # padding's own score is never read
         raise ValueError("scores contain NaN")
     rows = torch.arange(scores.shape[0], device=scores.device)

@@ -374,7 +374,8 @@ class Dataset:
         """Each item's categories from a "|" (or ",") separated column, in item order; None without it."""
         if column not in self.items.columns:
             return None
-        return [[c.strip() for c in str(v).replace(",", "|").split("|") if c.strip() and str(v) != "nan"]
+        missing = lambda v: pd.isna(v) or str(v) == "nan"  # noqa: E731
+        return [[] if missing(v) else [c.strip() for c in str(v).replace(",", "|").split("|") if c.strip()]
                 for v in self.items[column].to_numpy()]
 
     def user_index(self, user_id: str) -> int:

@@ -330,7 +330,7 @@ def gather_inputs(cfg: Config, model_name: str) -> TrainInputs:
     dm = require_stage(run_dir, "data", hint="recpipe data")
     ds = data_stage.load(run_dir / "data")
     fps = {"data": dm.fingerprint}
-    iv = itv = None
+    iv = itv = cats = None
     info: dict[str, Any] = {}
     if needs_text(model_name):
         iv, itv, info, wfp = load_text_vectors(run_dir)
@@ -340,13 +340,12 @@ def gather_inputs(cfg: Config, model_name: str) -> TrainInputs:
                 f"{run_dir / 'whiten'}: vectors for {iv.shape[0] - 1} items but the data stage has {ds.n_items}; "
                 "re-run `recpipe embed` and `recpipe train`"
             )
-    cats = None
-    if needs_text(model_name) and cfg.train.intent_source != "llm" and cfg.train.intent_prob > 0:
-        cats = category_intents(cfg, ds)
-        fps["embed"] = require_stage(run_dir, "embed", hint="recpipe embed").fingerprint  # the TEM that embeds them
-    if cfg.train.intent_source == "mixed" and itv is None and needs_text(model_name):
-        raise ConfigError("train.intent_source=mixed needs the describe stage's intentions (describe.intents=true); "
-                          "use train.intent_source=category")
+        if cfg.train.intent_source == "mixed" and itv is None:  # before loading the TEM for the categories
+            raise ConfigError("train.intent_source=mixed needs the describe stage's intentions "
+                              "(describe.intents=true); use train.intent_source=category")
+        if cfg.train.intent_source != "llm" and cfg.train.intent_prob > 0:
+            cats = category_intents(cfg, ds)
+            fps["embed"] = require_stage(run_dir, "embed", hint="recpipe embed").fingerprint  # the TEM embeds them
     return TrainInputs(ds, iv, itv, fps, info, cats)
 
 
