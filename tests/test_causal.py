@@ -243,6 +243,34 @@ def test_windows_cover_every_training_target_once_with_its_history():
     assert n_batches(b, "window", 8, C) == len(list(iterate_training(b, "window", 8, 0, 0, window=C)))
 
 
+@pytest.mark.parametrize("chunked", [True, False])
+def test_sequences_cover_every_training_transition_once_when_chunked(chunked):
+    """SASRec's "sequence" batches: each target's input is the item just before it, in the same user; chunked
+    batches hold every training transition exactly once, unchunked ones each user's last L transitions."""
+    lengths = [3, 4, 9, 25, 60, 2, 8]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    items = np.arange(1, offsets[-1] + 1, dtype=np.int64)  # item id = global position + 1: unique
+    ds = D.Dataset(pd.DataFrame({"item": items}), pd.DataFrame({"user": np.arange(len(lengths))}),
+                   offsets, items, np.arange(offsets[-1], dtype=np.int64))
+    b, L = Batcher(ds, 5), 5
+    user_of = np.repeat(np.arange(len(lengths)), lengths)
+    got = []
+    for batch in iterate_training(b, "sequence", 3, epoch=0, seed=0, chunked=chunked):
+        inp, tgt = batch["input_seq"].numpy(), batch["target_seq"].numpy()
+        assert inp.shape == tgt.shape and inp.shape[1] <= L
+        assert np.array_equal(inp == 0, tgt == 0), "an input exactly where there is a target"
+        for i, t in zip(inp[tgt > 0], tgt[tgt > 0]):
+            assert i == t - 1 and user_of[i - 1] == user_of[t - 1], "input = the same user's previous item"
+            got.append(int(t))
+    want = []
+    for u, n in enumerate(lengths):
+        targets = list(range(offsets[u] + 2, offsets[u] + n - 1))  # ids of positions 1 .. n-3 of the user
+        want += targets if chunked else targets[-L:]
+    assert sorted(got) == sorted(want)
+    assert n_batches(b, "sequence", 3, chunked=chunked) == len(list(
+        iterate_training(b, "sequence", 3, 0, 0, chunked=chunked)))
+
+
 def test_last_block_reads_only_the_target_tokens_exactly():
     """The last block computes queries for the x_t tokens only; the same as running it on every token."""
     m = dit()

@@ -3,7 +3,8 @@
 - Batches follow the model's `train_mode`: "position" (every training position of every user, in shuffled
   passes), "window" (the same targets, in runs of `window` consecutive targets that share one history
   window; batch_size still counts targets), "sequence" (each user's training sequence, a target at every
-  position) or "user" (each user's whole training history).
+  position: its last history_len transitions, or all of them in chunks of history_len when the model sets
+  `chunked`) or "user" (each user's whole training history).
 - AdamW, linear warm-up then cosine decay, gradient clipping, EMA weights (used for validation and saved).
 - Validation every `eval_every` steps (default once per epoch) on the validation split, seen items masked,
   early stopping on NDCG@10. The test split is never read here.
@@ -105,10 +106,24 @@ class Batcher:
         first = min(int(used.argmax()), self.L) if used.any() else self.L
         return {"window": torch.from_numpy(np.ascontiguousarray(win[:, first:])), "target": torch.from_numpy(tgt)}
 
-    def sequences(self, users: np.ndarray) -> dict[str, torch.Tensor]:
-        """input_seq / target_seq over each user's training part (the last L transitions)."""
+    def sequence_units(self, chunked: bool) -> np.ndarray:
+        """Exclusive end positions of the training sequences: one per user with at least two training items
+        (the end of its training part), or with `chunked` every user's training transitions cut into runs
+        of L from the end backwards, so that histories longer than L are trained on whole."""
+        start = self.offsets[:-1]
+        end = self.offsets[1:] - 2  # exclusive end of the training part
+        n = np.maximum(end - start - 1, 0)  # training transitions (targets) of each user
+        runs = np.minimum(n, 1) if not chunked or not self.L else -(-n // self.L)
+        user = np.repeat(np.arange(len(n)), runs)
+        k = np.arange(runs.sum()) - np.repeat(np.cumsum(runs) - runs, runs)
+        return end[user] - k * (self.L or 0)
+
+    def sequences(self, ends: np.ndarray) -> dict[str, torch.Tensor]:
+        """input_seq / target_seq for sequences ending (exclusive) at `ends`: the targets are the (up to) L
+        training items before each end, the inputs the item before each target; 0 where there is none."""
+        users = self.user_of[ends - 1]
         start = self.offsets[users]
-        end = self.offsets[users + 1] - 2  # exclusive end of the training part
+        end = ends
         L = self._width(end - start - 1)
         inp = self._window(end - 1, start, L)
         tgt = self._window(end, start + 1, L)
@@ -132,24 +147,26 @@ class Batcher:
         return batch, seen
 
 
-def _units(b: Batcher, mode: str, batch_size: int, window: int) -> tuple[np.ndarray, int]:
+def _units(b: Batcher, mode: str, batch_size: int, window: int, chunked: bool = False) -> tuple[np.ndarray, int]:
     """(the units one epoch shuffles, units per batch) for a train mode; batch_size counts targets in
-    "window" mode too, so a batch holds batch_size // window windows."""
+    "window" mode too, so a batch holds batch_size // window windows; `chunked`: see Batcher.sequence_units."""
     if mode == "position":
         return b.train_positions, batch_size
     if mode == "window":
         return b.window_units(window), max(1, batch_size // window)
+    if mode == "sequence":
+        return b.sequence_units(chunked), batch_size
     users = np.arange(b.ds.n_users)
     train_len = np.diff(b.offsets) - 2
-    return users[train_len >= (2 if mode == "sequence" else 1)], batch_size
+    return users[train_len >= 1], batch_size
 
 
 def iterate_training(b: Batcher, mode: str, batch_size: int, epoch: int, seed: int, skip: int = 0,
-                     window: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+                     window: int = 0, chunked: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """One shuffled pass (epoch) over the training data; `skip` batches already done (resume).
     mode "window": windows of `window` targets, batch_size targets a batch."""
     rng = np.random.default_rng([seed, epoch])
-    units, batch_size = _units(b, mode, batch_size, window)
+    units, batch_size = _units(b, mode, batch_size, window, chunked)
     perm = units[rng.permutation(len(units))]
     for i in range(skip * batch_size, len(perm), batch_size):
         chunk = perm[i: i + batch_size]
@@ -163,8 +180,8 @@ def iterate_training(b: Batcher, mode: str, batch_size: int, epoch: int, seed: i
             yield b.user_histories(chunk, cut=2)
 
 
-def n_batches(b: Batcher, mode: str, batch_size: int, window: int = 0) -> int:
-    units, batch_size = _units(b, mode, batch_size, window)
+def n_batches(b: Batcher, mode: str, batch_size: int, window: int = 0, chunked: bool = False) -> int:
+    units, batch_size = _units(b, mode, batch_size, window, chunked)
     return math.ceil(len(units) / batch_size)
 
 
@@ -481,7 +498,8 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr)
     ema = EMA(model, tc.ema) if tc.ema > 0 else None
     window = int(getattr(model, "window", 0))
-    per_epoch = n_batches(b, mode, tc.batch_size, window)
+    chunked = bool(getattr(model, "chunked", False))
+    per_epoch = n_batches(b, mode, tc.batch_size, window, chunked)
     total = tc.epochs * per_epoch if not tc.max_steps else min(tc.max_steps, tc.epochs * per_epoch)
     eval_every = tc.eval_every or per_epoch
     rng = np.random.default_rng([seed, 7])
@@ -559,7 +577,7 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
         while not st["done"] and st["epoch"] < tc.epochs:
             t_epoch = time.perf_counter()
             for batch in iterate_training(b, mode, tc.batch_size, st["epoch"], seed, skip=st["batch_in_epoch"],
-                                          window=window):
+                                          window=window, chunked=chunked):
                 if intents is not None:
                     tgt = batch["target"].to(device)
                     batch["intent"], ok = intents(tgt, gen)
@@ -607,7 +625,7 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
         tmp.write_text("".join(json.dumps(e) + "\n" for e in st["log"]))
     best = next(e for e in st["log"] if e["step"] == st["best_step"])
     write_json(out_dir / "valid.json", best)
-    samples = len(b.train_positions) if mode in ("position", "window") else None
+    samples = len(b.train_positions) if mode in ("position", "window") or chunked else None
     info = {
         "model": model_name, "parameters": n_params, "steps": st["step"], "best_step": st["best_step"],
         "valid": best["valid"], "train_time_s": round(st["train_time"], 2), "steps_per_epoch": per_epoch,
