@@ -261,3 +261,6 @@ def test_ml100k_from_pypi_wheel(tmp_path):
     assert raw.interactions["item_id"].nunique() == 1682
     assert len(raw.interactions) == 100_000
     assert raw.items.set_index("item_id").loc["1", "title"] == "Toy Story"
+    # RecBole's space-separated `class` field becomes recpipe's "|"-separated genres (category intentions)
+    assert raw.items.set_index("item_id").loc["1", "genres"] == "Animation|Children's|Comedy"
+    assert "class" not in raw.items.columns

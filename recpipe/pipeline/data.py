@@ -220,8 +220,16 @@ def _load_ml1m(path: Path) -> RawDataset:
 
 def _recbole_frame(p: Path) -> pd.DataFrame:
     df = _read_table(p, sep="\t", dtype=str, keep_default_na=False, quoting=3)
-    df.columns = [str(c).split(":")[0] for c in df.columns]
+    types = {str(c).split(":")[0]: (str(c).split(":") + [""])[1] for c in df.columns}
+    df.columns = list(types)
+    df.attrs["recbole_types"] = types
     return df
+
+
+# RecBole's genre fields (`class` in its ml-100k, `genre` in its ml-1m / ml-20m) are space-separated
+# token_seq values ("Animation Children's Comedy"); recpipe's convention for categories is a "|"-separated
+# `genres` column, which evaluate's and train's category intentions read by default.
+_RECBOLE_GENRE_FIELDS = ("genre", "class")
 
 
 def _load_recbole(path: Path) -> RawDataset:
@@ -232,13 +240,22 @@ def _load_recbole(path: Path) -> RawDataset:
     items = pd.DataFrame()
     if items_path.exists():
         items = _recbole_frame(items_path)
+        types = items.attrs["recbole_types"]
         if "title" not in items.columns:
             for alt in ("movie_title", "item_name", "name"):
                 if alt in items.columns:
                     items = items.rename(columns={alt: "title"})
                     break
+        genre = next((c for c in _RECBOLE_GENRE_FIELDS if types.get(c) == "token_seq"), None)
+        if genre is not None and "genres" not in items.columns:
+            items["genres"] = ["|".join(str(v).split()) for v in items.pop(genre)]
         _require_columns(items, ["item_id", "title"], items_path)
     return _finish(inter, items, inter_path, items_path if items_path.exists() else None, "recbole")
+
+
+# Bumped when a format's reader changes what it makes of the same files (absent = 1). recbole 2: genre
+# token_seq fields become the "|"-separated `genres` column.
+READER_VERSION = {"recbole": 2}
 
 
 # ----------------------------------------------------------------------------------------- processing
@@ -539,6 +556,8 @@ def run(cfg: Config, force: bool = False, log=print) -> StageResult:
     files = _input_files(src, fmt)
     inputs = {str(f.name): fingerprint_file(f) for f in files}
     config = {"data": to_dict(cfg.data), "format": fmt}
+    if fmt in READER_VERSION:  # a reader whose output changed: cached data (and what was made from it) is rebuilt
+        config["reader"] = READER_VERSION[fmt]
 
     def build(out_dir: Path) -> dict[str, Any]:
         raw = load_raw(src)
