@@ -88,10 +88,7 @@ class Batcher:
         start = self.offsets[:-1] + 1  # first target position of each user
         end = self.offsets[1:] - 2  # exclusive end of the training part
         n = np.maximum(end - start, 0)
-        runs = -(-n // C)  # ceil
-        user = np.repeat(np.arange(len(n)), runs)
-        k = np.arange(runs.sum()) - np.repeat(np.cumsum(runs) - runs, runs)
-        return end[user] - k * C
+        return _run_ends(end, -(-n // C), C)  # ceil(n / C) runs a user
 
     def windows(self, ends: np.ndarray, C: int) -> dict[str, torch.Tensor]:
         """For each window end e: "window" (B, L + C) the items at [e - C - L, e), left-padded before the
@@ -113,10 +110,9 @@ class Batcher:
         start = self.offsets[:-1]
         end = self.offsets[1:] - 2  # exclusive end of the training part
         n = np.maximum(end - start - 1, 0)  # training transitions (targets) of each user
-        runs = np.minimum(n, 1) if not chunked or not self.L else -(-n // self.L)
-        user = np.repeat(np.arange(len(n)), runs)
-        k = np.arange(runs.sum()) - np.repeat(np.cumsum(runs) - runs, runs)
-        return end[user] - k * (self.L or 0)
+        if not chunked or not self.L:
+            return end[n > 0]
+        return _run_ends(end, -(-n // self.L), self.L)
 
     def sequences(self, ends: np.ndarray) -> dict[str, torch.Tensor]:
         """input_seq / target_seq for sequences ending (exclusive) at `ends`: the targets are the (up to) L
@@ -145,6 +141,13 @@ class Batcher:
                  "target": torch.from_numpy(self.items[end].copy())}
         seen = [self.items[s:e] for s, e in zip(start, end)]
         return batch, seen
+
+
+def _run_ends(end: np.ndarray, runs: np.ndarray, size: int) -> np.ndarray:
+    """Exclusive ends of `runs[u]` consecutive runs of `size` positions per user u, counted back from end[u]."""
+    user = np.repeat(np.arange(len(runs)), runs)
+    k = np.arange(runs.sum()) - np.repeat(np.cumsum(runs) - runs, runs)  # run index within its user
+    return end[user] - k * size
 
 
 def _units(b: Batcher, mode: str, batch_size: int, window: int, chunked: bool = False) -> tuple[np.ndarray, int]:
