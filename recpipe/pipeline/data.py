@@ -218,12 +218,12 @@ def _load_ml1m(path: Path) -> RawDataset:
     return _finish(inter, items, inter_path, items_path if items_path.exists() else None, "ml-1m")
 
 
-def _recbole_frame(p: Path) -> pd.DataFrame:
+def _recbole_frame(p: Path) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The file's table with plain column names, and each column's RecBole type ("token", "token_seq", ...)."""
     df = _read_table(p, sep="\t", dtype=str, keep_default_na=False, quoting=3)
     types = {str(c).split(":")[0]: (str(c).split(":") + [""])[1] for c in df.columns}
     df.columns = list(types)
-    df.attrs["recbole_types"] = types
-    return df
+    return df, types
 
 
 # RecBole's genre fields (`class` in its ml-100k, `genre` in its ml-1m / ml-20m) are space-separated
@@ -234,13 +234,12 @@ _RECBOLE_GENRE_FIELDS = ("genre", "class")
 
 def _load_recbole(path: Path) -> RawDataset:
     inter_path = sorted(path.glob("*.inter"))[0]
-    inter = _recbole_frame(inter_path)
+    inter, _ = _recbole_frame(inter_path)
     _require_columns(inter, ["user_id", "item_id", "timestamp"], inter_path)
     items_path = inter_path.with_suffix(".item")
     items = pd.DataFrame()
     if items_path.exists():
-        items = _recbole_frame(items_path)
-        types = items.attrs["recbole_types"]
+        items, types = _recbole_frame(items_path)
         if "title" not in items.columns:
             for alt in ("movie_title", "item_name", "name"):
                 if alt in items.columns:

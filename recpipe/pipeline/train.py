@@ -117,12 +117,10 @@ class Batcher:
     def sequences(self, ends: np.ndarray) -> dict[str, torch.Tensor]:
         """input_seq / target_seq for sequences ending (exclusive) at `ends`: the targets are the (up to) L
         training items before each end, the inputs the item before each target; 0 where there is none."""
-        users = self.user_of[ends - 1]
-        start = self.offsets[users]
-        end = ends
-        L = self._width(end - start - 1)
-        inp = self._window(end - 1, start, L)
-        tgt = self._window(end, start + 1, L)
+        start = self.offsets[self.user_of[ends - 1]]
+        L = self._width(ends - start - 1)
+        inp = self._window(ends - 1, start, L)
+        tgt = self._window(ends, start + 1, L)
         inp = np.where(tgt > 0, inp, 0)
         return {"input_seq": torch.from_numpy(inp), "target_seq": torch.from_numpy(tgt)}
 
