@@ -148,7 +148,8 @@ def test_causal_guidance_is_one_forward_and_combines_branches():
     assert calls == [3, 1, 1, 3]  # one forward per step; only the branches with a non-zero weight
 
 
-def test_causal_overfits_next_item_rule_from_window_batches():
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_causal_overfits_next_item_rule_from_window_batches(loss):
     """next item = perm[previous item]; trained on windows of 4 targets, scored one target at a time."""
     perm = torch.randperm(N_ITEMS, generator=gen(2)) + 1
 
@@ -158,7 +159,7 @@ def test_causal_overfits_next_item_rule_from_window_batches():
             s[:, j] = perm[s[:, j - 1] - 1]
         return s
 
-    m = model(width=64)
+    m = model(width=64, loss=loss)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     g = gen(3)
     m.train()

@@ -80,7 +80,7 @@ def test_registered_and_config_defaults_documented():
     with pytest.raises(ValueError):
         build_model("idreamrec", {}, N_ITEMS, None)
     with pytest.raises(ValueError):
-        IDreamRecConfig(loss="ce")
+        IDreamRecConfig(loss="bpr")
     # nanoGPT style: every default carries a one-line reason
     lines = inspect.getsource(IDreamRecConfig).splitlines()
     for f in dataclasses.fields(IDreamRecConfig):
@@ -114,7 +114,7 @@ def test_fully_padded_histories_no_nan():
     b["intent"] = torch.full((8, DIM), float("nan"))  # absent intentions are never read
     b["intent_mask"] = torch.zeros(8, dtype=torch.bool)
     m.train()
-    for loss_kind in ("mse", "preferdiff"):
+    for loss_kind in ("mse", "preferdiff", "ce"):
         m.config.loss = loss_kind
         loss = m.loss(b, gen(0))
         assert torch.isfinite(loss)
@@ -360,6 +360,65 @@ def test_loss_deterministic_under_generator_and_preferdiff_negatives():
     neg = negs[0]
     assert (neg >= 1).all() and (neg <= N_ITEMS).all() and (neg != b["target"][:, None]).all()
     assert len(neg.unique()) > N_ITEMS // 2
+
+
+@pytest.mark.parametrize("layout", ["full", "causal"])
+def test_ce_loss_is_lam_mse_plus_cross_entropy_over_real_items(layout):
+    """loss="ce": lam·MSE + (1 − lam)·CE of x0_hat·item_table()ᵀ/√d against the target, padding never a
+    class; lam = 1 is exactly the MSE loss under the same draws."""
+    import torch.nn.functional as F
+
+    kw = dict(layout=layout, window=4) if layout == "causal" else {}
+    if layout == "causal":
+        win = histories(12, 10, seed=5, min_len=10)
+        tgt = win[:, -4:].clone()
+        tgt[0, :2] = 0  # not targets: out of both terms
+        b = {"window": win, "target": tgt}
+        sel = tgt != 0
+    else:
+        b = batch(12)
+        sel = torch.ones(12, dtype=torch.bool)
+    mse_m = make(**kw)
+    _perturb(mse_m)
+    mse_m.eval()
+    for lam in (1.0, 0.3):
+        m = make(loss="ce", lam=lam, item_residual=True, **kw)
+        m.load_state_dict(mse_m.state_dict(), strict=False)
+        with torch.no_grad():
+            m.item_residual.weight[1:] += torch.randn(N_ITEMS, DIM, generator=gen(9))
+        m.eval()
+        outs = []
+        fwd = m.dit.forward
+        m.dit.forward = lambda *a, **k: outs.append(fwd(*a, **k)) or outs[-1]
+        got = m.loss(b, gen(2))
+        x0_hat = outs[0][sel]
+        target = b["target"][sel]
+        table = m.item_vectors + m.item_residual.weight
+        mse = ((x0_hat - table[target]) ** 2).mean()
+        ce = F.cross_entropy(x0_hat @ table[1:].T / DIM**0.5, target - 1)
+        torch.testing.assert_close(got, lam * mse + (1 - lam) * ce)
+        if lam == 1.0:
+            m_off = make(item_residual=True, **kw)
+            m_off.load_state_dict(m.state_dict())
+            m_off.eval()
+            torch.testing.assert_close(m_off.loss(b, gen(2)), got)
+
+
+def test_ce_loss_trains_the_item_residual_from_the_targets():
+    """With every history dropped, the residual is reached only through the targets: MSE stops that
+    gradient (its targets would collapse), CE uses it, and padding's row stays zero."""
+    for loss, moves in (("mse", False), ("ce", True)):
+        m = make(loss=loss, item_residual=True, p_uncond=1.0)
+        _perturb(m)
+        m.train()
+        opt = torch.optim.SGD(m.parameters(), lr=1.0)
+        for i in range(3):
+            opt.zero_grad()
+            m.loss(batch(16, seed=i), gen(i)).backward()
+            opt.step()
+        W = m.item_residual.weight
+        assert (W[0] == 0).all()
+        assert bool(W[1:].abs().sum() > 0) is moves, loss
 
 
 def test_p_uncond_drops_history():

@@ -11,7 +11,9 @@ item by its inner product with the oracle.
 - Training: x0 = vectors[target], t ~ U{0..T-1}, x_t = q_sample(x0, t, noise), MSE(DiT(x_t, t | h, I), x0).
   Classifier-free guidance training: with probability p_uncond a sample's history is dropped, and then
   its intention too (a fully unconditional sample); otherwise its intention (where present) is dropped
-  with probability p_intent_drop. Optional PreferDiff loss (loss="preferdiff").
+  with probability p_intent_drop. Optional PreferDiff loss (loss="preferdiff"), or a cross-entropy term on
+  the x0 prediction's inner products with every item (loss="ce": lam·MSE + (1 − lam)·CE, the loss
+  DiffuRec trains with, which ranks like the scoring does).
 - Sampling: DDIM from x_T ~ N(0, I), `steps` steps (1 by default: x0 = guided DiT(x_T, T-1)), eta = 0.
 
 Guidance (ONE parameterisation, for every sample):
@@ -47,6 +49,9 @@ from recpipe.models.diffusion import (
 from recpipe.models.dit import CausalDiT, DiT
 
 
+LOSSES = ("mse", "preferdiff", "ce")
+
+
 @dataclass
 class IDreamRecConfig:
     # --- diffusion
@@ -68,8 +73,11 @@ class IDreamRecConfig:
     # --- training
     p_uncond: float = 0.1  # iDreamRec / DreamRec / PreferDiff: history dropped with p = 0.1
     p_intent_drop: float = 0.1  # same rate for the intention, so f(h, ∅) is learned where intents exist
-    loss: str = "mse"  # iDreamRec: x0 target, MSE, no negative sampling; "preferdiff" = PreferDiff
-    lam: float = 0.5  # PreferDiff's lamda (weight of MSE vs BPR-Diff), its config default
+    # iDreamRec: x0 target, MSE, no negative sampling; "preferdiff" = PreferDiff (lam·MSE + (1−lam)·BPR-Diff-C);
+    # "ce" = lam·MSE + (1−lam)·cross-entropy of x0_hat·item_table()ᵀ/√d over every item (DiffuRec's loss: it
+    # trains the ranking the scores are, where MSE only regresses to the mean of the plausible next items)
+    loss: str = "mse"  # the paper's; see above
+    lam: float = 0.5  # weight of MSE in "preferdiff" / "ce" (PreferDiff's config default lamda)
     scale: float = 5.0  # PreferDiff's gamma (scale inside the log-sigmoid), its config default
     n_neg: int = 4  # negatives averaged into one centroid (PreferDiff "-C"): one extra forward whatever n
     item_residual: bool = False  # learnable per-item residual on the frozen text vectors (off = paper)
@@ -84,8 +92,8 @@ class IDreamRecConfig:
     def __post_init__(self) -> None:
         if self.schedule not in BETA_SCHEDULES:
             raise ValueError(f"schedule must be one of {BETA_SCHEDULES}, got {self.schedule!r}")
-        if self.loss not in ("mse", "preferdiff"):
-            raise ValueError(f"loss must be 'mse' or 'preferdiff', got {self.loss!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if not 1 <= self.steps <= self.T:
             raise ValueError(f"steps must be in [1, T={self.T}], got {self.steps}")
         if self.history_len < 1:
@@ -234,9 +242,9 @@ class IDreamRec(Recommender):
             keep_i = (torch.rand(B, generator=generator, device=gen_dev) >= cfg.p_intent_drop).to(dev)
             intent_mask = intent_mask & hist_keep & keep_i  # a dropped history is fully unconditional
 
-        if cfg.loss == "mse":
+        if cfg.loss != "preferdiff":
             x0_hat = self.denoise(x_t, t, history, hist_keep, intent, intent_mask)
-            return F.mse_loss(x0_hat, x0)
+            return self._regression_loss(x0_hat, x0, target)
 
         # PreferDiff: n_neg items != target, uniformly; their centroid is noised at the same t and
         # denoised under the same condition, in the same forward as the positive
@@ -252,6 +260,18 @@ class IDreamRec(Recommender):
             torch.cat([x_t, x_t_neg]), two(t), two(history), two(hist_keep), two(intent), two(intent_mask)
         )
         return preferdiff_loss(out[:B], x0, out[B:], x0_neg, lam=cfg.lam, scale=cfg.scale)
+
+    def _regression_loss(self, x0_hat: Tensor, x0: Tensor, target: Tensor) -> Tensor:
+        """x0_hat, x0: (M, d), target: (M,) item ids -> MSE, or for loss "ce" lam·MSE + (1 − lam)·CE, where
+        the CE's logits are x0_hat·item_table()ᵀ/√d over the real items (padding is never a class). The item
+        table keeps its gradient here (a residual trained by CE cannot collapse: CE must tell items apart)."""
+        m = max(x0.shape[0], 1)  # a batch without targets gives 0, not NaN
+        mse = ((x0_hat - x0) ** 2).mean(dim=1).sum() / m
+        if self.config.loss == "mse":
+            return mse
+        logits = x0_hat @ self.item_table()[1:].T / self.dim**0.5  # (M, n_items)
+        ce = F.cross_entropy(logits, target - 1, reduction="sum") / m
+        return self.config.lam * mse + (1.0 - self.config.lam) * ce
 
     def _window_loss(self, batch: dict[str, Tensor], generator: torch.Generator | None) -> Tensor:
         """Causal layout: every target of a window in one forward.
@@ -281,11 +301,10 @@ class IDreamRec(Recommender):
         hist = self.item_vecs(window)  # (B, N, d)
         valid = window != 0
         t = t.view(B, C)
-        n = is_t.sum().clamp(min=1)
 
-        if cfg.loss == "mse":
+        if cfg.loss != "preferdiff":
             x0_hat = self.dit(hist, valid, x_t, t, anchor, hist_keep, intent, intent_mask)  # (B, C, d)
-            return ((x0_hat - x0) ** 2).mean(dim=2)[is_t].sum() / n
+            return self._regression_loss(x0_hat[is_t], x0[is_t], target[is_t])
 
         r = torch.randint(1, self.n_items, (B, C, cfg.n_neg), generator=generator, device=gen_dev).to(dev)
         neg = r + (r >= target[..., None]).long()
