@@ -48,7 +48,6 @@ from recpipe.models.diffusion import (
 )
 from recpipe.models.dit import CausalDiT, DiT
 
-
 LOSSES = ("mse", "preferdiff", "ce")
 
 
