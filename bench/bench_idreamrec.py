@@ -1,11 +1,12 @@
 """iDreamRec on a real dataset: quality (test, both columns), intention guidance, DDIM steps, speed.
 
     python bench/bench_idreamrec.py --dataset ml-1m --data-dir ../shared/datasets \
-        [--llm metadata] [--epochs 3] [--variants paper,residual,mixed] [--set model.idreamrec.width=128 ...]
+        [--llm metadata] [--epochs 3] [--variants paper,residual,ce,mixed] [--set model.idreamrec.width=128 ...]
 
 Prints, and writes to <cache>/bench-<dataset>/report.md:
 1. HR/NDCG@5/10/20 on the test split (seen-masked and unmasked) for the paper's setting (frozen text vectors),
-   with the per-item residual, and trained on mixed (category + LLM) intentions; one-step and 20/100-step
+   with the per-item residual, with the residual and the cross-entropy term (loss=ce), and trained on mixed
+   (category + LLM) intentions (VARIANTS names their settings); one-step and 20/100-step
    DDIM, with users/s;
 2. intention guidance with category-level and describe-stage intentions: intention alone / history alone /
    history + intention, and a sweep over rho and w on the VALIDATION split (the test split is read once),
@@ -30,6 +31,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
+#: --variants: name -> the settings it adds to the paper's (frozen text vectors, x0-MSE, LLM intentions)
+VARIANTS: dict[str, dict[str, str]] = {
+    "paper": {},
+    "residual": {"model.idreamrec.item_residual": "true"},
+    "ce": {"model.idreamrec.item_residual": "true", "model.idreamrec.loss": "ce"},
+    "mixed": {"train.intent_source": "mixed"},
+}
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -48,6 +58,9 @@ def main() -> None:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--speed-only", action="store_true", help="only the speed section, on an existing run")
     a = ap.parse_args()
+    unknown = sorted(set(a.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     if not (Path(a.data_dir) / a.dataset).exists():
         print(f"skip: {a.data_dir}/{a.dataset} not found")
         return
@@ -72,9 +85,7 @@ def main() -> None:
     results = {}
     first_dir = None
     for variant in a.variants.split(","):
-        over = dict(base_over, **{"run.run_dir": str(bench_root / variant)})
-        if variant == "residual":
-            over["model.idreamrec.item_residual"] = "true"
+        over = dict(base_over, **VARIANTS[variant], **{"run.run_dir": str(bench_root / variant)})
         cfg = load_config(None, over)
         if first_dir is not None:  # share the upstream stages: same data, descriptions, vectors
             for st in ("data", "describe", "embed", "whiten"):
