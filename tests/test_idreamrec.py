@@ -259,6 +259,17 @@ def test_dit_last_block_shortcut_is_exact():
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def _sgd_steps(m: IDreamRec, steps: int = 3) -> IDreamRec:
+    """A few plain SGD steps (lr 1) on random batches, in train mode; returns the model."""
+    m.train()
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    for i in range(steps):
+        opt.zero_grad()
+        m.loss(batch(16, seed=i), gen(i)).backward()
+        opt.step()
+    return m
+
+
 def _perturb(module: torch.nn.Module, seed: int = 0) -> None:
     """Randomise every parameter (zero-initialised layers would hide dependencies)."""
     g = gen(seed)
@@ -410,13 +421,7 @@ def test_ce_loss_trains_the_item_residual_from_the_targets():
     for loss, moves in (("mse", False), ("ce", True)):
         m = make(loss=loss, item_residual=True, p_uncond=1.0)
         _perturb(m)
-        m.train()
-        opt = torch.optim.SGD(m.parameters(), lr=1.0)
-        for i in range(3):
-            opt.zero_grad()
-            m.loss(batch(16, seed=i), gen(i)).backward()
-            opt.step()
-        W = m.item_residual.weight
+        W = _sgd_steps(m).item_residual.weight
         assert (W[0] == 0).all()
         assert bool(W[1:].abs().sum() > 0) is moves, loss
 
@@ -511,13 +516,7 @@ def test_item_residual():
     b = batch(8)
     torch.testing.assert_close(on.score_all(b, generator=gen(0)), off.score_all(b, generator=gen(0)))
     # trained: history tokens, targets and scores all use the same corrected vectors; padding stays 0
-    on.train()
-    opt = torch.optim.SGD(on.parameters(), lr=1.0)
-    for i in range(3):
-        opt.zero_grad()
-        on.loss(batch(16, seed=i), gen(i)).backward()
-        opt.step()
-    W = on.item_residual.weight
+    W = _sgd_steps(on).item_residual.weight
     assert (W[0] == 0).all() and W[1:].abs().sum() > 0
     on.eval()
     x = on.generate(b, generator=gen(0))
