@@ -228,6 +228,16 @@ class _HashTEM:
         return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
 
 
+def test_category_text_agrees_its_article_and_refuses_bad_templates():
+    assert T.category_text("a {category} movie", "action") == "an action movie"
+    assert T.category_text("A {category} film", "Animation") == "An Animation film"
+    assert T.category_text("a {category} movie", "comedy") == "a comedy movie"
+    assert T.category_text("a game about {category}, a epic one", "action") == "a game about action, a epic one"
+    assert T.category_text("{category}", "") == ""
+    with pytest.raises(ConfigError, match="category_template"):
+        T.category_text("a {genre} movie", "action")
+
+
 def test_category_training_intentions(tmp_path, monkeypatch):
     import torch
 
@@ -242,11 +252,11 @@ def test_category_training_intentions(tmp_path, monkeypatch):
     monkeypatch.setattr(embed, "load_tem", lambda info: _HashTEM())
     ds = D.load(cfg.run_dir / "data")
     cats = T.category_intents(cfg, ds)
-    assert cats.texts == ["a action movie", "a comedy movie", "a drama movie", "a horror movie"]
+    assert cats.texts == ["an action movie", "a comedy movie", "a drama movie", "a horror movie"]
     assert cats.vectors.shape == (4, 16) and cats.items.shape == (ds.n_items + 1, 2)
     assert (cats.items[0] == -1).all()  # padding has none
     for i in range(1, ds.n_items + 1):
-        want = {f"a {g.lower()} movie" for g in ds.items["genres"].iloc[i - 1].split("|")}
+        want = {T.category_text("a {category} movie", g.lower()) for g in ds.items["genres"].iloc[i - 1].split("|")}
         assert {cats.texts[c] for c in cats.items[i] if c >= 0} == want
 
     # the sampler draws only the target's own categories, each about equally often

@@ -57,7 +57,7 @@ def category_texts(ds: data_stage.Dataset, targets: np.ndarray, column: str, tem
         parts = cats[t - 1]
         if not parts:
             return None
-        out.append(template.format(category=parts[rng.integers(len(parts))].lower()))
+        out.append(train_stage.category_text(template, parts[rng.integers(len(parts))].lower()))
     return out
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -376,6 +377,19 @@ class CategoryIntents:
     items: np.ndarray  # (n_items + 1, M) int64 category index per item, -1 = none; row 0 = padding
 
 
+def category_text(template: str, category: str) -> str:
+    """evaluate.category_template filled with one category: "a {category} movie" + "action" -> "an action
+    movie" (the article before the category agrees with it; a text the TEM embeds should read as a person
+    would type it). A template that does not format is a one-line ConfigError."""
+    text = template
+    if category[:1].lower() in tuple("aeiou"):
+        text = re.sub(r"\b([Aa]) (?=\{category\})", r"\1n ", template)
+    try:
+        return text.format(category=category)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"evaluate.category_template {template!r}: {e}") from None
+
+
 def category_intents(cfg: Config, ds: data_stage.Dataset) -> CategoryIntents:
     """Embed "a <category> movie" (evaluate.category_template) for every category of evaluate.category_column
     with the items' TEM, whitened like the items."""
@@ -394,10 +408,7 @@ def category_intents(cfg: Config, ds: data_stage.Dataset) -> CategoryIntents:
     for i, cs in enumerate(cats, start=1):
         ids = list(dict.fromkeys(index[c.lower()] for c in cs))
         items[i, : len(ids)] = ids
-    try:
-        texts = [template.format(category=c) for c in names]
-    except (KeyError, IndexError, ValueError) as e:
-        raise ConfigError(f"evaluate.category_template {template!r}: {e}") from None
+    texts = [category_text(template, c) for c in names]
     emb = require_stage(cfg.run_dir, "embed", hint="recpipe embed")
     w, _, _ = whiten.load_whitening(cfg.run_dir)
     raw = load_tem(emb.info).encode(texts)
