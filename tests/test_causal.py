@@ -30,9 +30,10 @@ def perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module.eval()
 
 
-def dit() -> CausalDiT:
+def dit(copy: bool = False) -> CausalDiT:
+    """Perturbed, so that a copy path's zero-initialised gate is open too."""
     torch.manual_seed(0)
-    return perturbed(CausalDiT(dim=DIM, max_len=L, width=16, depth=2, heads=4, dropout=0.0))
+    return perturbed(CausalDiT(dim=DIM, max_len=L, width=16, depth=2, heads=4, dropout=0.0, copy=copy))
 
 
 def inputs(B=3, N=7, C=4, seed=0):
@@ -48,8 +49,9 @@ def inputs(B=3, N=7, C=4, seed=0):
     return hist, valid, x_t, t, anchor, keep
 
 
-def test_window_equals_one_target_at_a_time_when_it_fits():
-    m = dit()
+@pytest.mark.parametrize("copy", [False, True])
+def test_window_equals_one_target_at_a_time_when_it_fits(copy):
+    m = dit(copy)
     hist, valid, x_t, t, anchor, keep = inputs(N=5, C=3)  # every window within max_len
     out = m(hist, valid, x_t, t, anchor, keep)
     for b in range(3):
@@ -60,8 +62,9 @@ def test_window_equals_one_target_at_a_time_when_it_fits():
             torch.testing.assert_close(one[0, 0], out[b, g], rtol=1e-5, atol=1e-5)
 
 
-def test_targets_see_neither_the_future_nor_each_other_nor_padding():
-    m = dit()
+@pytest.mark.parametrize("copy", [False, True])
+def test_targets_see_neither_the_future_nor_each_other_nor_padding(copy):
+    m = dit(copy)
     hist, valid, x_t, t, anchor, keep = inputs()
     out = m(hist, valid, x_t, t, anchor, keep)
     # changing the item at slot s changes only targets anchored after s (and within max_len of it)
@@ -86,8 +89,9 @@ def test_targets_see_neither_the_future_nor_each_other_nor_padding():
     torch.testing.assert_close(m(h4, valid, x_t, t, anchor, keep), out)
 
 
-def test_dropped_history_reads_the_null_token_only():
-    m = dit()
+@pytest.mark.parametrize("copy", [False, True])
+def test_dropped_history_reads_the_null_token_only(copy):
+    m = dit(copy)
     hist, valid, x_t, t, anchor, keep = inputs()
     drop = torch.zeros_like(keep)
     a = m(hist, valid, x_t, t, anchor, drop)
@@ -97,8 +101,9 @@ def test_dropped_history_reads_the_null_token_only():
     torch.testing.assert_close(m(hist, torch.zeros_like(valid), x_t, t, anchor, keep), a)
 
 
-def test_left_padding_amount_does_not_matter():
-    m = dit()
+@pytest.mark.parametrize("copy", [False, True])
+def test_left_padding_amount_does_not_matter(copy):
+    m = dit(copy)
     hist, valid, x_t, t, anchor, keep = inputs()
     pad = 3
     hist2 = torch.cat([torch.randn(3, pad, DIM), hist], dim=1)
@@ -272,9 +277,10 @@ def test_sequences_cover_every_training_transition_once_when_chunked(chunked):
         iterate_training(b, "sequence", 3, 0, 0, chunked=chunked)))
 
 
-def test_last_block_reads_only_the_target_tokens_exactly():
+@pytest.mark.parametrize("copy", [False, True])
+def test_last_block_reads_only_the_target_tokens_exactly(copy):
     """The last block computes queries for the x_t tokens only; the same as running it on every token."""
-    m = dit()
+    m = dit(copy)
     hist, valid, x_t, t, anchor, keep = inputs()
     out = m(hist, valid, x_t, t, anchor, keep)
     block_cls = type(m.blocks[0])

@@ -321,6 +321,12 @@ class CausalDiT(nn.Module):
       to its history; with the history dropped, or no real item in its window, to the learned null token
       instead. History tokens never attend to target tokens, so targets cannot see each other.
     - The output is read at each group's x_t token: (B, G, d).
+    - copy=True adds a full-rank path: the x_t token attends (one head) over the null token and the history
+      it may see (the null token only, with the history dropped); the attention-weighted sum of those items'
+      own d-dim vectors (0 for the null token), scaled per dimension by a zero-initialised gate, is added to
+      the output. Without it the output is a linear map of a W-dim state, rank W < d, which cannot even
+      return the last item's vector; with it the model can copy (mixtures of) history vectors exactly.
+      Zero gate: the same function as copy=False at init.
 
     With N <= max_len and a target anchored at N, the function equals a single-target model over the same
     history; a longer training window lets a history token see up to max_len items of its own past, one
@@ -328,7 +334,7 @@ class CausalDiT(nn.Module):
     """
 
     def __init__(self, dim: int, max_len: int, width: int = 128, depth: int = 2, heads: int = 4,
-                 mlp_ratio: float = 4.0, dropout: float = 0.1):
+                 mlp_ratio: float = 4.0, dropout: float = 0.1, copy: bool = False):
         super().__init__()
         self.dim, self.max_len, self.width, self.heads = dim, max_len, width, heads
         self.hist_proj = nn.Linear(dim, width)
@@ -342,6 +348,13 @@ class CausalDiT(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(DiTBlock(width, heads, mlp_ratio, dropout, False) for _ in range(depth))
         self.final = FinalLayer(width, dim, False)
+        if copy:
+            self.copy_norm = nn.LayerNorm(width, eps=1e-6)
+            self.copy_q = nn.Linear(width, width)
+            self.copy_k = nn.Linear(width, width)
+            self.copy_gate = nn.Parameter(torch.zeros(dim))  # zero: copy=False's function at init
+            self.copy_rel = nn.Parameter(torch.zeros(max_len))  # target -> history bias by distance a - 1 - k
+        self.copy = copy
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -355,6 +368,10 @@ class CausalDiT(nn.Module):
         with torch.no_grad():
             self.rel_hh.copy_(-slopes[:, None] * dist[None])
             self.rel_th.copy_(-slopes[:, None] * dist[None])
+        if self.copy:
+            nn.init.zeros_(self.copy_gate)
+            with torch.no_grad():
+                self.copy_rel.copy_(-dist)  # recency prior: starts on the most recent items
 
     def attention_bias(self, hist_valid: Tensor, anchor: Tensor, hist_keep: Tensor, dtype: torch.dtype) -> Tensor:
         """Additive attention mask (B, H, S, S), S = 1 + N + 3G, -inf where a token may not look.
@@ -407,7 +424,8 @@ class CausalDiT(nn.Module):
         G = x_t.shape[1]
         hist_valid = hist_valid.bool()
         zero = torch.zeros((), dtype=hist.dtype, device=hist.device)
-        h = self.hist_proj(torch.where(hist_valid[..., None], hist, zero))  # (B, N, W)
+        hist = torch.where(hist_valid[..., None], hist, zero)  # (B, N, d)
+        h = self.hist_proj(hist)  # (B, N, W)
         e_int = intent_tokens(self.intent_proj, self.null_intent.to(h.dtype), intent, intent_mask, (B, G))  # (B, G, W)
         e_t = self.t_embedder(t.reshape(-1)).view(B, G, -1)  # (B, G, W)
         e_x = self.x_proj(x_t)  # (B, G, W)
@@ -418,5 +436,20 @@ class CausalDiT(nn.Module):
         read = slice(1 + N + 2, None, 3)  # the x_t tokens
         for i, block in enumerate(self.blocks):
             last = i == len(self.blocks) - 1
+            if last:
+                keys = tokens[:, : 1 + N]  # (B, 1+N, W) null + history states entering the last block
             tokens = block(tokens, bias[:, :, read] if last else bias, None, query=read if last else None)
-        return self.final(tokens)  # (B, G, d)
+        out = self.final(tokens)  # (B, G, d)
+        if not self.copy:
+            return out
+        # one-head attention of each x_t token over what it may see (the head-0 bias says where: -inf = not)
+        q = self.copy_q(self.copy_norm(tokens))  # (B, G, W)
+        k = self.copy_k(self.copy_norm(keys))  # (B, 1+N, W)
+        logits = q @ k.transpose(1, 2) / self.width**0.5  # (B, G, 1+N)
+        dk = (anchor[:, :, None] - 1 - torch.arange(N, device=anchor.device)).clamp(0, self.max_len - 1)
+        logits[:, :, 1:] += self.copy_rel.to(logits.dtype)[dk]  # order: the history states carry none
+        allowed = torch.isfinite(bias[:, 0, read, : 1 + N])  # (B, G, 1+N)
+        allowed[..., 0] = True  # the null token (value 0) always: the model may copy nothing
+        a = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+        copied = a[:, :, 1:] @ hist  # (B, G, d): the null token contributes 0
+        return out + self.copy_gate * copied

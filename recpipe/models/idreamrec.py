@@ -69,6 +69,9 @@ class IDreamRecConfig:
     # vs 0.052) in ~5x less CPU time, and one forward for all guidance branches. "full": every token sees
     # every token, one target per forward, absolute positions (dit.DiT; needed for adaln_zero)
     window: int = 20  # causal layout: targets per training window (each sees its own history_len items)
+    # causal layout: a full-rank copy path (attention over the history applied to the items' own d-dim vectors,
+    # zero-initialised gate; dit.CausalDiT). Off = the paper's denoiser, whose output is rank width < d
+    copy: bool = False  # see above
     # --- training
     p_uncond: float = 0.1  # iDreamRec / DreamRec / PreferDiff: history dropped with p = 0.1
     p_intent_drop: float = 0.1  # same rate for the intention, so f(h, ∅) is learned where intents exist
@@ -104,6 +107,8 @@ class IDreamRecConfig:
             raise ValueError("n_neg must be >= 1")
         if self.layout not in ("full", "causal"):
             raise ValueError(f"layout must be 'full' or 'causal', got {self.layout!r}")
+        if self.copy and self.layout != "causal":
+            raise ValueError("copy needs layout = 'causal'")
         if self.layout == "causal" and self.adaln_zero:
             raise ValueError("adaln_zero needs layout = 'full' (causal groups have no single condition vector)")
         if self.window < 1:
@@ -140,7 +145,7 @@ class IDreamRec(Recommender):
         size = dict(width=config.width, depth=config.depth, heads=config.heads, mlp_ratio=config.mlp_ratio,
                     dropout=config.dropout)
         if config.layout == "causal":
-            self.dit = CausalDiT(dim=self.dim, max_len=config.history_len, **size)
+            self.dit = CausalDiT(dim=self.dim, max_len=config.history_len, copy=config.copy, **size)
             self.train_mode = "window"  # the trainer's batches: windows of targets with their history
             self.window = config.window
         else:
