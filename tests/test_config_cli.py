@@ -73,7 +73,7 @@ def test_cli_data_bad_file_keeps_previous_result(tmp_path):
 @pytest.mark.parametrize("model,setting,match", [
     ("idreamrec", {"layout": "bogus"}, r"\[model.idreamrec\]: layout must be"),
     ("idreamrec", {"window": 0}, r"\[model.idreamrec\]: window must be >= 1"),
-    ("idreamrec", {"loss": "ce"}, r"\[model.idreamrec\]: loss must be"),
+    ("idreamrec", {"loss": "bpr"}, r"\[model.idreamrec\]: loss must be"),
 ])
 def test_bad_model_config_is_a_config_error(model, setting, match):
     """A model config's own checks (ValueError in __post_init__) surface as one-line ConfigErrors."""
