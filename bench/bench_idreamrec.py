@@ -1,7 +1,7 @@
 """iDreamRec on a real dataset: quality (test, both columns), intention guidance, DDIM steps, speed.
 
     python bench/bench_idreamrec.py --dataset ml-1m --data-dir ../shared/datasets \
-        [--llm metadata] [--epochs 3] [--variants paper,residual,ce,mixed] [--set model.idreamrec.width=128 ...]
+        [--llm metadata] [--epochs 3] [--variants paper,residual,ce,copy,mixed] [--set model.idreamrec.width=128 ...]
 
 Prints, and writes to <cache>/bench-<dataset>/report.md:
 1. HR/NDCG@5/10/20 on the test split (seen-masked and unmasked) for the paper's setting (frozen text vectors),
@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, dict[str, str]] = {
     "paper": {},
     "residual": {"model.idreamrec.item_residual": "true"},
-    "ce": {"model.idreamrec.item_residual": "true", "model.idreamrec.loss": "ce"},
+    "ce": {"model.idreamrec.item_residual": "true", "model.idreamrec.loss": "ce", "model.idreamrec.lam": "0.1"},
+    "copy": {"model.idreamrec.loss": "ce", "model.idreamrec.copy": "true"},
     "mixed": {"train.intent_source": "mixed"},
 }
 

@@ -80,3 +80,23 @@ def test_bad_model_config_is_a_config_error(model, setting, match):
     cfg = load_config(None, {f"model.{model}.{k}": str(v) for k, v in setting.items()})
     with pytest.raises(ConfigError, match=match):
         cfg.model_config(model)
+
+
+def test_bench_idreamrec_variants_are_valid_settings():
+    """Every named variant of bench/bench_idreamrec.py loads as a config (a misspelt key or value is an error)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_idreamrec.py"
+    spec = importlib.util.spec_from_file_location("bench_idreamrec", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert {"paper", "residual", "ce", "copy", "mixed"} <= set(bench.VARIANTS)
+    for name, settings in bench.VARIANTS.items():
+        cfg = load_config(None, dict(settings))
+        mc = cfg.model_config("idreamrec")
+        for key, value in settings.items():
+            section, _, field = key.rpartition(".")
+            obj = mc if section == "model.idreamrec" else getattr(cfg, section)
+            assert str(getattr(obj, field)).lower() == value, (name, key)
+    with pytest.raises(ConfigError):
+        load_config(None, {"model.idreamrec.cpy": "true"})
