@@ -153,6 +153,22 @@ def test_causal_guidance_is_one_forward_and_combines_branches():
     assert calls == [3, 1, 1, 3]  # one forward per step; only the branches with a non-zero weight
 
 
+def _train_on_windows(m, seqs, steps: int, lr: float) -> list[float]:
+    """AdamW on `steps` fresh batches seqs(64, 100 + step), the last 4 positions of each window as targets."""
+    opt = torch.optim.AdamW(m.parameters(), lr=lr)
+    g = gen(3)
+    m.train()
+    losses = []
+    for step in range(steps):
+        s = seqs(64, 100 + step)
+        loss = m.loss({"window": s, "target": s[:, -4:]}, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 def test_causal_overfits_next_item_rule_from_window_batches(loss):
     """next item = perm[previous item]; trained on windows of 4 targets, scored one target at a time."""
@@ -165,17 +181,7 @@ def test_causal_overfits_next_item_rule_from_window_batches(loss):
         return s
 
     m = model(width=64, loss=loss)
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    g = gen(3)
-    m.train()
-    losses = []
-    for step in range(200):
-        s = seqs(64, 100 + step)
-        loss = m.loss({"window": s, "target": s[:, -4:]}, g)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train_on_windows(m, seqs, steps=200, lr=3e-3)
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
     m.eval()
     s = seqs(200, 7)
@@ -370,15 +376,7 @@ def test_copy_path_returns_history_vectors_a_narrow_denoiser_cannot():
         cfg = IDreamRecConfig(width=8, depth=1, heads=2, history_len=6, T=100, dropout=0.0, layout="causal",
                               window=4, loss="ce", copy=copy)
         m = build_model("idreamrec", cfg, n_items=n, item_vectors=vec)
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-        g = gen(3)
-        m.train()
-        for step in range(150):
-            s = seqs(64, 100 + step)
-            loss = m.loss({"window": s, "target": s[:, -4:]}, g)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _train_on_windows(m, seqs, steps=150, lr=1e-2)
         m.eval()
         s = seqs(300, 7)
         acc[copy] = (m.score_all({"history": s[:, 3:9]}, generator=gen(4)).argmax(1) == s[:, 9]).float().mean()
