@@ -69,7 +69,9 @@ class DescribeConfig:
     threads: int = 0  # llama.cpp threads for the local backend; 0 = every core
     local_ctx: int = 2048  # llama.cpp context for the local backend (prompt + answer); longer prompts are cut
     local_batch: int = 24  # prompts decoded at once: 2 cores saturate at ~24 (16: -12%, 32: no gain); 24 MB KV each
-    local_quant: str = "auto"  # auto: bundled Q4_1 -> q8_0 (2x prefill, same quality; q4_0: worse); own GGUF as is
+    # auto: the bundled Q4_1 -> bf16 on CPUs with native BF16, else q8_0 (faster, same quality; q4_0: worse
+    # answers); a GGUF of your own as given
+    local_quant: str = "auto"
     cache: str = ""  # "" -> <cache_dir>/llm-cache/describe; keys hash backend, model, prompt and text, so shared
 
 
@@ -363,8 +365,8 @@ def _validate(cfg: Config) -> None:
     need(cfg.describe.max_input_chars >= 50, "describe.max_input_chars must be >= 50")
     need(cfg.describe.threads >= 0, "describe.threads must be >= 0")
     need(cfg.describe.local_batch >= 1, "describe.local_batch must be >= 1 (1 = one sequence at a time)")
-    need(cfg.describe.local_quant in ("auto", "none", "q8_0", "q4_0"),
-         "describe.local_quant must be auto|none|q8_0|q4_0")
+    need(cfg.describe.local_quant in ("auto", "none", "q8_0", "bf16", "q4_0"),
+         "describe.local_quant must be auto|none|q8_0|bf16|q4_0")
     need(cfg.describe.local_ctx >= cfg.describe.max_tokens + 64, "describe.local_ctx must exceed max_tokens + 64")
     need(cfg.embed.batch_size >= 1, "embed.batch_size must be >= 1")
     need(1 <= cfg.embed.api_batch <= 2048, "embed.api_batch must be in 1..2048 (the API's limit)")

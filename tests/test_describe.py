@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -454,6 +455,23 @@ def test_sampler_fast_top_k_is_exact(monkeypatch):
     assert draws(DS.TOP_K_WINDOW) == draws(float("inf"))
 
 
+def test_local_quant_auto_is_bf16_only_where_the_cpu_multiplies_bf16(monkeypatch):
+    """auto requantises the bundled Q4_1 model to bf16 where llama.cpp reports native BF16 dot products
+    (emulated BF16 would be far slower than q8_0), to q8_0 elsewhere; a GGUF of one's own is used as given and
+    an explicit choice is kept whatever the CPU."""
+    assert DS.native_bf16("CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | REPACK = 1")
+    assert DS.native_bf16("CPU : AVX512 = 1 | AMX_INT8 = 1 | AMX_BF16 = 1 |")
+    assert not DS.native_bf16("CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_VBMI = 1 | AVX512_VNNI = 1 |")
+    assert not DS.native_bf16("CPU : AVX512_BF16 = 0 | AMX_BF16 = 0 |")
+    d = load_config(None, {"describe.llm": "local"}).describe
+    monkeypatch.setattr(DS, "cpu_has_bf16", lambda: True)
+    assert DS.local_quant(d) == "bf16" and DS.local_quant(dataclasses.replace(d, model="own.gguf")) == "none"
+    monkeypatch.setattr(DS, "cpu_has_bf16", lambda: False)
+    assert DS.local_quant(d) == "q8_0"
+    assert DS.local_quant(dataclasses.replace(d, local_quant="bf16")) == "bf16"
+    assert DS.local_quant(dataclasses.replace(d, local_quant="none")) == "none"
+
+
 @needs_llama
 @pytest.mark.slow
 def test_local_quant_copy_is_made_once_and_never_used_broken(tmp_path):
@@ -466,8 +484,9 @@ def test_local_quant_copy_is_made_once_and_never_used_broken(tmp_path):
                                       ).describe, tmp_path)
     none = DS.LocalBackend(load_config(None, {"describe.llm": "local", "describe.local_quant": "none"}).describe,
                            tmp_path)
-    assert auto.quant == "q8_0" and own.quant == "none" and none.model_file() == DS.bundled_gguf()
-    assert auto.model == none.model + "/q8_0" and auto.model.startswith("SmolLM2-135M-Instruct")
+    assert auto.quant == ("bf16" if DS.cpu_has_bf16() else "q8_0")
+    assert own.quant == "none" and none.model_file() == DS.bundled_gguf()
+    assert auto.model == none.model + "/" + auto.quant and auto.model.startswith("SmolLM2-135M-Instruct")
     path = auto.model_file()
     stamp = path.with_name(path.name + ".ok")
     assert path.parent == tmp_path and stamp.is_file() and path.stat().st_size > 10 << 20
