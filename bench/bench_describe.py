@@ -63,7 +63,8 @@ def main() -> None:
     ap.add_argument("--endpoint-items", type=int, default=400)
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0 = every core)")
     ap.add_argument("--local-batch", type=int, default=0, help="sequences decoded together (0 = the default)")
-    ap.add_argument("--local-quant", default="", help="describe.local_quant (auto|none|q8_0|bf16|q4_0; '' = the default)")
+    ap.add_argument("--local-quant", default="",
+                    help="describe.local_quant (auto|none|q8_0|bf16|q4_0; '' = the default)")
     ap.add_argument("--skip-local", action="store_true")
     a = ap.parse_args()
     from fault_server import FakeOpenAI

@@ -385,8 +385,23 @@ def _validate(cfg: Config) -> None:
     need(cfg.evaluate.intent in ("none", "category", "llm", "all"), "evaluate.intent must be none|category|llm|all")
     need(cfg.evaluate.split in ("test", "valid"), "evaluate.split must be test or valid")
     need(cfg.evaluate.dtype in ("float32", "bfloat16"), "evaluate.dtype must be float32 or bfloat16")
+    _check_category_template(cfg.evaluate.category_template)
     need(cfg.recommend.k >= 1, "recommend.k must be >= 1")
     need(cfg.recommend.dtype in ("auto", "float32", "bfloat16"), "recommend.dtype must be auto, float32 or bfloat16")
+
+
+def _check_category_template(template: str) -> None:
+    """evaluate.category_template must format with {category} alone and use it: checked when the config loads,
+    so train and evaluate refuse it before any work (a template without {category} gives every user the same
+    intention)."""
+    marker = "\x00category\x00"
+    try:
+        text = template.format(category=marker)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"evaluate.category_template {template!r}: {type(e).__name__} {e}; "
+                          "use {category} and double any other brace") from None
+    if marker not in text:
+        raise ConfigError(f"evaluate.category_template {template!r} must contain {{category}}")
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

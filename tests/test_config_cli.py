@@ -31,6 +31,10 @@ def test_defaults_toml_and_overrides(tmp_path):
         ("[data]\nkcore = 'many'\n", "data.kcore = 'many'"),
         ("[data\n", "invalid TOML"),
         ("[data]\nkcore = 0\n", "data.kcore must be >= 1"),
+        ("[evaluate]\ncategory_template = 'a {genre} movie'\n", "category_template 'a {genre} movie': KeyError"),
+        ("[evaluate]\ncategory_template = 'a {category movie'\n", "category_template 'a {category movie'"),
+        ("[evaluate]\ncategory_template = 'a {0} movie'\n", "category_template 'a \\{0\\} movie': IndexError"),
+        ("[evaluate]\ncategory_template = 'a movie'\n", "'a movie' must contain {category}"),
     ],
 )
 def test_bad_config_is_an_error(tmp_path, toml, match):
@@ -45,6 +49,11 @@ def _recpipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+def test_good_category_templates_load():
+    for t in ["a {category} movie", "{category}", "a {category} game {{for fans}}", "{category} or {category}"]:
+        assert load_config(None, {"evaluate.category_template": t}).evaluate.category_template == t
+
+
 def test_cli_errors_are_one_line_exit_2(tmp_path):
     r = _recpipe("data", "--dataset", "missing-set", "--data-dir", str(tmp_path), cwd=tmp_path)
     assert r.returncode == 2
@@ -52,6 +61,10 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = _recpipe("data", "--set", "data.kcore=x", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "data.kcore" in r.stderr
+    r = _recpipe("evaluate", "--set", "evaluate.category_template=a {genre} movie", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: evaluate.category_template 'a {genre} movie': KeyError 'genre'; use {category} and double any other "
+        "brace"]
 
 
 def test_cli_data_bad_file_keeps_previous_result(tmp_path):
