@@ -47,13 +47,9 @@ def cpu_line() -> str:
                 break
     except OSError:
         pass
-    try:
-        import llama_cpp
+    from recpipe.pipeline.describe import llama_system_info
 
-        info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
-        feats = [m.group(1) for m in re.finditer(r"\b([A-Z0-9_]+)\s*=\s*1\b", info)]
-    except Exception:  # noqa: BLE001 - no llama.cpp: the model name alone
-        feats = []
+    feats = re.findall(r"\b([A-Z0-9_]+)\s*=\s*1\b", llama_system_info())
     return f"cpu: {model}; llama.cpp features: {' '.join(feats) or 'unknown'}"
 
 

@@ -478,15 +478,21 @@ def native_bf16(system_info: str) -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """Whether llama.cpp's CPU backend multiplies BF16 natively on this machine, as its build reports it;
-    False when llama-cpp-python is missing."""
+def llama_system_info() -> str:
+    """llama.cpp's system-info line (the SIMD features its CPU backend uses here, 'AVX2 = 1 | ...'); '' when
+    llama-cpp-python is missing or has no such API."""
     try:
         import llama_cpp
 
-        return native_bf16(llama_cpp.llama_print_system_info().decode("utf-8", errors="replace"))
-    except Exception:  # noqa: BLE001 - no llama.cpp, or an API without it: the portable choice
-        return False
+        return llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
+    except Exception:  # noqa: BLE001 - no llama.cpp, or an API without it: nothing to report
+        return ""
+
+
+def cpu_has_bf16() -> bool:
+    """Whether llama.cpp's CPU backend multiplies BF16 natively on this machine, as its build reports it;
+    False when llama-cpp-python is missing (the portable choice)."""
+    return native_bf16(llama_system_info())
 
 
 def local_quant(dcfg: DescribeConfig) -> str:
