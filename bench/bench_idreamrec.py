@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, dict[str, str]] = {
     "paper": {},
     "residual": {"model.idreamrec.item_residual": "true"},
-    "ce": {"model.idreamrec.item_residual": "true", "model.idreamrec.loss": "ce", "model.idreamrec.lam": "0.1"},
+    "ce": {"model.idreamrec.item_residual": "true", "model.idreamrec.loss": "ce"},  # lam 0.1
     "copy": {"model.idreamrec.loss": "ce", "model.idreamrec.copy": "true"},
     "mixed": {"train.intent_source": "mixed"},
 }

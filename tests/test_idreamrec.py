@@ -88,6 +88,27 @@ def test_registered_and_config_defaults_documented():
         assert "#" in line, f"default of {f.name} has no comment"
 
 
+def test_lam_default_follows_the_loss_and_is_recorded_as_a_number():
+    from recpipe.config import load_config
+
+    # unset: each loss's own default (CE 0.1, measured better on ML-1M; PreferDiff's 0.5); the paper's MSE
+    # config keeps 0.5, so its fingerprint is the one it had before lam depended on the loss
+    assert IDreamRecConfig().lam == 0.5
+    assert IDreamRecConfig(loss="preferdiff").lam == 0.5
+    assert IDreamRecConfig(loss="ce").lam == 0.1
+    assert IDreamRecConfig(loss="ce", lam=0.5).lam == 0.5  # an explicit value always wins
+    # through the CLI's --set: the model config (what checkpoints and fingerprints record) holds the number
+    for sets, want in (({"model.idreamrec.loss": "ce"}, 0.1), ({"model.idreamrec.loss": "preferdiff"}, 0.5),
+                       ({"model.idreamrec.loss": "ce", "model.idreamrec.lam": "0.3"}, 0.3),
+                       ({"model.idreamrec.loss": "ce", "model.idreamrec.lam": "none"}, 0.1)):
+        mcfg = load_config(None, sets).model_config("idreamrec")
+        assert dataclasses.asdict(mcfg)["lam"] == want, sets
+    assert dataclasses.asdict(load_config(None, {}).model_config("idreamrec")) == dataclasses.asdict(
+        IDreamRecConfig(lam=0.5))
+    with pytest.raises(ValueError, match="lam"):
+        IDreamRecConfig(loss="ce", lam=1.5)
+
+
 @pytest.mark.parametrize("adaln_zero", [False, True])
 def test_shapes_and_finite(adaln_zero):
     m = make(adaln_zero=adaln_zero)
