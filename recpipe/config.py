@@ -387,6 +387,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.evaluate.dtype in ("float32", "bfloat16"), "evaluate.dtype must be float32 or bfloat16")
     _check_category_template(cfg.evaluate.category_template)
     need(cfg.recommend.k >= 1, "recommend.k must be >= 1")
+    need(cfg.recommend.steps >= 1, "recommend.steps must be >= 1")
     need(cfg.recommend.dtype in ("auto", "float32", "bfloat16"), "recommend.dtype must be auto, float32 or bfloat16")
 
 

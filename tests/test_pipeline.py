@@ -94,6 +94,9 @@ def test_sasrec_train_evaluate_recommend(tmp_path):
     assert not seen & {r.item for r in recs}, "seen items are never recommended"
     with pytest.raises(DataError, match="unknown user"):
         svc.recommend("nobody")
+    for bad in ({"k": 0}, {"k": -2}, {"steps": 0}):  # 0 is an error, never silently the default
+        with pytest.raises(ConfigError, match="must be >= 1"):
+            svc.recommend("0", **bad)
 
 
 def test_training_resumes_after_interruption(tmp_path):

@@ -100,12 +100,14 @@ class RecommendService:
                   w: float | None = None, rho: float | None = None, steps: int | None = None
                   ) -> list[Recommendation]:
         rc = self.cfg.recommend
-        k = k or rc.k
+        k = rc.k if k is None else k  # not `k or`: -k 0 is an error, not the default
         w = w if w is not None else (rc.w if rc.w >= 0 else None)
         rho = rho if rho is not None else (rc.rho if rc.rho >= 0 else None)
-        steps = steps or rc.steps
+        steps = rc.steps if steps is None else steps
         if k < 1:
             raise ConfigError("k must be >= 1")
+        if steps < 1:
+            raise ConfigError("steps must be >= 1")
         u = self.ds.user_index(user_id)
         seq = self.ds.sequence(u)  # the whole history: recommend what comes after the last item
         if intent is not None:
