@@ -20,6 +20,7 @@ CLI: dedicated flags (`--dataset`, `--kcore`, ...) and the generic `--set sectio
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -128,6 +129,10 @@ class TrainConfig:
     # into evaluate.category_template, drawn per sample), what a user types when they know the kind of item
     # but not the item; mixed = either, half and half
     intent_source: str = "llm"
+    # history guidance weights to try on the validation split once training ends (models with a `w`, e.g.
+    # "1,1.5,2,3,5" for idreamrec, where 1 = no guidance): the best masked NDCG@10 becomes the checkpoint's w,
+    # used by evaluate and recommend. Empty = keep the model config's w (the paper's fixed w)
+    guidance_grid: list[float] = field(default_factory=list)
     device: str = "auto"  # cuda when torch sees a GPU, else cpu
     threads: int = 0  # torch intra-op threads; 0 = all cores
 
@@ -379,6 +384,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.index.kind in ("flat", "ivf", "hnsw"), "index.kind must be flat, ivf or hnsw")
     need(cfg.index.device in ("auto", "cpu", "gpu"), "index.device must be auto, cpu or gpu")
     need(cfg.train.epochs >= 1 and cfg.train.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")
+    need(all(math.isfinite(w) for w in cfg.train.guidance_grid), "train.guidance_grid must hold finite numbers")
     need(cfg.train.intent_source in ("llm", "category", "mixed"), "train.intent_source must be llm, category or mixed")
     need(all(k >= 1 for k in cfg.evaluate.ks), "evaluate.ks must be positive")
     need(bool(cfg.evaluate.steps) and all(s >= 0 for s in cfg.evaluate.steps), "evaluate.steps must be >= 0")

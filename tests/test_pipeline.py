@@ -176,6 +176,58 @@ def test_idreamrec_pipeline_on_text_vectors(tmp_path):
         RecommendService(cfg)
 
 
+def test_guidance_weight_selected_on_validation(tmp_path):
+    from recpipe.pipeline import whiten
+
+    _build(tmp_path)
+    cfg = _cfg(tmp_path, **{"train.model": "idreamrec", "train.lr": 3e-3, "train.epochs": 3,
+                            "model.idreamrec.width": 32, "model.idreamrec.history_len": 5,
+                            "train.guidance_grid": "1,1.5,5"})
+    assert "guidance_grid" not in T.train_config_dict(_cfg(tmp_path), "idreamrec")["train"]  # off: old fingerprints
+    D.run(cfg, log=lambda m: None)
+    _fake_embed(cfg)
+    whiten.run(cfg, log=lambda m: None)
+    res = T.run(cfg, log=lambda m: None, progress=False)
+    g = res.manifest.info["guidance"]
+    assert g["grid"] == [1.0, 1.5, 5.0] and g["trained_w"] == 3.0
+    assert set(g["valid_ndcg10_masked"]) == {"3", "1", "1.5", "5"}
+    assert g["valid_ndcg10_masked"][f"{g['w']:g}"] == max(g["valid_ndcg10_masked"].values())
+    model, conf, _ = T.load_trained(cfg.run_dir, "idreamrec")
+    assert conf["model_config"]["w"] == model.config.w == g["w"]  # evaluate and recommend use the chosen w
+    assert res.manifest.info["valid"]["masked"]["NDCG@10"] == max(g["valid_ndcg10_masked"].values())
+    # the recorded figures are what the saved model scores at each w on the validation split
+    b = T.Batcher(D.load(cfg.run_dir / "data"), model.history_len)
+    for w in (1.0, 5.0):
+        r = T.evaluate_split(model, b, "valid", [10], score_kwargs={"w": w}, seed=cfg.run.seed)
+        assert r["masked"]["NDCG@10"] == pytest.approx(g["valid_ndcg10_masked"][f"{w:g}"], abs=1e-6)
+    # a model without a guidance weight is refused before it trains
+    cfg2 = _cfg(tmp_path, **{"train.model": "sasrec", "train.guidance_grid": "1,2", "model.sasrec.history_len": 5})
+    with pytest.raises(ConfigError, match="has no guidance weight"):
+        T.run(cfg2, log=lambda m: None, progress=False)
+    assert not (cfg2.run_dir / "train" / "sasrec").exists()
+
+
+def test_select_guidance_keeps_the_trained_w_on_a_tie():
+    from recpipe.models.idreamrec import IDreamRecConfig
+
+    class M:
+        def score_all(self, batch, w=None):
+            pass
+
+    def res(v):
+        return {"masked": {"NDCG@10": v}, "unmasked": {"NDCG@10": v / 2}}
+
+    table = {1.0: 0.2, 2.0: 0.1, 5.0: 0.3}
+    best = {"step": 7, "valid": res(0.3)}  # trained at w = 3 (the default)
+    mcfg, rec, b = T.select_guidance(M(), IDreamRecConfig(), [1, 2, 5], best, lambda w: res(table[w]), "x",
+                                     log=lambda m: None)
+    assert mcfg.w == 3.0 and rec["w"] == 3.0 and b["valid"] == best["valid"]  # 5 ties with 3: keep 3
+    table[2.0] = 0.31
+    mcfg, rec, b = T.select_guidance(M(), IDreamRecConfig(), [1, 2, 5], best, lambda w: res(table[w]), "x",
+                                     log=lambda m: None)
+    assert mcfg.w == 2.0 and b["valid"]["masked"]["NDCG@10"] == 0.31 and b["step"] == 7
+
+
 def test_cli_train_missing_upstream_is_one_line(tmp_path):
     _build(tmp_path)
     r = subprocess.run([sys.executable, "-m", "recpipe.cli", "evaluate", "--dataset", "toy", "--data-dir",

@@ -17,11 +17,12 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -452,6 +453,8 @@ def train_config_dict(cfg: Config, model_name: str) -> dict[str, Any]:
     out = {"model": model_name, "model_config": dataclasses.asdict(mcfg), "train": tc, "seed": cfg.run.seed}
     if tc["intent_source"] == "llm":
         tc.pop("intent_source")  # the default (and the only behaviour before it existed): old runs stay valid
+    if not tc["guidance_grid"]:
+        tc.pop("guidance_grid")  # likewise: off by default
     elif needs_text(model_name):
         out["intent_categories"] = {"column": cfg.evaluate.category_column,
                                     "template": cfg.evaluate.category_template}
@@ -492,6 +495,8 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
     torch.manual_seed(seed)
     mcfg = cfg.model_config(model_name)
     model = make_model(model_name, mcfg, inp.ds.n_items, inp.item_vectors).to(device)
+    if tc.guidance_grid:
+        check_guidance(model, mcfg, model_name)  # before any training, not after it
     b = Batcher(inp.ds, model.history_len)
     mode = model.train_mode
     intents = None  # IntentSampler: an intention for a share (intent_prob) of the training targets
@@ -632,10 +637,19 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
 
     if best_state is None:
         raise ArtifactError(f"train/{model_name}: no validation was run (0 training batches?)")
+    best = next(e for e in st["log"] if e["step"] == st["best_step"])
+    guidance = None
+    if tc.guidance_grid:
+        model.load_state_dict(best_state)
+        mcfg, guidance, best = select_guidance(model, mcfg, tc.guidance_grid, best,
+                                               lambda w: evaluate_split(model, b, "valid", [10, 20],
+                                                                        batch_size=cfg.evaluate.batch_size,
+                                                                        users=val_users, device=device,
+                                                                        score_kwargs={"w": w}, seed=seed),
+                                               model_name, log)
     _save_model(out_dir, model_name, mcfg, inp, best_state, config)
     with atomic_path(out_dir / "log.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(e) + "\n" for e in st["log"]))
-    best = next(e for e in st["log"] if e["step"] == st["best_step"])
     write_json(out_dir / "valid.json", best)
     samples = len(b.train_positions) if mode in ("position", "window") or chunked else None
     info = {
@@ -643,7 +657,37 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
         "valid": best["valid"], "train_time_s": round(st["train_time"], 2), "steps_per_epoch": per_epoch,
         "train_samples_per_epoch": samples, "device": str(device),
     }
+    if guidance is not None:
+        info["guidance"] = guidance
     return info
+
+
+def check_guidance(model: Recommender, mcfg: Any, model_name: str) -> None:
+    if not hasattr(mcfg, "w") or "w" not in inspect.signature(model.score_all).parameters:
+        raise ConfigError(f"train.guidance_grid: model {model_name} has no guidance weight w; leave it empty")
+
+
+def select_guidance(model: Recommender, mcfg: Any, grid: list[float], best: dict[str, Any],
+                    validate: Callable[[float], dict[str, Any]], model_name: str, log=print
+                    ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Pick the history-guidance weight w from `grid` by masked validation NDCG@10 (the checkpoint's
+    weights fixed; ties go to the earlier grid value), and return (mcfg with that w, a record of the sweep,
+    the best log entry with its validation replaced by the chosen w's). validate(w) -> evaluate_split's result.
+    The model config's own w competes too, so the sweep never picks a worse w than training validated with."""
+    check_guidance(model, mcfg, model_name)
+    trained_w = float(mcfg.w)
+    results = {trained_w: best["valid"]}
+    for w in grid:
+        if float(w) not in results:
+            results[float(w)] = validate(float(w))
+    by_w = {w: r["masked"]["NDCG@10"] for w, r in results.items()}
+    chosen = max(by_w, key=lambda w: (by_w[w], w == trained_w))  # a tie keeps the trained w
+    log(f"train/{model_name}: guidance w on validation (masked NDCG@10): "
+        + ", ".join(f"{w:g}: {v:.4f}" for w, v in by_w.items()) + f" -> w = {chosen:g}")
+    record = {"grid": [float(w) for w in grid], "trained_w": trained_w, "w": chosen,
+              "valid_ndcg10_masked": {f"{w:g}": v for w, v in by_w.items()},
+              "valid_ndcg10_unmasked": {f"{w:g}": r["unmasked"]["NDCG@10"] for w, r in results.items()}}
+    return dataclasses.replace(mcfg, w=chosen), record, {**best, "valid": results[chosen], "w": chosen}
 
 
 def _save_model(out_dir: Path, model_name: str, mcfg: Any, inp: TrainInputs, state: dict, config: dict) -> None:
