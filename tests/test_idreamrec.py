@@ -91,16 +91,18 @@ def test_registered_and_config_defaults_documented():
 def test_lam_default_follows_the_loss_and_is_recorded_as_a_number():
     from recpipe.config import load_config
 
-    # unset: each loss's own default (CE 0.1, measured better on ML-1M; PreferDiff's 0.5); the paper's MSE
+    # unset: each loss's own default (CE with the residual 0.1, measured better on ML-1M; else 0.5); the MSE
     # config keeps 0.5, so its fingerprint is the one it had before lam depended on the loss
     assert IDreamRecConfig().lam == 0.5
     assert IDreamRecConfig(loss="preferdiff").lam == 0.5
-    assert IDreamRecConfig(loss="ce").lam == 0.1
-    assert IDreamRecConfig(loss="ce", lam=0.5).lam == 0.5  # an explicit value always wins
+    assert IDreamRecConfig(loss="ce", item_residual=True).lam == 0.1
+    assert IDreamRecConfig(loss="ce").lam == 0.5  # frozen vectors: the MSE half keeps x0 in the text space
+    assert IDreamRecConfig(loss="ce", item_residual=True, lam=0.5).lam == 0.5  # an explicit value always wins
     # through the CLI's --set: the model config (what checkpoints and fingerprints record) holds the number
-    for sets, want in (({"model.idreamrec.loss": "ce"}, 0.1), ({"model.idreamrec.loss": "preferdiff"}, 0.5),
-                       ({"model.idreamrec.loss": "ce", "model.idreamrec.lam": "0.3"}, 0.3),
-                       ({"model.idreamrec.loss": "ce", "model.idreamrec.lam": "none"}, 0.1)):
+    res = {"model.idreamrec.loss": "ce", "model.idreamrec.item_residual": "true"}
+    for sets, want in ((res, 0.1), ({"model.idreamrec.loss": "ce"}, 0.5),
+                       ({"model.idreamrec.loss": "preferdiff", "model.idreamrec.item_residual": "true"}, 0.5),
+                       ({**res, "model.idreamrec.lam": "0.3"}, 0.3), ({**res, "model.idreamrec.lam": "none"}, 0.1)):
         mcfg = load_config(None, sets).model_config("idreamrec")
         assert dataclasses.asdict(mcfg)["lam"] == want, sets
     assert dataclasses.asdict(load_config(None, {}).model_config("idreamrec")) == dataclasses.asdict(

@@ -49,8 +49,10 @@ from recpipe.models.diffusion import (
 from recpipe.models.dit import CausalDiT, DiT
 
 LOSSES = ("mse", "preferdiff", "ce")
-#: lam (the MSE weight) when the config leaves it unset; "mse" ignores it (0.5 keeps old fingerprints)
-LAM_DEFAULTS = {"mse": 0.5, "preferdiff": 0.5, "ce": 0.1}
+#: lam (the MSE weight) when the config leaves it unset; "mse" ignores it (0.5 keeps old fingerprints);
+#: "ce" with item_residual uses CE_RESIDUAL_LAM instead
+LAM_DEFAULTS = {"mse": 0.5, "preferdiff": 0.5, "ce": 0.5}
+CE_RESIDUAL_LAM = 0.1
 
 
 @dataclass
@@ -81,8 +83,10 @@ class IDreamRecConfig:
     # "ce" = lam·MSE + (1−lam)·cross-entropy of x0_hat·item_table()ᵀ/√d over every item (DiffuRec's loss: it
     # trains the ranking the scores are, where MSE only regresses to the mean of the plausible next items)
     loss: str = "mse"  # the paper's; see above
-    # weight of MSE in "preferdiff" / "ce"; None = the loss's own default, LAM_DEFAULTS: PreferDiff's config
-    # lamda 0.5, and 0.1 for "ce" (ML-1M, residual, 2 epochs: test NDCG@10 0.0956 masked at 0.1 vs 0.0882 at 0.5)
+    # weight of MSE in "preferdiff" / "ce"; None = the loss's own default: PreferDiff's config lamda 0.5, and
+    # for "ce" 0.1 with item_residual (the CE then trains the residual; ML-1M, 2 epochs: test NDCG@10 0.0956
+    # masked at 0.1 vs 0.0882 at 0.5), else 0.5 (frozen vectors: the MSE keeps x0 in the text space; beauty,
+    # copy path, 3 epochs: 0.0435 at 0.5 vs 0.0371 at 0.1)
     lam: float | None = None  # see above; resolved when the config is built, so checkpoints record the number
     scale: float = 5.0  # PreferDiff's gamma (scale inside the log-sigmoid), its config default
     n_neg: int = 4  # negatives averaged into one centroid (PreferDiff "-C"): one extra forward whatever n
@@ -105,7 +109,7 @@ class IDreamRecConfig:
         if self.history_len < 1:
             raise ValueError("history_len must be >= 1")
         if self.lam is None:
-            self.lam = LAM_DEFAULTS[self.loss]
+            self.lam = CE_RESIDUAL_LAM if self.loss == "ce" and self.item_residual else LAM_DEFAULTS[self.loss]
         for name in ("p_uncond", "p_intent_drop", "lam"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")
