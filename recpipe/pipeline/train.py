@@ -451,10 +451,10 @@ def train_config_dict(cfg: Config, model_name: str) -> dict[str, Any]:
     tc.pop("threads")
     tc.pop("device")  # where it runs does not change what it computes (within float tolerance)
     out = {"model": model_name, "model_config": dataclasses.asdict(mcfg), "train": tc, "seed": cfg.run.seed}
+    if not tc["guidance_grid"]:
+        tc.pop("guidance_grid")  # off by default, and before it existed: old runs stay valid
     if tc["intent_source"] == "llm":
         tc.pop("intent_source")  # the default (and the only behaviour before it existed): old runs stay valid
-    if not tc["guidance_grid"]:
-        tc.pop("guidance_grid")  # likewise: off by default
     elif needs_text(model_name):
         out["intent_categories"] = {"column": cfg.evaluate.category_column,
                                     "template": cfg.evaluate.category_template}
