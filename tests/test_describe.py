@@ -279,7 +279,9 @@ def test_sigkill_midway_then_resume_repeats_no_finished_call(ds_cfg, key, tmp_pa
     with FakeOpenAI(latency=0.15) as srv:
         overrides = {"run.dataset": str(tmp_path / "ds"), "run.cache_dir": str(tmp_path / "cache"), "data.kcore": 1,
                      "describe.llm": "openai", "describe.base_url": srv.base_url, "describe.concurrency": 3,
-                     "describe.timeout_s": 5, "describe.backoff_s": 0.01}
+                     # far above the 0.15 s latency: on a loaded machine a 5 s timeout fired and its retry was
+                     # a legitimate second answer, which the repeat check below would count as a fault
+                     "describe.timeout_s": 60, "describe.backoff_s": 0.01}
         cfg = ds_cfg(**{k: v for k, v in overrides.items() if k.startswith("describe.")})
         n = D.load(cfg.run_dir / "data").n_items
         code = ("import sys, json; from recpipe.config import load_config; from recpipe.pipeline import describe; "
