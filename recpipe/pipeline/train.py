@@ -670,10 +670,11 @@ def check_guidance(model: Recommender, mcfg: Any, model_name: str) -> None:
 def select_guidance(model: Recommender, mcfg: Any, grid: list[float], best: dict[str, Any],
                     validate: Callable[[float], dict[str, Any]], model_name: str, log=print
                     ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """Pick the history-guidance weight w from `grid` by masked validation NDCG@10 (the checkpoint's
-    weights fixed; ties go to the earlier grid value), and return (mcfg with that w, a record of the sweep,
-    the best log entry with its validation replaced by the chosen w's). validate(w) -> evaluate_split's result.
-    The model config's own w competes too, so the sweep never picks a worse w than training validated with."""
+    """Pick the history-guidance weight w from `grid` by masked validation NDCG@10, the checkpoint's weights
+    fixed; a tie keeps the trained w, else goes to the earlier grid value. Returns (mcfg with that w, a record
+    of the sweep, the best log entry with its validation replaced by the chosen w's). validate(w) ->
+    evaluate_split's result. The model config's own w competes too, so the sweep never picks a worse w than
+    training validated with."""
     check_guidance(model, mcfg, model_name)
     trained_w = float(mcfg.w)
     results = {trained_w: best["valid"]}
