@@ -49,9 +49,9 @@ from recpipe.models.diffusion import (
 from recpipe.models.dit import CausalDiT, DiT
 
 LOSSES = ("mse", "preferdiff", "ce")
-#: lam (the MSE weight) when the config leaves it unset; "mse" ignores it (0.5 keeps old fingerprints);
-#: "ce" with item_residual uses CE_RESIDUAL_LAM instead
-LAM_DEFAULTS = {"mse": 0.5, "preferdiff": 0.5, "ce": 0.5}
+#: lam (the MSE weight) when the config leaves it unset: LAM_DEFAULT, except CE_RESIDUAL_LAM for "ce" with
+#: item_residual; "mse" ignores it (0.5 keeps old fingerprints)
+LAM_DEFAULT = 0.5
 CE_RESIDUAL_LAM = 0.1
 
 
@@ -109,7 +109,7 @@ class IDreamRecConfig:
         if self.history_len < 1:
             raise ValueError("history_len must be >= 1")
         if self.lam is None:
-            self.lam = CE_RESIDUAL_LAM if self.loss == "ce" and self.item_residual else LAM_DEFAULTS[self.loss]
+            self.lam = CE_RESIDUAL_LAM if self.loss == "ce" and self.item_residual else LAM_DEFAULT
         for name in ("p_uncond", "p_intent_drop", "lam"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")

@@ -551,13 +551,17 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
                         "ema": ema.shadow if ema is not None else None, "best_state": best_state, "st": st,
                         "gen": gen.get_state()}, tmp)
 
-    def validate() -> float:
+    def valid_metrics(m: Recommender, score_kwargs: dict | None = None) -> dict[str, Any]:
+        """Model selection's metrics: the validation users (all, or train.eval_users of them), @10 and @20."""
+        return evaluate_split(m, b, "valid", [10, 20], batch_size=cfg.evaluate.batch_size, users=val_users,
+                              device=device, score_kwargs=score_kwargs, seed=seed)
+
+    def validate() -> dict[str, Any]:
         eval_model = model
         if ema is not None:
             eval_model = make_model(model_name, mcfg, inp.ds.n_items, inp.item_vectors).to(device)
             eval_model.load_state_dict(ema.shadow)
-        res = evaluate_split(eval_model, b, "valid", [10, 20], batch_size=cfg.evaluate.batch_size,
-                             users=val_users, device=device, seed=seed)
+        res = valid_metrics(eval_model)
         return res
 
     def check(final: bool) -> None:
@@ -642,11 +646,7 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
     if tc.guidance_grid:
         model.load_state_dict(best_state)
         mcfg, guidance, best = select_guidance(model, mcfg, tc.guidance_grid, best,
-                                               lambda w: evaluate_split(model, b, "valid", [10, 20],
-                                                                        batch_size=cfg.evaluate.batch_size,
-                                                                        users=val_users, device=device,
-                                                                        score_kwargs={"w": w}, seed=seed),
-                                               model_name, log)
+                                               lambda w: valid_metrics(model, {"w": w}), model_name, log)
     _save_model(out_dir, model_name, mcfg, inp, best_state, config)
     with atomic_path(out_dir / "log.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(e) + "\n" for e in st["log"]))
