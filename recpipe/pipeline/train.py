@@ -132,6 +132,10 @@ class Batcher:
         end = self.offsets[users + 1] - cut
         return {"history": torch.from_numpy(self._window(end, start, self._width(end - start)))}
 
+    def eval_lengths(self, users: np.ndarray, split: str) -> np.ndarray:
+        """Each user's history length before the target of "valid" / "test" (uncapped)."""
+        return self.offsets[users + 1] - {"test": 1, "valid": 2}[split] - self.offsets[users]
+
     def eval_batch(self, users: np.ndarray, split: str) -> tuple[dict[str, torch.Tensor], list[np.ndarray]]:
         """History (model window) and target for "valid" / "test", plus each user's full history (for masking)."""
         cut = {"test": 1, "valid": 2}[split]
@@ -202,7 +206,12 @@ def evaluate_split(
     """
     was_training = model.training
     model.eval()
-    users = np.arange(b.ds.n_users) if users is None else users
+    users = np.arange(b.ds.n_users) if users is None else np.asarray(users)
+    # Batches of users with similar history lengths: a batch is as wide as its longest history (capped at the
+    # model's window), so on short-history catalogs (Amazon: ~7 items) this cuts padded compute several-fold.
+    # The metrics are means over users, so the order changes nothing but the noise a generative model draws.
+    users = users[np.argsort(np.minimum(b.eval_lengths(users, split), b.L or np.iinfo(np.int64).max),
+                             kind="stable")]
     acc = RankAccumulator()
     gen = torch.Generator(device=device).manual_seed(seed)
     kwargs = dict(score_kwargs or {})
