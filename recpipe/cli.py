@@ -62,7 +62,12 @@ def _config(config=None, dataset=None, data_dir=None, cache_dir=None, run_dir=No
     }
     overrides.update({k: v for k, v in extra.items() if v is not None})
     overrides.update(parse_set_options(sets))
-    return load_config(config, overrides)
+    cfg = load_config(config, overrides)
+    if "train.model" in extra:  # a command that uses a model: an unknown name fails here, before any work
+        from recpipe.config import check_model_name
+
+        check_model_name(cfg.train.model)
+    return cfg
 
 
 def _print_kv(title: str, rows: list[tuple[str, str]]) -> None:

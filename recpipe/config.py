@@ -353,6 +353,11 @@ def _coerce(tp: Any, value: Any, dotted: str, source: str) -> Any:
         raise ConfigError(f"{source}: {dotted} = {value!r}: {e}") from None
 
 
+def check_model_name(name: str) -> None:
+    """ConfigError (one line, with the known names) unless `name` is a registered model."""
+    _model_config_cls(name, "train.model")
+
+
 def _validate(cfg: Config) -> None:
     def need(ok: bool, msg: str) -> None:
         if not ok:
@@ -394,6 +399,7 @@ def _validate(cfg: Config) -> None:
     _check_category_template(cfg.evaluate.category_template)
     need(cfg.recommend.k >= 1, "recommend.k must be >= 1")
     need(cfg.recommend.steps >= 1, "recommend.steps must be >= 1")
+    need(math.isfinite(cfg.recommend.w) and math.isfinite(cfg.recommend.rho), "recommend.w and rho must be finite")
     need(cfg.recommend.dtype in ("auto", "float32", "bfloat16"), "recommend.dtype must be auto, float32 or bfloat16")
 
 

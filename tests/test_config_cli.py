@@ -32,6 +32,7 @@ def test_defaults_toml_and_overrides(tmp_path):
         ("[data\n", "invalid TOML"),
         ("[data]\nkcore = 0\n", "data.kcore must be >= 1"),
         ("[recommend]\nsteps = 0\n", "recommend.steps must be >= 1"),
+        ("[recommend]\nw = nan\n", "recommend.w and rho must be finite"),
         ("[evaluate]\ncategory_template = 'a {genre} movie'\n", "category_template 'a {genre} movie': KeyError"),
         ("[evaluate]\ncategory_template = 'a {category movie'\n", "category_template 'a {category movie'"),
         ("[evaluate]\ncategory_template = 'a {0} movie'\n", "category_template 'a \\{0\\} movie': IndexError"),

@@ -97,6 +97,9 @@ def test_sasrec_train_evaluate_recommend(tmp_path):
     for bad in ({"k": 0}, {"k": -2}, {"steps": 0}):  # 0 is an error, never silently the default
         with pytest.raises(ConfigError, match="must be >= 1"):
             svc.recommend("0", **bad)
+    for bad in ({"w": float("nan")}, {"rho": float("inf")}):  # was a misleading "diverged model?" error
+        with pytest.raises(ConfigError, match="must be a finite number"):
+            svc.recommend("0", **bad)
 
 
 def test_evaluation_batches_users_of_similar_length(tmp_path):
@@ -279,6 +282,13 @@ def test_cli_train_missing_upstream_is_one_line(tmp_path):
                        timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "has not been run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # an unknown model name is refused before any stage runs (was a KeyError traceback from train)
+    r = subprocess.run([sys.executable, "-m", "recpipe.cli", "run", "--dataset", "toy", "--data-dir",
+                        str(tmp_path / "data"), "--model", "sasrek"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "unknown model 'sasrek'; known: diffrec" in r.stderr
+    assert not (tmp_path / "cache" / "toy" / "data").exists(), "nothing ran"
 
 
 def test_benchmark_table_chart_and_reuse(tmp_path):

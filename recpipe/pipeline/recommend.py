@@ -8,6 +8,7 @@ service keeps one instance warm. Generative text models (idreamrec) go through t
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -108,6 +109,9 @@ class RecommendService:
             raise ConfigError("k must be >= 1")
         if steps < 1:
             raise ConfigError("steps must be >= 1")
+        for name, v in (("w", w), ("rho", rho)):
+            if v is not None and not math.isfinite(v):
+                raise ConfigError(f"{name} must be a finite number, got {v}")
         u = self.ds.user_index(user_id)
         seq = self.ds.sequence(u)  # the whole history: recommend what comes after the last item
         if intent is not None:
