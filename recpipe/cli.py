@@ -170,6 +170,45 @@ def embed(
     _print_info("embed", res)
 
 
+@app.command()
+def whiten(
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    method: Annotated[Optional[str], typer.Option(help="whiten (iDreamRec's A(e)) | scale | none")] = None,
+    config: ConfigOpt = None,
+    cache_dir: CacheOpt = None,
+    run_dir: RunDirOpt = None,
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+):
+    """Fit the whitening on the item vectors (train does this itself; --force redoes a damaged one)."""
+    from recpipe.pipeline import whiten as stage
+
+    cfg = _config(config, dataset, data_dir, cache_dir, run_dir, sets=sets, **{"whiten.method": method})
+    res = stage.run(cfg, force=force, log=_log)
+    _print_info("whiten", res)
+
+
+@app.command()
+def index(
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    kind: Annotated[Optional[str], typer.Option(help="flat (exact) | ivf | hnsw (large catalogs)")] = None,
+    config: ConfigOpt = None,
+    cache_dir: CacheOpt = None,
+    run_dir: RunDirOpt = None,
+    sets: SetOpt = None,
+    force: ForceOpt = False,
+):
+    """Build and save the FAISS index of the whitened item vectors (recommend loads it while it is current,
+    else builds one in memory)."""
+    from recpipe.pipeline import index as stage
+
+    cfg = _config(config, dataset, data_dir, cache_dir, run_dir, sets=sets, **{"index.kind": kind})
+    res = stage.run(cfg, force=force, log=_log)
+    _print_info("index", res)
+
+
 # ------------------------------------------------------------------------------------------ train / eval
 @app.command()
 def train(

@@ -115,3 +115,51 @@ def test_bench_idreamrec_variants_are_valid_settings():
             assert str(getattr(obj, field)).lower() == value, (name, key)
     with pytest.raises(ConfigError):
         load_config(None, {"model.idreamrec.cpy": "true"})
+
+
+def test_every_command_an_error_hint_names_exists():
+    """Error hints say "re-run `recpipe X ...`": X must be a command (the whiten hint once named none)."""
+    import re
+
+    from recpipe import cli
+
+    commands = {c.name or c.callback.__name__ for c in cli.app.registered_commands}
+    commands |= {g.name for g in cli.app.registered_groups}
+    src = Path(cli.__file__).parent
+    hinted = {m for p in src.rglob("*.py") for m in re.findall(r"`recpipe ([a-z_]+)", p.read_text())}
+    assert {"whiten", "train", "embed", "data"} <= hinted, hinted
+    assert hinted <= commands, f"hints name missing commands: {hinted - commands}"
+
+
+def test_cli_whiten_force_repairs_a_damaged_whitening(tmp_path):
+    from test_whiten import cfg_for, lowrank_noise, make_embed_stage, table
+
+    from recpipe.errors import ArtifactError
+    from recpipe.pipeline.whiten import load_whitening
+
+    cfg = cfg_for(tmp_path)
+    make_embed_stage(cfg.run_dir, table(lowrank_noise(300, 16)))
+    args = ["--run-dir", str(cfg.run_dir), "--cache-dir", str(tmp_path / "c")]
+    r = _recpipe("whiten", *args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    w, items, _ = load_whitening(cfg.run_dir)
+    (Path(cfg.run_dir) / "whiten" / "whitening.npz").write_bytes(b"\x00" * 10)
+    with pytest.raises(ArtifactError, match="whiten --force"):
+        load_whitening(cfg.run_dir)
+    r = _recpipe("whiten", *args, "--force", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    w2, items2, _ = load_whitening(cfg.run_dir)
+    np.testing.assert_array_equal(items, items2)
+    # `recpipe index` saves the index that recommend then loads (named by the index hints too)
+    r = _recpipe("index", *args, "--kind", "hnsw", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    from recpipe.artifacts import load_manifest
+    from recpipe.pipeline import index as index_stage
+
+    assert load_manifest(Path(cfg.run_dir) / "index").info["kind"] == "hnsw"
+    cfg.index.kind = "hnsw"
+    logs: list[str] = []
+    idx = index_stage.get_index(cfg, log=logs.append)
+    assert idx.kind == "hnsw" and idx.n == 300 and not logs
+    ids = idx.search(items[1:4], 1)[1][:, 0]
+    assert ids.tolist() == [1, 2, 3], "each vector's nearest item is itself"
