@@ -383,3 +383,38 @@ def test_copy_path_returns_history_vectors_a_narrow_denoiser_cannot():
     assert acc[True] > 0.5 and acc[False] < 0.3, acc
     with pytest.raises(ValueError, match="copy"):
         IDreamRecConfig(copy=True, layout="full")
+
+
+@pytest.mark.parametrize("mode", ["position", "sequence"])
+def test_length_pool_batches_are_narrow_and_cover_the_same_samples(mode):
+    """train.length_pool: batches of similar history length. The same samples, each once a pass, the same
+    number of batches, resumable (skip), reshuffled every epoch, and far narrower batches than a plain
+    shuffle on a catalog of mostly short histories."""
+    rng = np.random.default_rng(0)
+    lengths = np.where(rng.random(300) < 0.95, rng.integers(4, 10, 300), rng.integers(40, 90, 300))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    items = np.arange(1, offsets[-1] + 1, dtype=np.int64)
+    ds = D.Dataset(pd.DataFrame({"item": items}), pd.DataFrame({"user": np.arange(len(lengths))}),
+                   offsets, items, np.arange(offsets[-1], dtype=np.int64))
+    b = Batcher(ds, 50)
+    key = "target" if mode == "position" else "target_seq"
+    wide = "history" if mode == "position" else "input_seq"
+
+    def run(pool, epoch=0, skip=0):
+        return list(iterate_training(b, mode, 32, epoch=epoch, seed=1, skip=skip, chunked=True, length_pool=pool))
+
+    plain, pooled = run(0), run(8)
+    assert len(pooled) == len(plain) == n_batches(b, mode, 32, chunked=True)
+    targets = [np.sort(np.concatenate([x[key].numpy().ravel() for x in bs])) for bs in (plain, pooled)]
+    targets = [t[t > 0] for t in targets]  # sequence rows are padded to their batch's width
+    np.testing.assert_array_equal(targets[0], targets[1])
+    assert len(np.unique(targets[1])) == len(targets[1]), "each sample once (item ids are unique here)"
+    cols_plain = sum(x[wide].shape[1] for x in plain)
+    cols_pooled = sum(x[wide].shape[1] for x in pooled)
+    assert cols_pooled < 0.5 * cols_plain, (cols_pooled, cols_plain)
+    again = run(8, skip=5)
+    assert len(again) == len(pooled) - 5
+    for x, y in zip(again, pooled[5:]):
+        assert torch.equal(x[key], y[key]), "a resumed pass continues the same batches"
+    other = run(8, epoch=1)
+    assert not all(torch.equal(x[key], y[key]) for x, y in zip(other, pooled) if x[key].shape == y[key].shape)

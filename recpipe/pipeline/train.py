@@ -168,13 +168,45 @@ def _units(b: Batcher, mode: str, batch_size: int, window: int, chunked: bool = 
     return users[train_len >= 1], batch_size
 
 
+def _unit_lengths(b: Batcher, mode: str, units: np.ndarray) -> np.ndarray | None:
+    """The history length (columns before the model's cap) each training unit's batch row needs; None for
+    modes whose rows are all alike ("window")."""
+    if mode == "position":
+        return units - b.offsets[b.user_of[units]]
+    if mode == "sequence":
+        return units - b.offsets[b.user_of[units - 1]] - 1
+    if mode == "user":
+        return b.offsets[units + 1] - 2 - b.offsets[units]
+    return None
+
+
+def bucket_by_length(perm: np.ndarray, lengths: np.ndarray, batch_size: int, pool: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Reorder a shuffled pass so that batches hold units of similar length: the pass is cut into pools of
+    `pool` batches, each pool is sorted by length and cut into batches, and the full batches of the whole
+    pass are shuffled (a short last batch stays last, so the caller's fixed-size slices stay batches).
+    Every unit still comes exactly once; only which units share a batch changes."""
+    size = pool * batch_size
+    perm = np.concatenate([perm[i: i + size][np.argsort(lengths[i: i + size], kind="stable")]
+                           for i in range(0, len(perm), size)] or [perm])
+    n_full = len(perm) // batch_size
+    full = perm[: n_full * batch_size].reshape(n_full, batch_size)[rng.permutation(n_full)]
+    return np.concatenate([full.reshape(-1), perm[n_full * batch_size:]])
+
+
 def iterate_training(b: Batcher, mode: str, batch_size: int, epoch: int, seed: int, skip: int = 0,
-                     window: int = 0, chunked: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+                     window: int = 0, chunked: bool = False, length_pool: int = 0
+                     ) -> Iterator[dict[str, torch.Tensor]]:
     """One shuffled pass (epoch) over the training data; `skip` batches already done (resume).
-    mode "window": windows of `window` targets, batch_size targets a batch."""
+    mode "window": windows of `window` targets, batch_size targets a batch. length_pool > 0: batches of
+    similar history length (`bucket_by_length`), which cuts padded compute on short-history catalogs."""
     rng = np.random.default_rng([seed, epoch])
     units, batch_size = _units(b, mode, batch_size, window, chunked)
     perm = units[rng.permutation(len(units))]
+    lengths = _unit_lengths(b, mode, perm) if length_pool > 0 else None
+    if lengths is not None:
+        perm = bucket_by_length(perm, np.minimum(lengths, b.L or np.iinfo(np.int64).max), batch_size,
+                                length_pool, rng)
     for i in range(skip * batch_size, len(perm), batch_size):
         chunk = perm[i: i + batch_size]
         if mode == "position":
@@ -462,6 +494,8 @@ def train_config_dict(cfg: Config, model_name: str) -> dict[str, Any]:
     out = {"model": model_name, "model_config": dataclasses.asdict(mcfg), "train": tc, "seed": cfg.run.seed}
     if not tc["guidance_grid"]:
         tc.pop("guidance_grid")  # off by default, and before it existed: old runs stay valid
+    if not tc["length_pool"]:
+        tc.pop("length_pool")  # off by default, and before it existed: old runs stay valid
     if tc["intent_source"] == "llm":
         tc.pop("intent_source")  # the default (and the only behaviour before it existed): old runs stay valid
     elif needs_text(model_name):
@@ -607,7 +641,7 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
         while not st["done"] and st["epoch"] < tc.epochs:
             t_epoch = time.perf_counter()
             for batch in iterate_training(b, mode, tc.batch_size, st["epoch"], seed, skip=st["batch_in_epoch"],
-                                          window=window, chunked=chunked):
+                                          window=window, chunked=chunked, length_pool=tc.length_pool):
                 if intents is not None:
                     tgt = batch["target"].to(device)
                     batch["intent"], ok = intents(tgt, gen)
