@@ -631,6 +631,16 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
             st["done"] = True
         save_state()
 
+    # Sequence batches hold a variable number of targets and a model's loss is their mean. A plain shuffle
+    # mixes lengths, so each batch has about the same count; length-pooled batches do not (128 short rows
+    # hold ~5 targets each, 128 long ones ~L), which would weigh the targets of short histories up. Scaling
+    # each batch's loss by its targets / the pass's mean per batch restores one weight per target.
+    per_batch_targets = 0.0
+    if tc.length_pool > 0 and mode == "sequence":
+        units = _units(b, mode, tc.batch_size, window, chunked)[0]
+        per_batch_targets = float(np.minimum(_unit_lengths(b, mode, units), b.L or np.iinfo(np.int64).max).sum()
+                                  ) / max(per_epoch, 1)
+
     n_params = model.num_parameters()
     log(f"train/{model_name}: {n_params:,} parameters, {mode} batches, {per_epoch} steps/epoch, up to {total} "
         f"steps on {device}")
@@ -655,7 +665,10 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
                     raise ArtifactError(f"train/{model_name}: loss became {loss.item()} at step {st['step']}; "
                                         "lower train.lr or check the input vectors")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if per_batch_targets:
+                    (loss * (batch["target_seq"] > 0).sum() / per_batch_targets).backward()
+                else:
+                    loss.backward()
                 if tc.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
                 opt.step()
