@@ -38,9 +38,9 @@ from recpipe.artifacts import (
     run_stage,
     write_json,
 )
-from recpipe.config import Config, TrainConfig, to_dict
+from recpipe.config import Config, TrainConfig, check_model_name, to_dict
 from recpipe.errors import ArtifactError, ConfigError
-from recpipe.models.base import Recommender, build_model, get_model_config_cls
+from recpipe.models.base import Recommender, build_model
 from recpipe.models.metrics import RankAccumulator, history_mask
 from recpipe.pipeline import data as data_stage
 
@@ -62,6 +62,10 @@ class Batcher:
         start = self.offsets[self.user_of]
         end_train = self.offsets[self.user_of + 1] - 2
         self.train_positions = pos[(pos > start) & (pos < end_train)]
+
+    def capped(self, lengths: np.ndarray) -> np.ndarray:
+        """History lengths as the model reads them: at most history_len (no cap without one)."""
+        return np.minimum(lengths, self.L) if self.L else lengths
 
     def _width(self, need: np.ndarray) -> int:
         """Columns for a batch: the longest real history in it, capped at the model's history_len.
@@ -138,9 +142,8 @@ class Batcher:
 
     def eval_batch(self, users: np.ndarray, split: str) -> tuple[dict[str, torch.Tensor], list[np.ndarray]]:
         """History (model window) and target for "valid" / "test", plus each user's full history (for masking)."""
-        cut = {"test": 1, "valid": 2}[split]
         start = self.offsets[users]
-        end = self.offsets[users + 1] - cut  # the target's position
+        end = start + self.eval_lengths(users, split)  # the target's position
         batch = {"history": torch.from_numpy(self._window(end, start, self._width(end - start))),
                  "target": torch.from_numpy(self.items[end].copy())}
         seen = [self.items[s:e] for s, e in zip(start, end)]
@@ -169,14 +172,14 @@ def _units(b: Batcher, mode: str, batch_size: int, window: int, chunked: bool = 
 
 
 def _unit_lengths(b: Batcher, mode: str, units: np.ndarray) -> np.ndarray | None:
-    """The history length (columns before the model's cap) each training unit's batch row needs; None for
-    modes whose rows are all alike ("window")."""
+    """The history length (capped at the model's window) each training unit's batch row needs, which for
+    "sequence" units is also its number of targets; None for modes whose rows are all alike ("window")."""
     if mode == "position":
-        return units - b.offsets[b.user_of[units]]
+        return b.capped(units - b.offsets[b.user_of[units]])
     if mode == "sequence":
-        return units - b.offsets[b.user_of[units - 1]] - 1
+        return b.capped(units - b.offsets[b.user_of[units - 1]] - 1)
     if mode == "user":
-        return b.offsets[units + 1] - 2 - b.offsets[units]
+        return b.capped(b.offsets[units + 1] - 2 - b.offsets[units])
     return None
 
 
@@ -205,8 +208,7 @@ def iterate_training(b: Batcher, mode: str, batch_size: int, epoch: int, seed: i
     perm = units[rng.permutation(len(units))]
     lengths = _unit_lengths(b, mode, perm) if length_pool > 0 else None
     if lengths is not None:
-        perm = bucket_by_length(perm, np.minimum(lengths, b.L or np.iinfo(np.int64).max), batch_size,
-                                length_pool, rng)
+        perm = bucket_by_length(perm, lengths, batch_size, length_pool, rng)
     for i in range(skip * batch_size, len(perm), batch_size):
         chunk = perm[i: i + batch_size]
         if mode == "position":
@@ -242,8 +244,7 @@ def evaluate_split(
     # Batches of users with similar history lengths: a batch is as wide as its longest history (capped at the
     # model's window), so on short-history catalogs (Amazon: ~7 items) this cuts padded compute several-fold.
     # The metrics are means over users, so the order changes nothing but the noise a generative model draws.
-    users = users[np.argsort(np.minimum(b.eval_lengths(users, split), b.L or np.iinfo(np.int64).max),
-                             kind="stable")]
+    users = users[np.argsort(b.capped(b.eval_lengths(users, split)), kind="stable")]
     acc = RankAccumulator()
     gen = torch.Generator(device=device).manual_seed(seed)
     kwargs = dict(score_kwargs or {})
@@ -507,10 +508,7 @@ def train_config_dict(cfg: Config, model_name: str) -> dict[str, Any]:
 def run(cfg: Config, model_name: str | None = None, force: bool = False, log=print, progress: bool = True
         ) -> StageResult:
     model_name = model_name or cfg.train.model
-    try:
-        get_model_config_cls(model_name)
-    except KeyError as e:
-        raise ConfigError(str(e.args[0])) from None
+    check_model_name(model_name)
     inputs = gather_inputs(cfg, model_name)
     config = train_config_dict(cfg, model_name)
 
@@ -604,8 +602,7 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
         if ema is not None:
             eval_model = make_model(model_name, mcfg, inp.ds.n_items, inp.item_vectors).to(device)
             eval_model.load_state_dict(ema.shadow)
-        res = valid_metrics(eval_model)
-        return res
+        return valid_metrics(eval_model)
 
     def check(final: bool) -> None:
         """Validate, keep the best EMA weights, decide on early stopping, save the resumable state."""
@@ -638,8 +635,7 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
     per_batch_targets = 0.0
     if tc.length_pool > 0 and mode == "sequence":
         units = _units(b, mode, tc.batch_size, window, chunked)[0]
-        per_batch_targets = float(np.minimum(_unit_lengths(b, mode, units), b.L or np.iinfo(np.int64).max).sum()
-                                  ) / max(per_epoch, 1)
+        per_batch_targets = float(_unit_lengths(b, mode, units).sum()) / max(per_epoch, 1)
 
     n_params = model.num_parameters()
     log(f"train/{model_name}: {n_params:,} parameters, {mode} batches, {per_epoch} steps/epoch, up to {total} "
