@@ -333,10 +333,12 @@ def _server_importable() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _server_importable(), reason="needs llama-cpp-python[server] (fastapi, uvicorn)")
 def test_real_openai_compatible_server_llama_cpp(ds_cfg, key, tmp_path):
-    """The real openai client against llama-cpp-python's OpenAI-compatible server running SmolLM2."""
+    """The real openai client against llama-cpp-python's OpenAI-compatible server running SmolLM2 (through
+    recpipe.llm_server, which loads the model as the local backend does; plain llama_cpp.server crashes on
+    AMX CPUs, see test_quantised_gguf_runs_where_llama_cpp_has_amx)."""
     port = free_port()
     log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(DS.bundled_gguf()),
+    proc = subprocess.Popen([sys.executable, "-m", "recpipe.llm_server", "--model", str(DS.bundled_gguf()),
                              "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024", "--n_threads", "1"],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -386,6 +388,44 @@ def test_local_backend_in_process(ds_cfg):
     assert desc.loc[0, "backend"] in ("local", "metadata") and len(desc.loc[0, "text"]) > 10
     _, _, rep2 = DS.describe_items(D.load(cfg.run_dir / "data").items, cfg, log=lambda m: None)
     assert rep2.calls == 0 and rep2.cache_hits == rep.unique_prompts - rep.failures
+
+
+_QUANTISED_RUN = """
+import sys
+from recpipe.config import load_config
+from recpipe.pipeline import describe as DS
+cfg = load_config(None, {"describe.llm": "local", "describe.local_quant": sys.argv[1], "describe.threads": 1,
+                         "describe.local_batch": 1, "run.cache_dir": sys.argv[2]})
+b = DS.LocalBackend(cfg.describe, model_dir=sys.argv[2])
+out = b.complete([{"role": "user", "content": "Describe the film Toy Story in one sentence."}], 24, 0.0)
+print(DS.cpu_has_amx(), b.model_file().name, repr(out.text))
+"""
+
+
+@needs_llama
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["none", "q8_0"])
+def test_quantised_gguf_runs_where_llama_cpp_has_amx(quant, tmp_path):
+    """The bundled Q4_1 file and its q8_0 copy generate text in a fresh process. On CPUs where llama.cpp
+    builds its AMX-INT8 backend, loading them with the extra CPU buffer types crashed the process with SIGSEGV
+    at the first decode; run in a subprocess, so such a crash fails this test instead of killing pytest."""
+    proc = subprocess.run([sys.executable, "-c", _QUANTISED_RUN, quant, str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-400:]}"
+    amx, name, text = proc.stdout.strip().splitlines()[-1].split(" ", 2)
+    assert name.endswith(".gguf") and (quant == "none") == (name == DS.bundled_gguf().name)
+    assert len(eval(text).strip()) > 5  # noqa: S307 - our own repr of a str
+
+
+def test_llama_load_params_sets_fields_only_while_loading():
+    llama = pytest.importorskip("llama_cpp.llama")
+    default = llama.llama_cpp.llama_model_default_params
+    with DS.llama_load_params(use_extra_bufts=False, check_tensors=True):
+        p = llama.llama_cpp.llama_model_default_params()
+        assert p.use_extra_bufts is False and p.check_tensors is True
+    assert llama.llama_cpp.llama_model_default_params is default
+    assert default().use_extra_bufts is True
+    assert DS.extra_buffer_types() is (not DS.cpu_has_amx())
 
 
 # --------------------------------------------------------------------------------------- ml-100k slice

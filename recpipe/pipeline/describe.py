@@ -495,6 +495,45 @@ def cpu_has_bf16() -> bool:
     return native_bf16(llama_system_info())
 
 
+def cpu_has_amx() -> bool:
+    """Whether llama.cpp's build uses the AMX-INT8 backend here (Sapphire Rapids and later Xeons)."""
+    return re.search(r"\bAMX_INT8\s*=\s*1\b", llama_system_info()) is not None
+
+
+_PARAMS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def llama_load_params(**fields):
+    """Sets fields of the llama_model_params that llama-cpp-python's Llama() reads while it loads a model, for
+    the ones its constructor takes no argument for. One load at a time (it swaps a module function)."""
+    from llama_cpp import llama as llama_mod
+
+    with _PARAMS_LOCK:
+        default = llama_mod.llama_cpp.llama_model_default_params
+
+        def params():
+            p = default()
+            for k, v in fields.items():
+                setattr(p, k, v)
+            return p
+
+        llama_mod.llama_cpp.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            llama_mod.llama_cpp.llama_model_default_params = default
+
+
+def extra_buffer_types() -> bool:
+    """Whether llama.cpp may put weights in its extra CPU buffer types (AMX, repacked layouts). Not where the
+    AMX-INT8 backend is built in: with it, every quantised GGUF (the bundled Q4_1, q8_0, q4_0) loads and then
+    crashes the process with SIGSEGV at the first decode (llama-cpp-python 0.3.36 on a 2-core AMX Xeon,
+    measured; BF16 weights, which AMX does not take, ran). Without the extra buffer types the same files run
+    on the plain CPU kernels, which use AVX512-VNNI there."""
+    return not cpu_has_amx()
+
+
 def local_quant(dcfg: DescribeConfig) -> str:
     """The requantisation the local backend applies. `auto`, for the bundled SmolLM2 (Q4_1: slow kernels on
     CPUs): bf16 where the CPU multiplies BF16 natively, q8_0 elsewhere. Both hold its 4-bit weights almost
@@ -611,8 +650,9 @@ class LocalBackend(Backend):
 
                 self.path = self.model_file()
                 try:
-                    self._llm = Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.threads,
-                                      n_threads_batch=self.threads, verbose=False)
+                    with llama_load_params(use_extra_bufts=extra_buffer_types()):
+                        self._llm = Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.threads,
+                                          n_threads_batch=self.threads, verbose=False)
                 except (ValueError, RuntimeError, OSError) as e:
                     raise BackendError(f"{self.path}: cannot load as a GGUF model ({e})") from None
                 window = min(self.n_ctx, BATCH_WINDOW)
