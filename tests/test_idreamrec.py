@@ -364,8 +364,9 @@ def test_branches_batched_per_step():
     m.generate(b, steps=4, w=1.0, rho=0.0, generator=gen(0))  # only f(h, ∅), 4 steps
     assert calls == [(10, True)] * 4
     calls.clear()
-    m.sample_chunk = 4  # chunked forwards give the same result
-    torch.testing.assert_close(m.generate(b, generator=gen(0)), full, rtol=1e-5, atol=1e-6)
+    m.sample_chunk = 4  # chunked forwards give the same result, up to float32 GEMM blocking (which follows the
+    # batch size: 2e-6 apart on AVX512 cores after guidance's w = 3 amplification, measured); a wrong row is O(1) off
+    torch.testing.assert_close(m.generate(b, generator=gen(0)), full, rtol=1e-4, atol=1e-5)
     assert [n for n, _ in calls] == [4, 4, 4, 3, 4, 4, 2]
 
 
