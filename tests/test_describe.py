@@ -453,12 +453,47 @@ def test_ml100k_slice_through_data_and_describe(shared_datasets, tmp_path, key):
         assert desc["text"].str.len().gt(0).all()
 
 
+def _logit_drift(llm, batcher, messages, got, seen: list[np.ndarray]) -> list[float]:
+    """Teacher-forced: for each token the batcher generated (and its end of generation), the mean absolute
+    difference between the logits the batcher sampled it from (`seen`) and the one-at-a-time model's, given the
+    prompt and the batcher's tokens before it."""
+    r = batcher.fmt(messages=messages)
+    llm.reset()
+    llm.eval(llm.tokenize(r.prompt.encode("utf-8"), add_bos=not r.added_special, special=True))
+    seq = list(got.token_ids) + ([llm.token_eos()] if got.finish_reason == "stop" else [])
+    assert len(got.token_ids) == got.completion_tokens and len(seen) == len(seq) > 0
+    drift = []
+    for t, b in zip(seq, seen):
+        ref = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))  # llm.scores: logits_all
+        assert ref.std() > 1 and np.isfinite(b).all()
+        drift.append(float(np.abs(b - ref).mean()))
+        llm.eval([t])
+    return drift
+
+
+#: mean |logit difference| a batched and a one-at-a-time decode of the same tokens may show: llama.cpp's BF16
+#: GEMMs block a multi-sequence decode and a one-token decode differently (up to 0.145 a step over these 8
+#: prompts on an AVX512-BF16 EPYC; 0 with the Q4_1 and q8_0 files there), enough to break a greedy near-tie the
+#: other way (seen in CI: "The iconic animated film" / "The iconic film"). Decoding against 3 stale prefix
+#: tokens was 0.83 off, against another sequence's logits row 15 (measured).
+KERNEL_DRIFT = 0.25
+
+
 @needs_llama
 @pytest.mark.slow
-def test_local_batched_decoding_matches_one_at_a_time():
-    """Continuous batching (describe.local_batch > 1) generates exactly what the one-at-a-time path does, also
-    when a slot reuses the prompt prefix it already holds or copies it from another slot, and when a running
-    sequence is moved to a lower slot."""
+def test_local_batched_decoding_matches_one_at_a_time(monkeypatch):
+    """Continuous batching (describe.local_batch > 1) computes what the one-at-a-time path does: every token's
+    logits, teacher-forced, up to kernel rounding, and exactly its text where no near-tie broke the other way;
+    also when a slot reuses the prompt prefix it already holds or copies it from another slot, and when a
+    running sequence is moved to a lower slot."""
+    seen: dict[int, list[np.ndarray]] = {}
+    sample = DS._Batcher._sample
+
+    def recording(logits, st):
+        seen.setdefault(id(st["fut"]), []).append(logits.copy())
+        return sample(logits, st)
+
+    monkeypatch.setattr(DS._Batcher, "_sample", staticmethod(recording))
     cfg = load_config(None, {"describe.llm": "local", "describe.threads": 1, "describe.local_batch": 3})
     batched = DS.get_backend(cfg.describe)
     try:
@@ -473,11 +508,15 @@ def test_local_batched_decoding_matches_one_at_a_time():
         assert stats["prefilled"] < stats["prompt_tokens"] and stats["copies"] >= 1  # shared prefixes reused
         long = tmpls[0].messages("Title: " + "very long " * 600)  # over a batch slot's window: one at a time
         assert batched._batcher.submit(long, 24, 0.0, 0) is None
-        for m, g in zip(msgs, got):
+        exact = 0
+        for m, g, f in zip(msgs, got, futs):
+            drift = _logit_drift(llm, batched._batcher, m, g, seen[id(f)])
+            assert max(drift) <= KERNEL_DRIFT, (g.text, [round(d, 3) for d in drift])
+            llm.reset()  # a full prefill, as the walk's: a reused prefix is decoded by other kernels
             ref = llm.create_chat_completion(messages=m, max_tokens=24, temperature=0.0,
                                              repeat_penalty=DS.REPEAT_PENALTY)
-            assert g.text == ref["choices"][0]["message"]["content"]
-            assert g.completion_tokens == ref["usage"]["completion_tokens"]
+            exact += g.text == ref["choices"][0]["message"]["content"]
+        assert exact >= len(msgs) // 2  # near-ties are rare: most texts are the one-at-a-time path's exactly
     finally:
         batched.close()
 

@@ -310,6 +310,7 @@ class Completion:
     finish_reason: str | None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    token_ids: tuple[int, ...] = ()  # the generated tokens, where the backend knows them (the local batcher)
 
 
 class Backend:
@@ -930,7 +931,8 @@ class _Batcher:
                     st = active.pop(seq)
                     free.add(seq)
                     text = self.llm.detokenize(st["out"]).decode("utf-8", errors="replace")
-                    st["fut"].set_result(Completion(text, reason, st["n_prompt"], len(st["out"])))
+                    st["fut"].set_result(Completion(text, reason, st["n_prompt"], len(st["out"]),
+                                                      tuple(st["out"])))
         except BaseException as e:  # noqa: BLE001 - every waiting request learns about it
             err = Transient(f"local generation failed ({type(e).__name__}: {str(e)[:120]})", kind="local")
             for st in active.values():
@@ -950,15 +952,21 @@ class _Batcher:
                     item[4].set_exception(Transient("local model closed", kind="local"))
 
     @staticmethod
+    def _penalized(logits: np.ndarray, hist: list[int]) -> np.ndarray:
+        """llama.cpp's repetition penalty over the tokens in `hist` (a copy; `logits` itself when none)."""
+        if REPEAT_PENALTY == 1.0 or not hist:
+            return logits
+        lg = logits.copy()
+        h = np.fromiter(set(hist), dtype=np.intp)
+        v = lg[h]
+        lg[h] = np.where(v > 0, v / np.float32(REPEAT_PENALTY), v * np.float32(REPEAT_PENALTY))
+        return lg
+
+    @staticmethod
     def _sample(logits: np.ndarray, st: dict) -> int:
         """llama.cpp's chain in float32, as llama.cpp computes it: repetition penalty, then greedy, or top-k,
         top-p, min-p (on the untempered distribution), temperature and a draw."""
-        lg = logits
-        if REPEAT_PENALTY != 1.0 and st["hist"]:
-            lg = logits.copy()
-            h = np.fromiter(set(st["hist"]), dtype=np.intp)
-            v = lg[h]
-            lg[h] = np.where(v > 0, v / np.float32(REPEAT_PENALTY), v * np.float32(REPEAT_PENALTY))
+        lg = _Batcher._penalized(logits, st["hist"])
         if st["temp"] <= 0:
             return int(np.argmax(lg))
         near = np.flatnonzero(lg >= lg.max() - np.float32(TOP_K_WINDOW))  # the top-k, when at least k are here
