@@ -414,3 +414,64 @@ def test_category_training_intentions(tmp_path, monkeypatch):
     cfg.evaluate.category_column = "nope"
     with pytest.raises(ConfigError, match="category_column"):
         T.run(cfg, log=lambda m: None, progress=False)
+
+
+def test_anchor_intent_weights_the_nearest_training_intentions():
+    rng = np.random.default_rng(0)
+    raw = rng.standard_normal((6, 8)).astype(np.float32)
+    raw /= np.linalg.norm(raw, axis=1, keepdims=True)
+    white = rng.standard_normal((6, 8)).astype(np.float32) * 5
+    from recpipe.pipeline.recommend import anchor_intent
+
+    vec, top, p = anchor_intent(raw[2], raw, white, 1, 0.05)  # the query is a training intention: its vector
+    np.testing.assert_allclose(vec, white[2], rtol=1e-6) and top.tolist() == [2]
+    vec, top, p = anchor_intent(raw[2] + 0.3 * raw[4], raw, white, 3, 0.05)
+    cos = raw @ (raw[2] + 0.3 * raw[4])
+    assert top.tolist() == np.argsort(-cos)[:3].tolist() and abs(p.sum() - 1) < 1e-9 and (np.diff(p) <= 0).all()
+    np.testing.assert_allclose(p[1] / p[0], np.exp((cos[top[1]] - cos[top[0]]) / 0.05), rtol=1e-5)
+    np.testing.assert_allclose(vec, p @ white[top], rtol=1e-5, atol=1e-5)
+    assert len(anchor_intent(raw[0], raw, white, 50, 1.0)[1]) == 6  # k past the bank: all of it
+    with pytest.raises(ValueError, match="empty"):
+        anchor_intent(raw[0], raw[:0], white[:0], 8, 0.05)
+
+
+def test_typed_intent_is_anchored_to_the_trained_intentions(tmp_path):
+    """Real TEM (local MiniLM) on a dataset whose training intentions are the metadata ones ("I am looking for
+    something in genres Comedy, Drama."): a request typed in other words is mapped to the trained intention it
+    means, not whitened as a text the denoiser never saw; intent_anchor=0 keeps the paper's direct vector."""
+    from test_describe import make_dataset
+
+    from recpipe.pipeline import describe as DS
+    from recpipe.pipeline import embed, whiten
+    from recpipe.pipeline.recommend import RecommendService, anchor_intent
+
+    make_dataset(tmp_path / "ds")
+    cfg = load_config(None, {"run.dataset": str(tmp_path / "ds"), "run.cache_dir": str(tmp_path / "cache"),
+                             "data.kcore": 1, "describe.llm": "metadata", "train.model": "idreamrec",
+                             "train.epochs": 1, "train.threads": 2, "model.idreamrec.width": 32,
+                             "model.idreamrec.history_len": 5, "recommend.dtype": "float32"})
+    for stage in (D, DS, embed, whiten):
+        stage.run(cfg, log=lambda m: None)
+    T.run(cfg, log=lambda m: None, progress=False)
+    ds = D.load(cfg.run_dir / "data")
+    texts = pd.read_parquet(cfg.run_dir / "describe" / "intents.parquet")["text"].tolist()
+    white = whiten.load_intent_vectors(cfg.run_dir)
+    svc = RecommendService(cfg)
+    bank_raw, bank_white = svc.intent_bank()
+    assert len(bank_raw) == len(set(texts)) < ds.n_items  # an intention many items share counts once
+    comedy = 1 + next(i for i, g in enumerate(ds.items["genres"]) if g == "Comedy|Drama")
+    action = 1 + next(i for i, g in enumerate(ds.items["genres"]) if g == "Action|Thriller")
+    assert "Comedy" in texts[comedy - 1] and "Action" in texts[action - 1]
+    tem = svc.tem()
+    for typed, means, other in (("a funny comedy", comedy, action), ("an action-packed thriller", action, comedy)):
+        _, top, p = anchor_intent(tem.encode([typed])[0], bank_raw, bank_white, 8, 0.05)
+        np.testing.assert_allclose(bank_white[top[0]], white[means], rtol=1e-6)  # the nearest: what it means
+        vec = svc.intent_vector(typed)
+        dist = {i: float(np.linalg.norm(vec - white[i])) for i in (means, other)}
+        assert dist[means] < dist[other], dist
+        assert len(svc.recommend("u1", intent=typed, k=3)) == 3
+    cfg.recommend.intent_anchor = 0  # the typed text's own whitened vector
+    direct = RecommendService(cfg).intent_vector("a funny comedy")
+    np.testing.assert_allclose(direct, svc.whitening.transform(tem.encode(["a funny comedy"]))[0], rtol=1e-5,
+                               atol=1e-4)
+    assert not np.allclose(direct, svc.intent_vector("a funny comedy"), atol=1e-2)

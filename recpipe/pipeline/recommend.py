@@ -26,6 +26,24 @@ from recpipe.pipeline.embed import torch_threads
 INTENT_CACHE = 4096  # distinct intents whose vectors a warm service keeps (1.5 KB each at 384-d)
 
 
+def anchor_intent(query: np.ndarray, bank_raw: np.ndarray, bank_white: np.ndarray, k: int, temperature: float
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A typed intention as the denoiser knows intentions: the softmax(cosine / temperature)-weighted mean of
+    the whitened vectors (bank_white, (n, d)) of the k training intentions whose unit TEM vectors (bank_raw)
+    are nearest to the query's unit TEM vector (d,). Returns the (d,) vector, the k bank rows used (nearest
+    first) and their weights."""
+    k = min(k, len(bank_raw))
+    if k < 1:
+        raise ValueError("an empty intention bank")
+    cos = bank_raw @ query  # (n,)
+    top = np.argpartition(-cos, k - 1)[:k]
+    top = top[np.argsort(-cos[top], kind="stable")]
+    z = (cos[top] - cos[top[0]]) / temperature
+    p = np.exp(z.astype(np.float64))
+    p /= p.sum()
+    return (p @ bank_white[top].astype(np.float64)).astype(np.float32), top, p
+
+
 @dataclass
 class Recommendation:
     rank: int
@@ -54,6 +72,7 @@ class RecommendService:
         self.item_ids = self.ds.items["item_id"].to_numpy()
         self._tem = None
         self._intents: OrderedDict[str, np.ndarray] = OrderedDict()  # LRU: intent text -> whitened vector
+        self._bank: tuple[np.ndarray, np.ndarray] | None = None  # training intentions: unit TEM, whitened
         self.whitening = None
         self.index = None
         if getattr(self.model, "uses_text", False):
@@ -90,12 +109,56 @@ class RecommendService:
         raw = self.tem().encode([intent], dtype=str(self.dtype).removeprefix("torch."))
         if raw.shape[1] != self.whitening.dim:
             raise ArtifactError(f"the TEM gives {raw.shape[1]}-d vectors but the items are {self.whitening.dim}-d")
-        vec = self.whitening.transform(raw)[0].astype(np.float32)
+        bank_raw, bank_white = self.intent_bank()
+        if self.cfg.recommend.intent_anchor > 0 and len(bank_raw):
+            q = raw[0].astype(np.float32) / max(float(np.linalg.norm(raw[0])), 1e-12)
+            vec = anchor_intent(q, bank_raw, bank_white, self.cfg.recommend.intent_anchor,
+                                self.cfg.recommend.anchor_temperature)[0]
+        else:
+            vec = self.whitening.transform(raw)[0].astype(np.float32)
         vec.setflags(write=False)
         self._intents[intent] = vec
         if len(self._intents) > INTENT_CACHE:
             self._intents.popitem(last=False)
         return vec
+
+    def intent_bank(self) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct intentions the model was trained with (train.intent_source: the describe stage's, the
+        category texts, or both) as unit TEM vectors (n, d) and whitened vectors (n, d); n = 0 when it
+        trained with none (then a typed intent is whitened directly)."""
+        if self._bank is not None:
+            return self._bank
+        from recpipe.pipeline import whiten
+        from recpipe.pipeline.whiten import INTENT_FILE
+
+        src = self.conf.get("train", {}).get("intent_source", "llm")
+        raws, whites = [], []
+        if src in ("llm", "mixed"):
+            white = whiten.load_intent_vectors(self.cfg.run_dir)
+            path = self.cfg.run_dir / "embed" / INTENT_FILE
+            if white is not None and path.exists():
+                try:
+                    raw = np.load(path, allow_pickle=False)
+                except (OSError, ValueError) as e:
+                    raise ArtifactError(f"{path}: unreadable ({e}); re-run `recpipe embed --force`") from None
+                if raw.shape != white.shape:
+                    raise ArtifactError(f"{path}: shape {raw.shape} differs from the whitened intentions' "
+                                        f"{white.shape}; re-run `recpipe train`")
+                keep = np.flatnonzero(raw[1:].any(axis=1)) + 1  # zero rows: items without an intention
+                raws.append(raw[keep])
+                whites.append(white[keep])
+        if src in ("category", "mixed"):
+            cats = train_stage.category_intents(self.cfg, self.ds)
+            raws.append(self.tem().encode(cats.texts))
+            whites.append(cats.vectors)
+        d = self.whitening.dim
+        R = np.concatenate(raws).astype(np.float32) if raws else np.zeros((0, d), np.float32)
+        Wt = np.concatenate(whites).astype(np.float32) if whites else np.zeros((0, d), np.float32)
+        R /= np.maximum(np.linalg.norm(R, axis=1, keepdims=True), 1e-12)
+        _, first = np.unique(R, axis=0, return_index=True)  # an intention many items share counts once
+        first.sort()
+        self._bank = (R[first], Wt[first])
+        return self._bank
 
     def recommend(self, user_id: str, intent: str | None = None, k: int | None = None,
                   w: float | None = None, rho: float | None = None, steps: int | None = None
