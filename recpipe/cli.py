@@ -312,6 +312,11 @@ def _recommend(cfg, user: str, intent: str | None, k: int | None, w=None, rho=No
     for r in recs:
         t.add_row(str(r.rank), r.item_id, r.title, f"{r.score:.3f}")
     console.print("recent history: " + " | ".join(svc.history(user)), highlight=False)
+    if intent and recs:
+        near = svc.anchored_to(intent)
+        if near:
+            console.print("intent anchored to the trained intentions: " + "; ".join(
+                f"\"{(txt or '?')[:80]}\" {wt:.2f}" for txt, wt in near), highlight=False)
     console.print(t)
 
 

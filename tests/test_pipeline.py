@@ -470,6 +470,8 @@ def test_typed_intent_is_anchored_to_the_trained_intentions(tmp_path):
         dist = {i: float(np.linalg.norm(vec - white[i])) for i in (means, other)}
         assert dist[means] < dist[other], dist
         assert len(svc.recommend("u1", intent=typed, k=3)) == 3
+        near = svc.anchored_to(typed)
+        assert near[0][0] == texts[means - 1] and near[0][1] > 0.5 and abs(sum(w for _, w in near) - 1) < 1e-6
     cfg.recommend.intent_anchor = 0  # the typed text's own whitened vector
     direct = RecommendService(cfg).intent_vector("a funny comedy")
     np.testing.assert_allclose(direct, svc.whitening.transform(tem.encode(["a funny comedy"]))[0], rtol=1e-5,

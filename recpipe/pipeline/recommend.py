@@ -44,6 +44,22 @@ def anchor_intent(query: np.ndarray, bank_raw: np.ndarray, bank_white: np.ndarra
     return (p @ bank_white[top].astype(np.float64)).astype(np.float32), top, p
 
 
+def _intent_texts(run_dir, n_items: int, rows: np.ndarray) -> list[str | None]:
+    """The describe stage's intention texts of item rows `rows` (1-based), or Nones where its table is
+    missing or does not line up with the embed stage's rows."""
+    import pandas as pd
+
+    path = run_dir / "describe" / "intents.parquet"
+    try:
+        df = pd.read_parquet(path, columns=["item", "text"])
+    except Exception:  # noqa: BLE001 - the texts only explain the anchoring; the vectors come from embed
+        return [None] * len(rows)
+    if len(df) != n_items or not (df["item"].to_numpy() == np.arange(1, n_items + 1)).all():
+        return [None] * len(rows)
+    t = df["text"].to_numpy()
+    return [str(t[i - 1]) for i in rows]
+
+
 @dataclass
 class Recommendation:
     rank: int
@@ -73,6 +89,7 @@ class RecommendService:
         self._tem = None
         self._intents: OrderedDict[str, np.ndarray] = OrderedDict()  # LRU: intent text -> whitened vector
         self._bank: tuple[np.ndarray, np.ndarray] | None = None  # training intentions: unit TEM, whitened
+        self._bank_texts: list[str | None] = []  # their texts, where the describe stage's table has them
         self.whitening = None
         self.index = None
         if getattr(self.model, "uses_text", False):
@@ -132,7 +149,7 @@ class RecommendService:
         from recpipe.pipeline.whiten import INTENT_FILE
 
         src = self.conf.get("train", {}).get("intent_source", "llm")
-        raws, whites = [], []
+        raws, whites, texts = [], [], []
         if src in ("llm", "mixed"):
             white = whiten.load_intent_vectors(self.cfg.run_dir)
             path = self.cfg.run_dir / "embed" / INTENT_FILE
@@ -147,18 +164,34 @@ class RecommendService:
                 keep = np.flatnonzero(raw[1:].any(axis=1)) + 1  # zero rows: items without an intention
                 raws.append(raw[keep])
                 whites.append(white[keep])
+                texts += _intent_texts(self.cfg.run_dir, len(raw) - 1, keep)
         if src in ("category", "mixed"):
             cats = train_stage.category_intents(self.cfg, self.ds)
             raws.append(self.tem().encode(cats.texts))
             whites.append(cats.vectors)
+            texts += cats.texts
         d = self.whitening.dim
         R = np.concatenate(raws).astype(np.float32) if raws else np.zeros((0, d), np.float32)
         Wt = np.concatenate(whites).astype(np.float32) if whites else np.zeros((0, d), np.float32)
         R /= np.maximum(np.linalg.norm(R, axis=1, keepdims=True), 1e-12)
-        _, first = np.unique(R, axis=0, return_index=True)  # an intention many items share counts once
+        # an intention many items share counts once (its rows differ in the last bits across embed batches)
+        _, first = np.unique(np.round(R, 4), axis=0, return_index=True)
         first.sort()
         self._bank = (R[first], Wt[first])
+        self._bank_texts = [texts[i] for i in first]
         return self._bank
+
+    def anchored_to(self, intent: str, n: int = 3) -> list[tuple[str | None, float]]:
+        """The training intentions a typed intent is anchored to (text or None, weight), heaviest first, at most
+        n; [] when anchoring is off or the model trained with none."""
+        bank_raw, bank_white = self.intent_bank()
+        if self.cfg.recommend.intent_anchor < 1 or not len(bank_raw):
+            return []
+        raw = self.tem().encode([" ".join(intent.split())], dtype=str(self.dtype).removeprefix("torch."))[0]
+        q = raw.astype(np.float32) / max(float(np.linalg.norm(raw)), 1e-12)
+        _, top, p = anchor_intent(q, bank_raw, bank_white, self.cfg.recommend.intent_anchor,
+                                  self.cfg.recommend.anchor_temperature)
+        return [(self._bank_texts[i], float(w)) for i, w in zip(top[:n], p[:n])]
 
     def recommend(self, user_id: str, intent: str | None = None, k: int | None = None,
                   w: float | None = None, rho: float | None = None, steps: int | None = None
