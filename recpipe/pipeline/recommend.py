@@ -126,13 +126,8 @@ class RecommendService:
         raw = self.tem().encode([intent], dtype=str(self.dtype).removeprefix("torch."))
         if raw.shape[1] != self.whitening.dim:
             raise ArtifactError(f"the TEM gives {raw.shape[1]}-d vectors but the items are {self.whitening.dim}-d")
-        bank_raw, bank_white = self.intent_bank()
-        if self.cfg.recommend.intent_anchor > 0 and len(bank_raw):
-            q = raw[0].astype(np.float32) / max(float(np.linalg.norm(raw[0])), 1e-12)
-            vec = anchor_intent(q, bank_raw, bank_white, self.cfg.recommend.intent_anchor,
-                                self.cfg.recommend.anchor_temperature)[0]
-        else:
-            vec = self.whitening.transform(raw)[0].astype(np.float32)
+        anchored = self._anchor(raw[0])
+        vec = anchored[0] if anchored else self.whitening.transform(raw)[0].astype(np.float32)
         vec.setflags(write=False)
         self._intents[intent] = vec
         if len(self._intents) > INTENT_CACHE:
@@ -184,14 +179,23 @@ class RecommendService:
     def anchored_to(self, intent: str, n: int = 3) -> list[tuple[str | None, float]]:
         """The training intentions a typed intent is anchored to (text or None, weight), heaviest first, at most
         n; [] when anchoring is off or the model trained with none."""
-        bank_raw, bank_white = self.intent_bank()
-        if self.cfg.recommend.intent_anchor < 1 or not len(bank_raw):
+        if self.cfg.recommend.intent_anchor < 1 or not len(self.intent_bank()[0]):
             return []
-        raw = self.tem().encode([" ".join(intent.split())], dtype=str(self.dtype).removeprefix("torch."))[0]
-        q = raw.astype(np.float32) / max(float(np.linalg.norm(raw)), 1e-12)
-        _, top, p = anchor_intent(q, bank_raw, bank_white, self.cfg.recommend.intent_anchor,
-                                  self.cfg.recommend.anchor_temperature)
+        raw = self.tem().encode([" ".join(intent.split())], dtype=str(self.dtype).removeprefix("torch."))
+        _, top, p = self._anchor(raw[0])
         return [(self._bank_texts[i], float(w)) for i, w in zip(top[:n], p[:n])]
+
+    def _anchor(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """anchor_intent of a typed intent's TEM vector (d,) over the training intentions, or None when
+        anchoring is off or the model trained with none."""
+        if self.cfg.recommend.intent_anchor < 1:
+            return None
+        bank_raw, bank_white = self.intent_bank()
+        if not len(bank_raw):
+            return None
+        q = raw.astype(np.float32) / max(float(np.linalg.norm(raw)), 1e-12)
+        return anchor_intent(q, bank_raw, bank_white, self.cfg.recommend.intent_anchor,
+                             self.cfg.recommend.anchor_temperature)
 
     def recommend(self, user_id: str, intent: str | None = None, k: int | None = None,
                   w: float | None = None, rho: float | None = None, steps: int | None = None
