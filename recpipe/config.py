@@ -151,6 +151,10 @@ class EvaluateConfig:
     split: str = "test"  # the test split is read once, at the end; "valid" for model selection studies
     category_column: str = "genres"  # item column whose values make category-level intentions ("|" separated)
     category_template: str = "a {category} movie"  # the intention text; {category} is one of the target's
+    # > 0: add a "category: history + intention (anchored)" row whose category texts are anchored to the
+    # model's training intentions as `recommend` anchors a typed intent (recommend.intent_anchor's k nearest,
+    # recommend.anchor_temperature); 0 = no such row
+    intent_anchor: int = 0
     # float32 | bfloat16: the precision a generative model's denoiser runs at while scoring (the scores
     # themselves stay float32: bf16 scores would tie); float32 keeps the numbers identical across machines
     dtype: str = "float32"
@@ -414,6 +418,7 @@ def _validate(cfg: Config) -> None:
     need(math.isfinite(cfg.recommend.w) and math.isfinite(cfg.recommend.rho), "recommend.w and rho must be finite")
     need(cfg.recommend.dtype in ("auto", "float32", "bfloat16"), "recommend.dtype must be auto, float32 or bfloat16")
     need(cfg.recommend.intent_anchor >= 0, "recommend.intent_anchor must be >= 0 (0 = off)")
+    need(cfg.evaluate.intent_anchor >= 0, "evaluate.intent_anchor must be >= 0 (0 = off)")
     need(math.isfinite(cfg.recommend.anchor_temperature) and cfg.recommend.anchor_temperature > 0,
          "recommend.anchor_temperature must be > 0")
 

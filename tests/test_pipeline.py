@@ -472,6 +472,27 @@ def test_typed_intent_is_anchored_to_the_trained_intentions(tmp_path):
         assert len(svc.recommend("u1", intent=typed, k=3)) == 3
         near = svc.anchored_to(typed)
         assert near[0][0] == texts[means - 1] and near[0][1] > 0.5 and abs(sum(w for _, w in near) - 1) < 1e-6
+    # evaluate: category texts ("a comedy movie") anchored the same way, in a row of their own
+    conf = T.load_trained(cfg.run_dir, "idreamrec", "cpu")[1]
+    _, targets = ds.split("test")
+    it = E.build_intentions(cfg, "category", ds, targets, log=lambda m: None)
+    anchored = E.anchored_intentions(cfg, conf, ds, it, 8)
+    plain = {"a comedy movie": comedy, "a drama movie": comedy, "an action movie": action, "a thriller movie": action}
+    checked = [u for u, text in enumerate(it.texts) if text in plain]  # (one item's genre is "Epic Epic ...")
+    assert len(checked) >= len(it.texts) // 2
+    for u in checked:
+        means = plain[it.texts[u]]
+        other = action if means == comedy else comedy
+        a, m = anchored.whitened[u], white[means]
+        assert a @ m / np.linalg.norm(a) / np.linalg.norm(m) > 0.95  # the trained intention's vector, about
+        assert np.linalg.norm(a - m) < np.linalg.norm(a - white[other])
+    cfg.evaluate.intent, cfg.evaluate.steps, cfg.evaluate.intent_anchor = "category", [1], 8
+    rows = {r["name"] for r in E.run(cfg, log=lambda m: None, progress=False).manifest.info["rows"]}
+    assert {"category: history + intention", "category: history + intention (anchored)"} <= rows
+    cfg.evaluate.intent_anchor = 0
+    ev = E.run(cfg, log=lambda m: None, progress=False)
+    assert "intent_anchor" not in ev.manifest.config["evaluate"]  # off: the fingerprint evaluations had before
+    assert "category: history + intention (anchored)" not in {r["name"] for r in ev.manifest.info["rows"]}
     cfg.recommend.intent_anchor = 0  # the typed text's own whitened vector
     direct = RecommendService(cfg).intent_vector("a funny comedy")
     np.testing.assert_allclose(direct, svc.whitening.transform(tem.encode(["a funny comedy"]))[0], rtol=1e-5,

@@ -111,6 +111,10 @@ def run(cfg: Config, model_name: str | None = None, force: bool = False, log=pri
     if ec.intent != "none":
         inputs["embed"] = require_stage(cfg.run_dir, "embed", hint="recpipe embed").fingerprint
     config = {"evaluate": to_dict(ec), "model": model_name, "seed": cfg.run.seed}
+    if not ec.intent_anchor:
+        config["evaluate"].pop("intent_anchor")  # off, the default: evaluations made before it stay current
+    else:
+        config["anchor_temperature"] = cfg.recommend.anchor_temperature
 
     def build(out_dir: Path) -> dict[str, Any]:
         result = evaluate_model(cfg, model_name, log=log, progress=progress)
@@ -175,7 +179,29 @@ def evaluate_model(cfg: Config, model_name: str, log=print, progress: bool = Fal
             row(f"{kind} intention alone", search, intent_fn=it.fn("raw"))
             row(f"{kind}: history alone", model, steps_kw(ec.steps[0]))
             row(f"{kind}: history + intention", model, steps_kw(ec.steps[0]), intent_fn=it.fn("whitened"))
+            if kind == "category" and ec.intent_anchor > 0:
+                anchored = anchored_intentions(cfg, conf, ds, it, ec.intent_anchor)
+                if anchored is not None:
+                    row(f"{kind}: history + intention (anchored)", model, steps_kw(ec.steps[0]),
+                        intent_fn=anchored.fn("whitened"))
     return {"model": model_name, "split": split, "users": rows[0]["users"], "rows": rows, "ks": ec.ks}
+
+
+def anchored_intentions(cfg: Config, conf: dict, ds: data_stage.Dataset, it: Intentions, k: int
+                        ) -> Intentions | None:
+    """`it` (category texts) with each text's whitened vector replaced by its anchor over the model's training
+    intentions (recommend.anchor_intent), or None when the model trained with none."""
+    from recpipe.pipeline.embed import load_tem
+    from recpipe.pipeline.recommend import anchor_intent, training_intentions
+
+    emb = require_stage(cfg.run_dir, "embed", hint="recpipe embed")
+    R, Wt, _ = training_intentions(cfg, conf, ds, lambda t: load_tem(emb.info).encode(t), it.whitened.shape[1])
+    if not len(R):
+        return None
+    uniq, first, inv = np.unique(np.array(it.texts, dtype=object), return_index=True, return_inverse=True)
+    q = it.raw[first] / np.maximum(np.linalg.norm(it.raw[first], axis=1, keepdims=True), 1e-12)
+    vecs = np.stack([anchor_intent(v, R, Wt, k, cfg.recommend.anchor_temperature)[0] for v in q])
+    return Intentions(it.raw, vecs[inv.reshape(-1)], it.texts)
 
 
 def _score_params(model: Recommender) -> set[str]:

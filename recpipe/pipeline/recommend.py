@@ -44,6 +44,45 @@ def anchor_intent(query: np.ndarray, bank_raw: np.ndarray, bank_white: np.ndarra
     return (p @ bank_white[top].astype(np.float64)).astype(np.float32), top, p
 
 
+def training_intentions(cfg: Config, conf: dict, ds, encode, dim: int
+                        ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """The distinct intentions a model (its checkpoint config `conf`) was trained with (train.intent_source:
+    the describe stage's, the category texts, or both): unit TEM vectors (n, d), whitened vectors (n, d) and
+    texts (None where unknown); n = 0 when it trained with none. `encode(texts)` is the items' TEM."""
+    from recpipe.pipeline import whiten
+    from recpipe.pipeline.whiten import INTENT_FILE
+
+    src = conf.get("train", {}).get("intent_source", "llm")
+    raws, whites, texts = [], [], []
+    if src in ("llm", "mixed"):
+        white = whiten.load_intent_vectors(cfg.run_dir)
+        path = cfg.run_dir / "embed" / INTENT_FILE
+        if white is not None and path.exists():
+            try:
+                raw = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise ArtifactError(f"{path}: unreadable ({e}); re-run `recpipe embed --force`") from None
+            if raw.shape != white.shape:
+                raise ArtifactError(f"{path}: shape {raw.shape} differs from the whitened intentions' "
+                                    f"{white.shape}; re-run `recpipe train`")
+            keep = np.flatnonzero(raw[1:].any(axis=1)) + 1  # zero rows: items without an intention
+            raws.append(raw[keep])
+            whites.append(white[keep])
+            texts += _intent_texts(cfg.run_dir, len(raw) - 1, keep)
+    if src in ("category", "mixed"):
+        cats = train_stage.category_intents(cfg, ds)
+        raws.append(encode(cats.texts))
+        whites.append(cats.vectors)
+        texts += cats.texts
+    R = np.concatenate(raws).astype(np.float32) if raws else np.zeros((0, dim), np.float32)
+    Wt = np.concatenate(whites).astype(np.float32) if whites else np.zeros((0, dim), np.float32)
+    R /= np.maximum(np.linalg.norm(R, axis=1, keepdims=True), 1e-12)
+    # an intention many items share counts once (its rows differ in the last bits across embed batches)
+    _, first = np.unique(np.round(R, 4), axis=0, return_index=True)
+    first.sort()
+    return R[first], Wt[first], [texts[i] for i in first]
+
+
 def _intent_texts(run_dir, n_items: int, rows: np.ndarray) -> list[str | None]:
     """The describe stage's intention texts of item rows `rows` (1-based), or Nones where its table is
     missing or does not line up with the embed stage's rows."""
@@ -135,45 +174,11 @@ class RecommendService:
         return vec
 
     def intent_bank(self) -> tuple[np.ndarray, np.ndarray]:
-        """The distinct intentions the model was trained with (train.intent_source: the describe stage's, the
-        category texts, or both) as unit TEM vectors (n, d) and whitened vectors (n, d); n = 0 when it
-        trained with none (then a typed intent is whitened directly)."""
-        if self._bank is not None:
-            return self._bank
-        from recpipe.pipeline import whiten
-        from recpipe.pipeline.whiten import INTENT_FILE
-
-        src = self.conf.get("train", {}).get("intent_source", "llm")
-        raws, whites, texts = [], [], []
-        if src in ("llm", "mixed"):
-            white = whiten.load_intent_vectors(self.cfg.run_dir)
-            path = self.cfg.run_dir / "embed" / INTENT_FILE
-            if white is not None and path.exists():
-                try:
-                    raw = np.load(path, allow_pickle=False)
-                except (OSError, ValueError) as e:
-                    raise ArtifactError(f"{path}: unreadable ({e}); re-run `recpipe embed --force`") from None
-                if raw.shape != white.shape:
-                    raise ArtifactError(f"{path}: shape {raw.shape} differs from the whitened intentions' "
-                                        f"{white.shape}; re-run `recpipe train`")
-                keep = np.flatnonzero(raw[1:].any(axis=1)) + 1  # zero rows: items without an intention
-                raws.append(raw[keep])
-                whites.append(white[keep])
-                texts += _intent_texts(self.cfg.run_dir, len(raw) - 1, keep)
-        if src in ("category", "mixed"):
-            cats = train_stage.category_intents(self.cfg, self.ds)
-            raws.append(self.tem().encode(cats.texts))
-            whites.append(cats.vectors)
-            texts += cats.texts
-        d = self.whitening.dim
-        R = np.concatenate(raws).astype(np.float32) if raws else np.zeros((0, d), np.float32)
-        Wt = np.concatenate(whites).astype(np.float32) if whites else np.zeros((0, d), np.float32)
-        R /= np.maximum(np.linalg.norm(R, axis=1, keepdims=True), 1e-12)
-        # an intention many items share counts once (its rows differ in the last bits across embed batches)
-        _, first = np.unique(np.round(R, 4), axis=0, return_index=True)
-        first.sort()
-        self._bank = (R[first], Wt[first])
-        self._bank_texts = [texts[i] for i in first]
+        """training_intentions of this model: (n, d) unit TEM and whitened vectors."""
+        if self._bank is None:
+            R, Wt, self._bank_texts = training_intentions(self.cfg, self.conf, self.ds, lambda t: self.tem().encode(t),
+                                                          self.whitening.dim)
+            self._bank = (R, Wt)
         return self._bank
 
     def anchored_to(self, intent: str, n: int = 3) -> list[tuple[str | None, float]]:
