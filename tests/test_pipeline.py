@@ -454,6 +454,7 @@ def test_typed_intent_is_anchored_to_the_trained_intentions(tmp_path):
         stage.run(cfg, log=lambda m: None)
     T.run(cfg, log=lambda m: None, progress=False)
     ds = D.load(cfg.run_dir / "data")
+    assert D.load(str(cfg.run_dir / "data")).n_items == ds.n_items  # a str path is no "corrupt artifact"
     texts = pd.read_parquet(cfg.run_dir / "describe" / "intents.parquet")["text"].tolist()
     white = whiten.load_intent_vectors(cfg.run_dir)
     svc = RecommendService(cfg)

@@ -412,9 +412,10 @@ def save(p: Processed, out_dir: Path) -> None:
             np.savez(f, offsets=p.offsets, items=p.seq_items, timestamps=p.seq_times)
 
 
-def load(stage_dir: Path) -> Dataset:
+def load(stage_dir: Path | str) -> Dataset:
     from recpipe.errors import ArtifactError
 
+    stage_dir = Path(stage_dir)  # a str path is not a corrupt artifact
     try:
         items = pd.read_parquet(stage_dir / "items.parquet")
         users = pd.read_parquet(stage_dir / "users.parquet")
