@@ -433,6 +433,13 @@ def test_anchor_intent_weights_the_nearest_training_intentions():
     assert len(anchor_intent(raw[0], raw, white, 50, 1.0)[1]) == 6  # k past the bank: all of it
     with pytest.raises(ValueError, match="empty"):
         anchor_intent(raw[0], raw[:0], white[:0], 8, 0.05)
+    # distinct intentions: by text where every text is known, else by vector to 1e-4
+    from recpipe.pipeline.recommend import _distinct
+
+    vecs = np.stack([raw[0], raw[1], raw[0] + 1e-6, raw[2]])
+    assert _distinct(["a", "b", "a", "c"], vecs, np.arange(4)).tolist() == [0, 1, 3]
+    assert _distinct([None] * 4, vecs, np.arange(4)).tolist() == [0, 1, 3]
+    assert _distinct(["a", "b", "c", "d"], vecs, np.arange(4)).tolist() == [0, 1, 2, 3]  # texts decide
 
 
 def test_typed_intent_is_anchored_to_the_trained_intentions(tmp_path):

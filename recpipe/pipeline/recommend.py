@@ -55,32 +55,48 @@ def training_intentions(cfg: Config, conf: dict, ds, encode, dim: int
     src = conf.get("train", {}).get("intent_source", "llm")
     raws, whites, texts = [], [], []
     if src in ("llm", "mixed"):
-        white = whiten.load_intent_vectors(cfg.run_dir)
+        white = whiten.load_intent_vectors(cfg.run_dir, mmap=True)  # only the distinct rows are read in
         path = cfg.run_dir / "embed" / INTENT_FILE
         if white is not None and path.exists():
             try:
-                raw = np.load(path, allow_pickle=False)
+                raw = np.load(path, allow_pickle=False, mmap_mode="r")
             except (OSError, ValueError) as e:
                 raise ArtifactError(f"{path}: unreadable ({e}); re-run `recpipe embed --force`") from None
             if raw.shape != white.shape:
                 raise ArtifactError(f"{path}: shape {raw.shape} differs from the whitened intentions' "
                                     f"{white.shape}; re-run `recpipe train`")
-            keep = np.flatnonzero(raw[1:].any(axis=1)) + 1  # zero rows: items without an intention
-            raws.append(raw[keep])
-            whites.append(white[keep])
-            texts += _intent_texts(cfg.run_dir, len(raw) - 1, keep)
+            step = 1 << 16  # zero rows (items without an intention) left out, a block of rows at a time
+            keep = np.concatenate([np.flatnonzero(np.asarray(raw[i:i + step]).any(axis=1)) + i
+                                   for i in range(1, len(raw), step)] or [np.zeros(0, np.int64)])
+            kept_texts = _intent_texts(cfg.run_dir, len(raw) - 1, keep)
+            first = _distinct(kept_texts, raw, keep)
+            raws.append(np.asarray(raw[keep[first]], dtype=np.float32))
+            whites.append(np.asarray(white[keep[first]], dtype=np.float32))
+            texts += [kept_texts[i] for i in first]
     if src in ("category", "mixed"):
         cats = train_stage.category_intents(cfg, ds)
-        raws.append(encode(cats.texts))
-        whites.append(cats.vectors)
+        raws.append(np.asarray(encode(cats.texts), dtype=np.float32))
+        whites.append(cats.vectors.astype(np.float32))
         texts += cats.texts
-    R = np.concatenate(raws).astype(np.float32) if raws else np.zeros((0, dim), np.float32)
-    Wt = np.concatenate(whites).astype(np.float32) if whites else np.zeros((0, dim), np.float32)
+    R = np.concatenate(raws) if raws else np.zeros((0, dim), np.float32)
+    Wt = np.concatenate(whites) if whites else np.zeros((0, dim), np.float32)
     R /= np.maximum(np.linalg.norm(R, axis=1, keepdims=True), 1e-12)
-    # an intention many items share counts once (its rows differ in the last bits across embed batches)
-    _, first = np.unique(np.round(R, 4), axis=0, return_index=True)
-    first.sort()
+    first = _distinct(texts, R, np.arange(len(R)))
     return R[first], Wt[first], [texts[i] for i in first]
+
+
+def _distinct(texts: list[str | None], vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Positions (into `rows`, ascending) of the first row of each distinct intention: by text where every
+    text is known, else by vector rounded to 1e-4 (one text's rows differ in the last bits across batches)."""
+    if texts and all(t is not None for t in texts):
+        seen: dict[str, int] = {}
+        for i, t in enumerate(texts):
+            seen.setdefault(t, i)
+        return np.array(sorted(seen.values()), dtype=np.int64)
+    if not len(rows):
+        return np.zeros(0, dtype=np.int64)
+    _, first = np.unique(np.round(np.asarray(vectors[rows], dtype=np.float32), 4), axis=0, return_index=True)
+    return np.sort(first)
 
 
 def _intent_texts(run_dir, n_items: int, rows: np.ndarray) -> list[str | None]:

@@ -369,13 +369,14 @@ def load_whitening(run_dir: str | Path) -> tuple[Whitening, np.ndarray, dict[str
     return w, items, dict(m.info)
 
 
-def load_intent_vectors(run_dir: str | Path) -> np.ndarray | None:
-    """Whitened intent vectors (n_items + 1, d) float32, or None when the embed stage wrote none."""
+def load_intent_vectors(run_dir: str | Path, mmap: bool = False) -> np.ndarray | None:
+    """Whitened intent vectors (n_items + 1, d) float32, or None when the embed stage wrote none; `mmap`: a
+    read-only memory map (a caller that reads a few rows of a large catalog's table)."""
     path = Path(run_dir) / STAGE / "intent_vectors.npy"
     if not path.exists():
         return None
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (OSError, ValueError, EOFError) as e:
         raise ArtifactError(f"{path}: corrupt ({type(e).__name__}); re-run `recpipe whiten --force`") from None
 
