@@ -198,7 +198,7 @@ def anchored_intentions(cfg: Config, conf: dict, ds: data_stage.Dataset, it: Int
     R, Wt, _ = training_intentions(cfg, conf, ds, lambda t: load_tem(emb.info).encode(t), it.whitened.shape[1])
     if not len(R):
         return None
-    uniq, first, inv = np.unique(np.array(it.texts, dtype=object), return_index=True, return_inverse=True)
+    _, first, inv = np.unique(np.array(it.texts, dtype=object), return_index=True, return_inverse=True)
     q = it.raw[first] / np.maximum(np.linalg.norm(it.raw[first], axis=1, keepdims=True), 1e-12)
     vecs = np.stack([anchor_intent(v, R, Wt, k, cfg.recommend.anchor_temperature)[0] for v in q])
     return Intentions(it.raw, vecs[inv.reshape(-1)], it.texts)

@@ -142,7 +142,7 @@ class RecommendService:
         self.titles = self.ds.items["title"].to_numpy()
         self.item_ids = self.ds.items["item_id"].to_numpy()
         self._tem = None
-        self._intents: OrderedDict[str, np.ndarray] = OrderedDict()  # LRU: intent text -> whitened vector
+        self._intents: OrderedDict[str, tuple] = OrderedDict()  # LRU: intent text -> (vector, anchoring)
         self._bank: tuple[np.ndarray, np.ndarray] | None = None  # training intentions: unit TEM, whitened
         self._bank_texts: list[str | None] = []  # their texts, where the describe stage's table has them
         self.whitening = None
@@ -174,20 +174,24 @@ class RecommendService:
     def intent_vector(self, intent: str) -> np.ndarray:
         """(d,) whitened intention vector, embedded by the same TEM as the items (the last INTENT_CACHE
         distinct intents are kept: a popular request skips the TEM, most of a request's time)."""
-        vec = self._intents.get(intent)
-        if vec is not None:
+        return self._intent_entry(intent)[0]
+
+    def _intent_entry(self, intent: str) -> tuple[np.ndarray, tuple | None]:
+        """The LRU entry of an intent: its (d,) vector and its anchor_intent result (None when not anchored)."""
+        entry = self._intents.get(intent)
+        if entry is not None:
             self._intents.move_to_end(intent)
-            return vec
+            return entry
         raw = self.tem().encode([intent], dtype=str(self.dtype).removeprefix("torch."))
         if raw.shape[1] != self.whitening.dim:
             raise ArtifactError(f"the TEM gives {raw.shape[1]}-d vectors but the items are {self.whitening.dim}-d")
         anchored = self._anchor(raw[0])
         vec = anchored[0] if anchored else self.whitening.transform(raw)[0].astype(np.float32)
         vec.setflags(write=False)
-        self._intents[intent] = vec
+        self._intents[intent] = entry = (vec, anchored)
         if len(self._intents) > INTENT_CACHE:
             self._intents.popitem(last=False)
-        return vec
+        return entry
 
     def intent_bank(self) -> tuple[np.ndarray, np.ndarray]:
         """training_intentions of this model: (n, d) unit TEM and whitened vectors."""
@@ -200,10 +204,10 @@ class RecommendService:
     def anchored_to(self, intent: str, n: int = 3) -> list[tuple[str | None, float]]:
         """The training intentions a typed intent is anchored to (text or None, weight), heaviest first, at most
         n; [] when anchoring is off or the model trained with none."""
-        if self.cfg.recommend.intent_anchor < 1 or not len(self.intent_bank()[0]):
+        anchored = self._intent_entry(" ".join(intent.split()))[1]  # what recommend() embedded: no second TEM call
+        if anchored is None:
             return []
-        raw = self.tem().encode([" ".join(intent.split())], dtype=str(self.dtype).removeprefix("torch."))
-        _, top, p = self._anchor(raw[0])
+        _, top, p = anchored
         return [(self._bank_texts[i], float(w)) for i, w in zip(top[:n], p[:n])]
 
     def _anchor(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
