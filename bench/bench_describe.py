@@ -3,10 +3,11 @@
 Targets: >= 4 items/s with the local SmolLM2 on 2 cores (descriptions of about 60 tokens); >= 40 items/s
 against a 300 ms endpoint at concurrency 16; a cached re-run >= 50x faster than the first run.
 
-The local figure is a steady-state rate: with 96 items (the default) the 24-prompt batch runs full most of the
-time; with 24 items it fills once and drains once, which costs about a quarter of the rate.
+The local figure is a steady-state rate: with 192 items (the default) the 32-prompt batch fills 6 times and runs
+full most of the time; a 96-item run pays about 10% more for the fill and the final drain, a 32-item run (one
+fill, one drain) about a third.
 
-    python bench/bench_describe.py [--local-items 96] [--local-batch N] [--local-quant Q] [--threads 0]
+    python bench/bench_describe.py [--local-items 192] [--local-batch N] [--local-quant Q] [--threads 0]
         [--endpoint-items 400]
 """
 
@@ -77,7 +78,7 @@ def run_twice(df: pd.DataFrame, overrides: dict, label: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--local-items", type=int, default=96)
+    ap.add_argument("--local-items", type=int, default=192)
     ap.add_argument("--endpoint-items", type=int, default=400)
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0 = every core)")
     ap.add_argument("--local-batch", type=int, default=0, help="sequences decoded together (0 = the default)")
