@@ -177,3 +177,57 @@ def test_ml100k_slice_embeds(shared_datasets, tmp_path):
     X = np.load(res.stage_dir / "item_embeddings.npy")
     assert X.shape == (n + 1, 384) and not X[0].any()
     np.testing.assert_allclose(np.linalg.norm(X[1:], axis=1), 1.0, atol=1e-5)
+
+
+QUERIES = ["a funny comedy", "cozy mystery novel with a cat detective who solves crimes in a small seaside town",
+           "robots", "something scary for halloween night, not too gory"]
+
+
+def test_lean_bert_is_the_bert_forward():
+    """LeanBert (a request's intention) computes BertModel's last hidden state, padding included, and the local
+    TEM's small batches go through it and give st.encode's vectors; a model it does not run is refused."""
+    import torch
+
+    from recpipe.models.bert import LeanBert, unsupported
+
+    tem = E.LocalTEM()
+    bert = tem.st[0].auto_model
+    f = tem.st.preprocess(QUERIES)  # lengths 5 to 20: every row but the longest is padded
+    assert not bool(f["attention_mask"].all())
+    with torch.inference_mode():
+        ref = bert(input_ids=f["input_ids"], attention_mask=f["attention_mask"],
+                   token_type_ids=f["token_type_ids"]).last_hidden_state
+    got = LeanBert(bert)(f["input_ids"], f["attention_mask"], f["token_type_ids"])
+    valid = f["attention_mask"].bool()
+    assert float((got - ref)[valid].abs().max()) < 1e-4
+    got16 = LeanBert(bert, torch.bfloat16)(f["input_ids"], f["attention_mask"]).float()
+    cos = torch.nn.functional.cosine_similarity(got16[valid], ref[valid], dim=-1)
+    assert got16.dtype == torch.float32 and float(cos.min()) > 0.999
+
+    assert E.lean_supported(tem.st)
+    full = tem.st.encode(QUERIES, normalize_embeddings=True)
+    np.testing.assert_allclose(tem.encode(QUERIES), full, atol=1e-5)
+    assert isinstance(tem._leans["float32"], LeanBert)  # the small batch took the lean path
+    assert (tem.encode(QUERIES, dtype="bfloat16") * full).sum(1).min() > 0.9995
+
+    cfg = bert.config
+    for k, v in (("hidden_act", "gelu_new"), ("position_embedding_type", "relative_key"), ("is_decoder", True)):
+        other = type(cfg).from_dict({**cfg.to_dict(), k: v})
+        assert k in unsupported(type("M", (), {"config": other}))
+    with pytest.raises(ValueError, match="hidden_act"):
+        LeanBert(type("M", (), {"config": type(cfg).from_dict({**cfg.to_dict(), "hidden_act": "relu"})}))
+
+
+def test_small_batches_of_other_models_run_their_own_modules():
+    """A sentence-transformers model LeanBert does not cover (here CLS pooling) keeps its own modules for small
+    batches, with the vectors st.encode gives."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Pooling
+
+    tem = E.LocalTEM()
+    cls = Pooling(tem.dim, pooling_mode="cls")
+    tem.st = SentenceTransformer(modules=[tem.st[0], cls], device="cpu")
+    assert not E.lean_supported(tem.st)
+    full = tem.st.encode(QUERIES, normalize_embeddings=True)
+    np.testing.assert_allclose(tem.encode(QUERIES), full, atol=1e-5)
+    assert tem._leans["float32"] is None

@@ -157,7 +157,8 @@ class LocalTEM(TEM):
             dim = st.get_sentence_embedding_dimension()
         self._dim = int(dim)
         self._lock = threading.Lock()
-        self._lp: tuple[str, Any] | None = None  # (dtype, low-precision copy) for fast queries
+        self._lp: tuple[str, Any] | None = None  # (dtype, low-precision copy) for queries, models LeanBert can't run
+        self._leans: dict[str, Any] = {}  # dtype -> LeanBert (None: not a BERT + mean pooling model)
 
     @property
     def dim(self) -> int:
@@ -181,17 +182,40 @@ class LocalTEM(TEM):
         return np.ascontiguousarray(out, dtype=np.float32)
 
     def _encode_small(self, texts: list[str], dtype: str) -> np.ndarray:
-        """A few texts (a request's intention): the model's own modules called directly on one torch thread,
-        without `SentenceTransformer.encode`'s batching machinery (~2 ms per call); the same vectors."""
+        """A few texts (a request's intention) on one torch thread, without `SentenceTransformer.encode`'s
+        batching machinery. A BERT -> mean pooling [-> Normalize] model (all-MiniLM-L6-v2 and most
+        sentence-transformers models) runs as `LeanBert` (the same arithmetic on plain tensors: 5.3 against
+        8.9 ms in bf16 for a short intent on one AVX512-BF16 core); any other model runs its own modules."""
         import torch
 
         with self._lock, torch_threads(1), torch.inference_mode():
-            st = self.st if dtype == "float32" else self._low_precision(dtype)
-            features = (st.preprocess if hasattr(st, "preprocess") else st.tokenize)(texts)
-            out = st(features)["sentence_embedding"].float()
+            lean = self._lean(dtype)
+            if lean is None:
+                st = self.st if dtype == "float32" else self._low_precision(dtype)
+                out = st(st.preprocess(texts) if hasattr(st, "preprocess") else st.tokenize(texts))
+                out = out["sentence_embedding"].float()
+            else:
+                f = self.st.preprocess(texts) if hasattr(self.st, "preprocess") else self.st.tokenize(texts)
+                mask = f["attention_mask"]
+                tok = lean(f["input_ids"], mask, f.get("token_type_ids")).float()  # (n, L, H)
+                m = mask.unsqueeze(-1).to(tok.dtype)
+                out = (tok * m).sum(1) / m.sum(1).clamp(min=1e-9)  # sentence-transformers' mean pooling
             if self.normalize:
                 out = torch.nn.functional.normalize(out, p=2, dim=1)
         return np.ascontiguousarray(out.numpy(), dtype=np.float32)
+
+    def _lean(self, dtype: str):
+        """`LeanBert` over this model's weights in `dtype` (made once per dtype), or None where the model is
+        not exactly a BERT encoder followed by mean pooling and an optional Normalize."""
+        if dtype not in self._leans:
+            self._leans[dtype] = None
+            if lean_supported(self.st):
+                import torch
+
+                from recpipe.models.bert import LeanBert
+
+                self._leans[dtype] = LeanBert(self.st[0].auto_model, getattr(torch, dtype))
+        return self._leans[dtype]
 
     def _low_precision(self, dtype: str):
         """A copy of the model in `dtype` (made once, ~45 MB for MiniLM in bf16)."""
@@ -202,6 +226,26 @@ class LocalTEM(TEM):
 
             self._lp = (dtype, copy.deepcopy(self.st).to(getattr(torch, dtype)))
         return self._lp[1]
+
+
+def lean_supported(st) -> bool:
+    """True where a SentenceTransformer is exactly Transformer(BERT) -> mean Pooling [-> Normalize]."""
+    from sentence_transformers.models import Normalize, Pooling, Transformer
+
+    from recpipe.models.bert import unsupported
+
+    mods = list(st)
+    if len(mods) not in (2, 3) or not isinstance(mods[0], Transformer) or not isinstance(mods[1], Pooling):
+        return False
+    if len(mods) == 3 and not isinstance(mods[2], Normalize):
+        return False
+    cfg = mods[1].get_config_dict()
+    if "pooling_mode" in cfg:  # sentence-transformers >= 5
+        mean_only = cfg["pooling_mode"] == "mean"
+    else:
+        modes = {k: v for k, v in cfg.items() if k.startswith("pooling_mode_")}
+        mean_only = modes.get("pooling_mode_mean_tokens") is True and sum(bool(v) for v in modes.values()) == 1
+    return mean_only and not unsupported(getattr(mods[0], "auto_model", None))
 
 
 @contextlib.contextmanager
