@@ -189,13 +189,12 @@ class LocalTEM(TEM):
         import torch
 
         with self._lock, torch_threads(1), torch.inference_mode():
+            f = (self.st.preprocess if hasattr(self.st, "preprocess") else self.st.tokenize)(texts)
             lean = self._lean(dtype)
             if lean is None:
                 st = self.st if dtype == "float32" else self._low_precision(dtype)
-                out = st(st.preprocess(texts) if hasattr(st, "preprocess") else st.tokenize(texts))
-                out = out["sentence_embedding"].float()
+                out = st(f)["sentence_embedding"].float()
             else:
-                f = self.st.preprocess(texts) if hasattr(self.st, "preprocess") else self.st.tokenize(texts)
                 mask = f["attention_mask"]
                 tok = lean(f["input_ids"], mask, f.get("token_type_ids")).float()  # (n, L, H)
                 m = mask.unsqueeze(-1).to(tok.dtype)
