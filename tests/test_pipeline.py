@@ -506,3 +506,28 @@ def test_typed_intent_is_anchored_to_the_trained_intentions(tmp_path):
     np.testing.assert_allclose(direct, svc.whitening.transform(tem.encode(["a funny comedy"]))[0], rtol=1e-5,
                                atol=1e-4)
     assert not np.allclose(direct, svc.intent_vector("a funny comedy"), atol=1e-2)
+
+
+def test_training_off_a_terminal_prints_plain_progress_lines(tmp_path, capsys, monkeypatch):
+    """Under nohup or a batch job rich draws no bar until the end; train and the user counter of
+    evaluation then print a plain line (done/total, loss, rate, time left) every PLAIN_EVERY_S."""
+    _build(tmp_path, n_users=60)
+    cfg = _cfg(tmp_path, **{"train.model": "sasrec", "train.epochs": 2, "model.sasrec.history_len": 12})
+    D.run(cfg, log=lambda m: None)
+    monkeypatch.setattr(T, "PLAIN_EVERY_S", 0.0)
+    capsys.readouterr()
+    res = T.run(cfg, log=lambda m: None, progress=True)
+    total = res.manifest.info["steps"]
+    out = capsys.readouterr().out
+    lines = re.findall(r"^train sasrec: (\d+)/(\d+) loss (\S+) best \S+ \((.*)\)$", out, flags=re.M)
+    assert len(lines) >= total - 1, out[-2000:]
+    done = [int(d) for d, _, _, _ in lines]
+    assert done == sorted(done) and done[-1] == total and {int(t) for _, t, _, _ in lines} == {total}
+    assert all(np.isfinite(float(loss)) for _, _, loss, _ in lines)
+    assert any(re.fullmatch(r"[\d,.]+/s, \d+:\d\d:\d\d left", rest) for *_, rest in lines), lines[-3:]
+    cfg = _cfg(tmp_path, **{"train.model": "sasrec", "train.epochs": 2, "model.sasrec.history_len": 12,
+                            "evaluate.batch_size": 16})  # several batches of users, so lines between them
+    E.run(cfg, log=lambda m: None, progress=True)
+    out = capsys.readouterr().out
+    ev_lines = re.findall(r"^evaluate \S+: (\d+)/(\d+) users", out, flags=re.M)
+    assert ev_lines and {int(t) for _, t in ev_lines} == {60}, out[-2000:]
