@@ -531,3 +531,37 @@ def test_training_off_a_terminal_prints_plain_progress_lines(tmp_path, capsys, m
     out = capsys.readouterr().out
     ev_lines = re.findall(r"^evaluate \S+: (\d+)/(\d+) users", out, flags=re.M)
     assert ev_lines and {int(t) for _, t in ev_lines} == {60}, out[-2000:]
+
+
+def test_bench_seen_share_splits_window_and_older_items(tmp_path):
+    """bench/bench_seen.py: a model that ranks its own window first fills every top-k slot with window
+    items; one that avoids its window fills none with them; items older than the window count apart."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_seen", Path(__file__).parents[1] / "bench" / "bench_seen.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    _build(tmp_path, n_users=50)
+    cfg = _cfg(tmp_path)
+    D.run(cfg, log=lambda m: None)
+    ds = D.load(cfg.run_dir / "data")
+
+    class Fake:
+        history_len = 3
+        generative = False
+
+        def __init__(self, sign: float):
+            self.sign = sign
+
+        def score_all(self, batch):
+            h = batch["history"]
+            s = torch.zeros(h.shape[0], ds.n_items + 1)
+            s.scatter_(1, h, self.sign)  # +1 / -1 on the window's items (padding column 0 is excluded anyway)
+            return s
+
+    b = T.Batcher(ds, 3)
+    assert bench.seen_share(Fake(1.0), b, "test", 3, {}) == (1.0, 0.0)
+    inside, older = bench.seen_share(Fake(-1.0), b, "test", 3, {})
+    assert inside == 0.0 and 0.0 < older < 1.0  # ties among the rest: some are older seen items, some unseen
