@@ -34,8 +34,8 @@ def seen_share(model, b, split: str, k: int, score_kwargs: dict, seed: int = 0, 
         scores[:, 0] = -float("inf")  # padding is never rankable
         top = torch.topk(scores, k, dim=1).indices.numpy()
         for row, hist in zip(top, seen):
-            cut = len(hist) - window if window else 0
-            recent, old = set(hist[max(cut, 0):].tolist()), set(hist[:max(cut, 0)].tolist())
+            cut = max(len(hist) - window, 0) if window else 0  # hist[cut:] is what the model reads
+            recent, old = set(hist[cut:].tolist()), set(hist[:cut].tolist())
             inside += sum(int(x) in recent for x in row)
             older += sum(int(x) in old for x in row)
             slots += len(row)
@@ -60,11 +60,13 @@ def main() -> None:
     model, _, _ = train.load_trained(run, a.model)
     b = train.Batcher(data.load(run / "data"), getattr(model, "history_len", None))
     kw = {}
-    if a.w is not None and "w" in inspect.signature(model.score_all).parameters:
+    if a.w is not None:
+        if "w" not in inspect.signature(model.score_all).parameters:
+            ap.error(f"--w: model {a.model} has no history guidance weight")
         kw["w"] = a.w
     inside, older = seen_share(model, b, a.split, a.k, kw)
     window = getattr(model, "history_len", None) or "all"
-    print(f"{a.model} on {run.name} ({a.split}, {b.ds.n_users:,} users{', w=' + str(a.w) if kw else ''}): "
+    print(f"{a.model} on {run.name} ({a.split}, {b.ds.n_users:,} users{', w=' + str(a.w) if a.w is not None else ''}): "
           f"of the unmasked top-{a.k}, {inside:.1%} are seen items inside the model's window ({window}), "
           f"{older:.1%} older seen items")
 

@@ -512,7 +512,8 @@ def test_training_off_a_terminal_prints_plain_progress_lines(tmp_path, capsys, m
     """Under nohup or a batch job rich draws no bar until the end; train and the user counter of
     evaluation then print a plain line (done/total, loss, rate, time left) every PLAIN_EVERY_S."""
     _build(tmp_path, n_users=60)
-    cfg = _cfg(tmp_path, **{"train.model": "sasrec", "train.epochs": 2, "model.sasrec.history_len": 12})
+    cfg = _cfg(tmp_path, **{"train.model": "sasrec", "train.epochs": 2, "model.sasrec.history_len": 12,
+                            "evaluate.batch_size": 16})  # several batches of users, so lines between them
     D.run(cfg, log=lambda m: None)
     monkeypatch.setattr(T, "PLAIN_EVERY_S", 0.0)
     capsys.readouterr()
@@ -525,8 +526,6 @@ def test_training_off_a_terminal_prints_plain_progress_lines(tmp_path, capsys, m
     assert done == sorted(done) and done[-1] == total and {int(t) for _, t, _, _ in lines} == {total}
     assert all(np.isfinite(float(loss)) for _, _, loss, _ in lines)
     assert any(re.fullmatch(r"[\d,.]+/s, \d+:\d\d:\d\d left", rest) for *_, rest in lines), lines[-3:]
-    cfg = _cfg(tmp_path, **{"train.model": "sasrec", "train.epochs": 2, "model.sasrec.history_len": 12,
-                            "evaluate.batch_size": 16})  # several batches of users, so lines between them
     E.run(cfg, log=lambda m: None, progress=True)
     out = capsys.readouterr().out
     ev_lines = re.findall(r"^evaluate \S+: (\d+)/(\d+) users", out, flags=re.M)
