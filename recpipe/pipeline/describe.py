@@ -16,7 +16,9 @@ Backends (one interface, `Backend.complete`):
 Every LLM result is written to a diskcache cache the moment it arrives, keyed by (backend, model, prompt
 template hash, item text, max_tokens, temperature): a re-run makes zero calls, and a run killed at any
 moment (SIGKILL included) resumes without losing or repeating a finished call. A cache entry also records
-its model and is ignored if that differs, so an entry made for another model is never used.
+its model and is ignored if that differs, so an entry made for another model is never used. Values are
+stored as JSON (`SafeDisk`), never pickled: a pickled entry (an older cache, or one planted in a copied cache
+directory) is never unpickled, it reads as a miss and the run says so in one line.
 
 Retries (tenacity, exponential backoff with jitter, `describe.max_retries` attempts in all) cover rate
 limits (429, honouring Retry-After), timeouts, connection errors, 5xx, garbled responses and unusable output
@@ -60,6 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import diskcache
 import numpy as np
 import pandas as pd
 
@@ -1028,12 +1031,99 @@ def cache_key(backend: str, model: str, prompt_hash: str, text: str, max_tokens:
     return "describe:" + hashlib.sha256(doc.encode("utf-8")).hexdigest()
 
 
-def open_cache(path: Path):
-    import diskcache
+# Cache values are stored in a form that can only be parsed, never run: diskcache's default Disk pickles
+# values (and keys that are not str/bytes/numbers), and unpickling runs whatever the data names, so a cache
+# directory copied from elsewhere (describe.cache / embed.cache are meant to be shared) could run code.
+_JSON_TAG = b"recpipe-json\n"
+_ARRAY_TAG = b"recpipe-array\n"
 
+
+def encode_cache_value(value: Any) -> bytes:
+    """A cache value as tagged bytes: a numpy array as its raw bytes behind a one-line JSON header (dtype,
+    shape); anything else as JSON (dicts, lists, str, numbers; a TypeError for other objects)."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "fiu":
+            raise TypeError(f"cache arrays are numeric, not {value.dtype}")
+        header = json.dumps({"dtype": value.dtype.str, "shape": list(value.shape)}).encode()
+        return _ARRAY_TAG + header + b"\n" + np.ascontiguousarray(value).tobytes()
+    return _JSON_TAG + json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def decode_cache_value(data: Any) -> Any:
+    """The inverse of `encode_cache_value`; None for a tagged value that does not parse. Bytes without a tag
+    come back as bytes (the embed cache's raw float32 vectors), other raw values as they are."""
+    if not isinstance(data, bytes):
+        return data
+    try:
+        if data.startswith(_JSON_TAG):
+            return json.loads(data[len(_JSON_TAG):].decode("utf-8"))
+        if data.startswith(_ARRAY_TAG):
+            header, raw = data[len(_ARRAY_TAG):].split(b"\n", 1)
+            h = json.loads(header)
+            dtype = np.dtype(str(h["dtype"]))
+            if dtype.kind not in "fiu":
+                return None
+            return np.frombuffer(raw, dtype=dtype).reshape([int(d) for d in h["shape"]]).copy()
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+        return None
+    return data
+
+
+class SafeDisk(diskcache.Disk):
+    """diskcache serialisation without pickle. Keys are str; values are written by `encode_cache_value`.
+    Reading never unpickles: a pickled row (diskcache's MODE_PICKLE, written by another program or planted)
+    reads as a miss and is counted in `refused`; a row whose value file lies outside the cache directory is
+    neither opened nor removed."""
+
+    def __init__(self, directory, min_file_size: int = 2**15, **_other):
+        # `_other`: disk_* settings a copied cache's Settings table may hold; none of them applies here
+        super().__init__(directory, min_file_size=min_file_size, pickle_protocol=0)
+        self.refused = 0
+
+    def put(self, key):
+        if type(key) is not str:
+            raise TypeError(f"cache keys are str, not {type(key).__name__}")
+        return super().put(key)
+
+    def get(self, key, raw):
+        return bytes(key) if isinstance(key, (bytes, memoryview)) else key  # a pickled key stays bytes
+
+    def store(self, value, read, key=diskcache.core.UNKNOWN):
+        if read:
+            raise TypeError("file values are not cached")
+        return super().store(encode_cache_value(value), False, key=key)
+
+    def fetch(self, mode, filename, value, read):
+        if mode == diskcache.core.MODE_PICKLE:
+            self.refused += 1
+            return None
+        if filename is not None and not self._inside(filename):
+            return None
+        return decode_cache_value(super().fetch(mode, filename, value, False))
+
+    def remove(self, file_path):
+        if self._inside(file_path):
+            super().remove(file_path)
+
+    def _inside(self, filename: str) -> bool:
+        root = os.path.realpath(self._directory)
+        return os.path.realpath(os.path.join(root, filename)).startswith(root + os.sep)
+
+
+def refused_note(cache, what: str) -> str | None:
+    """One line when the cache held pickled values (read as misses), else None."""
+    n = getattr(cache.disk, "refused", 0)
+    if not n:
+        return None
+    return (f"{what}: {cache.directory} holds {n} pickled value(s) not made by this version of recpipe "
+            "(an older cache, or planted): never unpickled, treated as missing and made again")
+
+
+def open_cache(path: Path):
+    """The diskcache at `path`, read and written through `SafeDisk`."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        return diskcache.Cache(str(path), size_limit=2**40, eviction_policy="none")
+        return diskcache.Cache(str(path), disk=SafeDisk, size_limit=2**40, eviction_policy="none")
     except (sqlite3.DatabaseError, OSError) as e:
         raise ArtifactError(f"{path}: cannot open the LLM cache ({e}); delete the directory to start afresh") from None
 
@@ -1189,6 +1279,9 @@ def _run_jobs(jobs: list[_Job], backend: Backend, cache, dcfg: DescribeConfig, s
         else:
             todo.append(job)
     stats.add(cache_hits=len(jobs) - len(todo))
+    note = refused_note(cache, "describe")
+    if note:
+        log(note)
     if not todo:
         return results
     abort = threading.Event()

@@ -6,7 +6,8 @@ TEMs (one interface: `TEM.encode(texts) -> float32 (n, d)`):
 - `openai` the embeddings API (`text-embedding-3-small` by default) of any OpenAI-compatible endpoint
   (`embed.base_url`, else $OPENAI_BASE_URL), key from $OPENAI_API_KEY only. Requests carry at most
   `embed.api_batch` inputs (the API's limit, 2048) and about 250k estimated tokens; every vector is cached
-  (diskcache under `<cache_dir>/llm-cache/embed`, key = model + text) and requests are retried like describe.
+  (diskcache under `<cache_dir>/llm-cache/embed`, key = model + text, stored as raw float32 through
+  describe's `SafeDisk`: nothing in a cache is ever unpickled) and requests are retried like describe.
 
 Texts are cleaned as describe cleans metadata (`describe.clean_text`) and cut to `embed.max_input_chars`, in the
 items and in free text alike, so `load_tem(info).encode([text])` reproduces an item's row for the same text.
@@ -282,6 +283,7 @@ class OpenAITEM(TEM):
         self.cache_path = Path(cache_path) if cache_path else None
         self._dim: int | None = None
         self.stats = {"calls": 0, "cache_hits": 0, "retries": 0, "texts_sent": 0}
+        self.log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)  # the stage points it at its log
 
     @property
     def dim(self) -> int:
@@ -300,7 +302,7 @@ class OpenAITEM(TEM):
         texts = [prepare_text(t, self.max_chars) or "(empty)" for t in texts]  # the API rejects empty input
         if not texts:
             return np.zeros((0, self._dim or 0), dtype=np.float32)
-        from recpipe.pipeline.describe import open_cache
+        from recpipe.pipeline.describe import open_cache, refused_note
 
         cache = open_cache(self.cache_path) if self.cache_path else None
         try:
@@ -313,11 +315,14 @@ class OpenAITEM(TEM):
                 else:
                     missing.append(t)
             self.stats["cache_hits"] += len(vecs)
+            note = refused_note(cache, "embed") if cache is not None else None
+            if note:
+                self.log(note)
             for batch in self._batches(missing):
                 for t, v in zip(batch, self._request(batch)):
                     vecs[t] = v
                     if cache is not None:
-                        cache.set(self.key(t), v.astype(np.float32).tobytes())
+                        cache.set(self.key(t), v.astype(np.float32))
         finally:
             if cache is not None:
                 cache.close()
@@ -375,13 +380,17 @@ class OpenAITEM(TEM):
 
 
 def _cache_read(cache, key: str) -> np.ndarray | None:
+    """A cached vector: a float32 array, or raw float32 bytes (how earlier versions stored them, still safe to
+    read); anything else is a miss."""
     try:
-        b = cache.get(key)
+        v = cache.get(key)
     except (sqlite3.DatabaseError, OSError) as e:
         raise ArtifactError(f"{cache.directory}: embedding cache unreadable ({e}); delete it") from None
-    if not isinstance(b, bytes) or len(b) == 0 or len(b) % 4:
+    if isinstance(v, bytes) and v and len(v) % 4 == 0:
+        v = np.frombuffer(v, dtype=np.float32).copy()
+    if not isinstance(v, np.ndarray) or v.dtype != np.float32 or v.ndim != 1 or v.size == 0:
         return None
-    return np.frombuffer(b, dtype=np.float32).copy()
+    return v
 
 
 def load_tem(info: dict[str, Any]) -> TEM:

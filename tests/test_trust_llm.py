@@ -1,0 +1,142 @@
+"""Trust in the describe and embed stages: a cache copied from elsewhere runs nothing, two describe runs on one
+cache pay once, no secret of a URL reaches a manifest or a log, the figures say what they measure, each text is
+embedded once, and an intention that names its item or reads like a description is not used."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import diskcache
+import numpy as np
+import pandas as pd
+import pytest
+from fault_server import FakeOpenAI
+from test_describe import SECRET, make_dataset
+
+from recpipe.config import load_config
+from recpipe.pipeline import data as D
+from recpipe.pipeline import describe as DS
+from recpipe.pipeline import embed as E
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Payload:
+    """Unpickling this runs `touch <path>`: what a planted cache entry would do."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.path}'",))
+
+
+@pytest.fixture
+def key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    return SECRET
+
+
+def _cfg(tmp_path: Path, **overrides):
+    make_dataset(tmp_path / "ds")
+    cfg = load_config(None, {"run.dataset": str(tmp_path / "ds"), "run.cache_dir": str(tmp_path / "cache"),
+                             "data.kcore": 1, "describe.timeout_s": 5, "describe.backoff_s": 0.01, **overrides})
+    D.run(cfg, log=lambda m: None)
+    return cfg
+
+
+def _plant(cache_path: Path, key, value) -> None:
+    """Write `value` under `key` the way diskcache's own default Disk stores it (pickled)."""
+    with diskcache.Cache(str(cache_path)) as c:
+        c.set(key, value)
+
+
+# ------------------------------------------------------------------------------------ 1. planted caches
+def test_planted_pickle_in_describe_cache_runs_nothing(tmp_path, key):
+    marker = tmp_path / "pwned"
+    with FakeOpenAI() as srv:
+        cfg = _cfg(tmp_path, **{"describe.llm": "openai", "describe.base_url": srv.base_url,
+                                "describe.cache": str(tmp_path / "shared-cache")})
+        first = DS.run(cfg, log=lambda m: None).manifest.info["report"]
+        with diskcache.Cache(cfg.describe.cache) as c:
+            keys = list(c)
+        assert len(keys) == first["unique_prompts"] > 0
+        for k in keys:  # every entry the next run reads is a payload
+            _plant(Path(cfg.describe.cache), k, Payload(marker))
+        logs: list[str] = []
+        rep = DS.run(cfg, force=True, log=logs.append).manifest.info["report"]
+        assert not marker.exists(), "a planted cache entry ran its payload"
+        notes = [m for m in logs if "pickled" in m]
+        assert len(notes) == 1 and "\n" not in notes[0] and cfg.describe.cache in notes[0]
+        assert rep["cache_hits"] == 0 and rep["calls"] == first["unique_prompts"]  # made again, not lost
+        desc = pd.read_parquet(cfg.run_dir / "describe" / "descriptions.parquet")
+        assert (desc["backend"] == "openai").all()
+        logs.clear()
+        rep = DS.run(cfg, force=True, log=logs.append).manifest.info["report"]
+        assert rep["calls"] == 0 and not any("pickled" in m for m in logs)  # rewritten without pickle
+    assert not marker.exists()
+
+
+def test_old_pickled_describe_cache_is_a_miss_not_a_crash(tmp_path, key):
+    """A cache the earlier code wrote (dicts, pickled by diskcache) reads as misses with one line."""
+    with FakeOpenAI() as srv:
+        cfg = _cfg(tmp_path, **{"describe.llm": "openai", "describe.base_url": srv.base_url,
+                                "describe.intents": False})
+        DS.run(cfg, log=lambda m: None)
+        path = DS.cache_dir(cfg)
+        with diskcache.Cache(str(path)) as c:  # as the earlier code: the default Disk pickles the dicts
+            for k in list(c):
+                c.set(k, {"text": "An old answer.", "model": DS.DEFAULT_OPENAI_MODEL})
+        logs: list[str] = []
+        rep = DS.run(cfg, force=True, log=logs.append).manifest.info["report"]
+        assert rep["cache_hits"] == 0 and rep["calls"] == rep["unique_prompts"]
+        assert sum("pickled" in m for m in logs) == 1
+
+
+def test_planted_pickled_key_and_foreign_value_file(tmp_path):
+    """A pickled key is never unpickled (listing the cache), keys must be str, and a row whose value file lies
+    outside the cache directory is neither read nor deleted when the key is overwritten."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "c"
+    _plant(path, Payload(marker), "x")
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"not the cache's")
+    _plant(path, "describe:abc", b"y" * 10)
+    with sqlite3.connect(path / "cache.db") as db:
+        db.execute("UPDATE Cache SET mode = 2, filename = ?, value = NULL WHERE key = ?",
+                   (os.path.relpath(outside, path), "describe:abc"))
+    cache = DS.open_cache(path)
+    try:
+        assert len(list(cache)) == 2 and not marker.exists()
+        assert cache.get("describe:abc") is None
+        cache.set("describe:abc", {"text": "ok"})
+        assert cache.get("describe:abc") == {"text": "ok"} and outside.read_bytes() == b"not the cache's"
+        with pytest.raises(TypeError, match="str"):
+            cache.set(("describe", 1), {"text": "x"})
+        v = np.arange(6, dtype=np.float32).reshape(2, 3)
+        cache.set("embed:v", v)
+        got = cache.get("embed:v")
+        assert got.dtype == np.float32 and np.array_equal(got, v)
+    finally:
+        cache.close()
+    assert not marker.exists()
+
+
+def test_planted_pickle_in_embed_cache_runs_nothing(tmp_path, key):
+    marker = tmp_path / "pwned"
+    with FakeOpenAI(embed_dim=8) as srv:
+        tem = E.OpenAITEM(base_url=srv.base_url, cache_path=tmp_path / "ec", backoff_s=0.01)
+        notes: list[str] = []
+        tem.log = notes.append
+        _plant(tmp_path / "ec", tem.key("hello"), Payload(marker))
+        _plant(tmp_path / "ec", tem.key("old raw"), np.ones(8, np.float32).tobytes())  # the earlier format
+        v = tem.encode(["hello", "old raw"])
+        assert not marker.exists()
+        assert len(notes) == 1 and "pickled" in notes[0] and "\n" not in notes[0]
+        assert srv.embed_texts == {"hello": 1}  # the payload is a miss; the earlier raw vector is kept
+        np.testing.assert_allclose(v[1], np.ones(8) / np.sqrt(8), atol=1e-6)
+        notes.clear()
+        E.OpenAITEM(base_url=srv.base_url, cache_path=tmp_path / "ec").encode(["hello"])
+        assert srv.embed_texts == {"hello": 1} and notes == []  # stored again, as an array
