@@ -8,8 +8,9 @@
 - AdamW, linear warm-up then cosine decay, gradient clipping, EMA weights (used for validation and saved).
 - Validation every `eval_every` steps (default once per epoch) on the validation split, seen items masked,
   early stopping on NDCG@10. The test split is never read here.
-- Resumable: the full training state is saved to `<run_dir>/work/train-<model>-<fingerprint>/state.pt` at
-  every validation; a re-run with the same config resumes from it.
+- Resumable: the full training state (weights, AdamW moments, EMA, step counters, random states) is saved to
+  `<run_dir>/work/train-<model>-<fingerprint>/state.safetensors` (tensors; the rest as JSON in its header) at
+  every validation; a re-run with the same config resumes from it. Never a pickle: a planted file runs no code.
 - Output `<run_dir>/train/<model>/`: model.safetensors + config.json (everything needed to rebuild the model),
   log.jsonl (losses and validation metrics), valid.json (the best validation metrics).
 """
@@ -20,6 +21,7 @@ import dataclasses
 import inspect
 import json
 import math
+import random
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -412,6 +414,171 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog)))  # cosine to 10% of lr
 
 
+# ------------------------------------------------------------------------------------------ resume state
+STATE_FILE = "state.safetensors"
+LEGACY_STATE_FILE = "state.pt"  # a pickle: never loaded, since unpickling a planted file runs its code
+STATE_FORMAT = "recpipe-train-state/1"
+
+
+class UnusableState(Exception):
+    """A resume state file that cannot be used (unreadable, foreign or of another run); training starts over."""
+
+
+def write_resume_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """One safetensors file: the tensors (model, optimizer moments, EMA, best weights, RNG states) and, in its
+    header metadata, the JSON of everything else. One file, so one atomic rename keeps both halves in step."""
+    from safetensors.torch import save_file
+
+    # clone: safetensors refuses tensors that share memory (tied weights), and .cpu() of a CPU tensor is itself
+    flat = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(flat, str(tmp), metadata={"format": STATE_FORMAT, "state": json.dumps(meta, default=_plain)})
+
+
+def read_resume_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, meta) of a state written by write_resume_state; UnusableState (one line) for anything else.
+    safetensors and JSON only parse data, so a crafted file cannot run code here."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+            if md.get("format") != STATE_FORMAT:
+                raise UnusableState("not a recpipe train state")
+            meta = json.loads(md["state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UnusableState(_one_line(e)) from None
+    if not isinstance(meta, dict):
+        raise UnusableState("its metadata is not a JSON object")
+    return tensors, meta
+
+
+def _plain(o: Any) -> Any:
+    """JSON for numpy scalars (validation metrics may be numpy floats)."""
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:120]}" if text else type(e).__name__
+
+
+def _split(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def _prefixed(prefix: str, d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in d.items()}
+
+
+def flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer state_dict as (tensors named "<param index>.<key>", JSON: param groups and scalars)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for idx, s in sd["state"].items():
+        for k, v in s.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, v in [*tensors.items(), *meta["scalars"].items()]:
+        idx, k = name.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def rng_snapshot(device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The global random states training draws from (torch's drives dropout), as tensors and JSON lists."""
+    tensors = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors["cuda"] = torch.cuda.get_rng_state(device)
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    return tensors, {"numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+                     "python": [version, list(py_state), py_gauss]}
+
+
+def rng_restore(tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if device.type == "cuda" and "cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["cuda"], device)
+    name, keys, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, py_state, py_gauss = meta["python"]
+    random.setstate((version, tuple(py_state), py_gauss))
+
+
+_ST_KEYS = ("step", "epoch", "batch_in_epoch", "best", "best_step", "bad", "done", "train_time", "log")
+
+
+def pack_state(run_id: str, model: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMA | None,
+               best_state: dict[str, torch.Tensor] | None, st: dict[str, Any], gen: torch.Generator,
+               losses: list[float], device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Everything a resumed run needs to continue exactly as an uninterrupted one would, as (tensors, JSON)."""
+    opt_t, opt_meta = flatten_optimizer(opt.state_dict())
+    rng_t, rng_meta = rng_snapshot(device)
+    tensors = {**_prefixed("model", model.state_dict()), **_prefixed("opt", opt_t), **_prefixed("rng", rng_t),
+               "rng.gen": gen.get_state()}
+    if ema is not None:
+        tensors.update(_prefixed("ema", ema.shadow))
+    if best_state is not None:
+        tensors.update(_prefixed("best", best_state))
+    meta = {"run": run_id, "st": st, "opt": opt_meta, "rng": rng_meta, "has_best": best_state is not None,
+            "ema_updates": ema.updates if ema is not None else 0, "losses": losses}
+    return tensors, meta
+
+
+def unpack_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], run_id: str, model: torch.nn.Module,
+                 opt: torch.optim.Optimizer, ema: EMA | None, gen: torch.Generator, device: torch.device
+                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, list[float]]:
+    """Load a packed state into model, optimizer, EMA and generators; returns (st, best_state, losses).
+    UnusableState if it belongs to another run or does not fit the model; then nothing is changed."""
+    if meta.get("run") != run_id:
+        raise UnusableState("written by another run (other settings or inputs)")
+    st = meta.get("st")
+    if not isinstance(st, dict) or not all(k in st for k in _ST_KEYS):
+        raise UnusableState("its step counters are incomplete")
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    ema_sd = _split(tensors, "ema") if ema is not None else None
+    best = _split(tensors, "best") if meta.get("has_best") else None
+    for name, sd in (("model", _split(tensors, "model")), ("EMA", ema_sd), ("best", best)):
+        if sd is not None and {k: v.shape for k, v in sd.items()} != shapes:
+            raise UnusableState(f"its {name} weights do not fit this model")
+    opt_sd = unflatten_optimizer(_split(tensors, "opt"), meta["opt"])
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for idx, s in opt_sd["state"].items():
+        if not 0 <= idx < len(params) or any(torch.is_tensor(v) and v.dim() and v.shape != params[idx].shape
+                                             for v in s.values()):
+            raise UnusableState("its optimizer state does not fit this model")
+    before = ({k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict(), gen.get_state(),
+              rng_snapshot(device))
+    try:
+        model.load_state_dict(_split(tensors, "model"))
+        opt.load_state_dict(opt_sd)
+        gen.set_state(tensors["rng.gen"])
+        rng_restore(_split(tensors, "rng"), meta["rng"], device)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        model.load_state_dict(before[0])
+        opt.load_state_dict(before[1])
+        gen.set_state(before[2])
+        rng_restore(*before[3], device)
+        raise UnusableState(_one_line(e)) from None
+    if ema is not None:
+        ema.shadow = {k: v.to(device) for k, v in ema_sd.items()}
+        ema.updates = int(meta.get("ema_updates", st["step"]))
+    best = {k: v.to(device) for k, v in best.items()} if best is not None else None
+    return st, best, [float(x) for x in meta.get("losses", [])]
+
 # ---------------------------------------------------------------------------------------------- training
 @dataclasses.dataclass
 class TrainInputs:
@@ -603,30 +770,29 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
 
     work = cfg.run_dir / "work" / f"train-{model_name}-{fingerprint_obj([config, inp.fingerprints])}"
     work.mkdir(parents=True, exist_ok=True)
-    state_path = work / "state.pt"
+    state_path = work / STATE_FILE
+    run_id = fingerprint_obj([config, inp.fingerprints])
     st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": -1.0, "best_step": -1, "bad": 0, "done": False,
           "train_time": 0.0, "log": []}
     best_state: dict[str, torch.Tensor] | None = None
+    losses: list[float] = []
     gen = torch.Generator(device=device).manual_seed(seed)
     if state_path.exists():
         try:
-            ck = torch.load(state_path, map_location=device, weights_only=False)
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["opt"])
-            if ema is not None:
-                ema.shadow, ema.updates = ck["ema"], ck["st"]["step"]
-            best_state = ck["best_state"]
-            st = ck["st"]
-            gen.set_state(ck["gen"].cpu() if device.type == "cpu" else ck["gen"])
+            st, best_state, losses = unpack_state(*read_resume_state(state_path), run_id, model, opt, ema, gen,
+                                                  device)
             log(f"train/{model_name}: resuming at step {st['step']} (epoch {st['epoch'] + 1}) from {state_path}")
-        except Exception as e:  # a corrupt state file must not stop training; it is only a shortcut
-            log(f"train/{model_name}: ignoring unreadable resume state {state_path} ({type(e).__name__})")
+        except UnusableState as e:  # the state is only a shortcut: without it, training starts over
+            log(f"train/{model_name}: ignoring resume state {state_path} ({e}); starting from step 0")
+    elif (work / LEGACY_STATE_FILE).exists():
+        log(f"train/{model_name}: ignoring {work / LEGACY_STATE_FILE} (a pickle, which recpipe never loads: "
+            "unpickling can run code); starting from step 0")
 
     def save_state() -> None:
-        with atomic_path(state_path) as tmp:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
-                        "ema": ema.shadow if ema is not None else None, "best_state": best_state, "st": st,
-                        "gen": gen.get_state()}, tmp)
+        keep = max(eval_every, 50)  # the losses a validation entry and the progress line average over
+        write_resume_state(state_path, *pack_state(run_id, model, opt, ema, best_state, st, gen, losses[-keep:],
+                                                   device))
+        (work / LEGACY_STATE_FILE).unlink(missing_ok=True)  # superseded; it would only be warned about again
 
     def valid_metrics(m: Recommender, score_kwargs: dict | None = None) -> dict[str, Any]:
         """Model selection's metrics: the validation users (all, or train.eval_users of them), @10 and @20."""
@@ -677,7 +843,6 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
     log(f"train/{model_name}: {n_params:,} parameters, {mode} batches, {per_epoch} steps/epoch, up to {total} "
         f"steps on {device}")
     model.train()
-    losses: list[float] = []
     with progress_bar("[bold]train[/] {task.description}", "{task.fields[info]}", disable=not progress) as bar:
         task = bar.add_task(model_name, total=total, completed=st["step"], info="")
         while not st["done"] and st["epoch"] < tc.epochs:
