@@ -4,8 +4,13 @@ embedded once, and an intention that names its item or reads like a description 
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import diskcache
@@ -140,3 +145,73 @@ def test_planted_pickle_in_embed_cache_runs_nothing(tmp_path, key):
         notes.clear()
         E.OpenAITEM(base_url=srv.base_url, cache_path=tmp_path / "ec").encode(["hello"])
         assert srv.embed_texts == {"hello": 1} and notes == []  # stored again, as an array
+
+
+# ------------------------------------------------------------------------------ 2. one cache, one payer
+_DESCRIBE_RUN = ("import sys, json; from recpipe.config import load_config; from recpipe.pipeline import describe; "
+                 "describe.run(load_config(None, json.loads(sys.argv[1])), log=lambda m: None)")
+
+
+def _two_runs_setup(tmp_path: Path, srv: FakeOpenAI) -> tuple[dict, dict]:
+    """Two run directories on one dataset sharing one describe cache: (overrides of run A, of run B)."""
+    make_dataset(tmp_path / "ds", n_items=30, n_users=20)
+    base = {"run.dataset": str(tmp_path / "ds"), "run.cache_dir": str(tmp_path / "cache"), "data.kcore": 1,
+            "describe.llm": "openai", "describe.base_url": srv.base_url, "describe.concurrency": 2,
+            "describe.timeout_s": 60, "describe.backoff_s": 0.01, "describe.cache": str(tmp_path / "shared")}
+    a, b = {**base, "run.run_dir": str(tmp_path / "run-a")}, {**base, "run.run_dir": str(tmp_path / "run-b")}
+    for o in (a, b):
+        D.run(load_config(None, o), log=lambda m: None)
+    return a, b
+
+
+def _start(overrides: dict, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "OPENAI_API_KEY": SECRET, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", _DESCRIBE_RUN, json.dumps(overrides)], cwd=cwd, env=env)
+
+
+def _wait_delivered(srv: FakeOpenAI, proc: subprocess.Popen, n: int) -> None:
+    deadline = time.time() + 120
+    while sum(srv.delivered.values()) < n and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the first run ended before the second one started"
+
+
+def test_second_describe_on_the_same_cache_waits_and_sends_nothing_twice(tmp_path, key):
+    with FakeOpenAI(latency=0.1) as srv:
+        a, b = _two_runs_setup(tmp_path, srv)
+        proc = _start(a, tmp_path)
+        try:
+            _wait_delivered(srv, proc, 6)
+            logs: list[str] = []
+            rep = DS.run(load_config(None, b), log=logs.append).manifest.info["report"]
+            assert proc.wait(timeout=120) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        waits = [m for m in logs if "waiting" in m]
+        assert len(waits) == 1 and f"pid {proc.pid}" in waits[0] and "\n" not in waits[0]
+        assert srv.repeats == {} and srv.total_calls == rep["unique_prompts"] == 60  # each prompt sent once
+        assert rep["calls"] == 0 and rep["cache_hits"] == 60
+
+
+def test_killed_describe_leaves_no_stale_lock(tmp_path, key):
+    with FakeOpenAI(latency=0.1) as srv:
+        a, b = _two_runs_setup(tmp_path, srv)
+        proc = _start(a, tmp_path)
+        try:
+            _wait_delivered(srv, proc, 6)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        cache = DS.open_cache(Path(b["describe.cache"]))
+        try:  # the fake server writes its prompt id into every answer
+            cached = {cache[k]["text"].split("answer ")[1][:12] for k in cache}
+        finally:
+            cache.close()
+        srv.reset_counts()
+        logs: list[str] = []
+        rep = DS.run(load_config(None, b), log=logs.append).manifest.info["report"]
+        assert not any("waiting" in m for m in logs)  # the killed holder's lock went with it
+        assert cached and not cached & set(srv.calls) and rep["cache_hits"] == len(cached)

@@ -18,7 +18,9 @@ template hash, item text, max_tokens, temperature): a re-run makes zero calls, a
 moment (SIGKILL included) resumes without losing or repeating a finished call. A cache entry also records
 its model and is ignored if that differs, so an entry made for another model is never used. Values are
 stored as JSON (`SafeDisk`), never pickled: a pickled entry (an older cache, or one planted in a copied cache
-directory) is never unpickled, it reads as a miss and the run says so in one line.
+directory) is never unpickled, it reads as a miss and the run says so in one line. A run holds a lock on the
+cache (`<cache>/describe.lock`) while it answers prompts: a second run on the same cache waits (naming the
+first one's pid) and then reuses its answers, so no prompt is paid for twice.
 
 Retries (tenacity, exponential backoff with jitter, `describe.max_retries` attempts in all) cover rate
 limits (429, honouring Retry-After), timeouts, connection errors, 5xx, garbled responses and unusable output
@@ -472,8 +474,9 @@ def gguf_identity(path: Path) -> str:
     return f"{path.name}@{h.hexdigest()[:12]}"
 
 
+# describe.local_quant; f32 computes in float32 on every CPU kind (slow, for checks that compare paths)
 LOCAL_QUANTS = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
-                "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}  # describe.local_quant
+                "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "f32": "LLAMA_FTYPE_ALL_F32"}
 
 
 def native_bf16(system_info: str) -> bool:
@@ -1110,6 +1113,49 @@ class SafeDisk(diskcache.Disk):
         return os.path.realpath(os.path.join(root, filename)).startswith(root + os.sep)
 
 
+LOCK_NAME = "describe.lock"
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path, log: Callable[[str], None] = print):
+    """Hold `<cache>/describe.lock` while prompts are looked up and answered. A second describe on the same
+    cache (the same run directory, or another one sharing `describe.cache`) waits here, saying for whom, and
+    then finds the first one's answers cached instead of paying for the same prompts again. flock: the OS
+    releases the lock when its holder exits or is killed, so no lock outlives its run."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (two runs on one cache may then repeat calls)
+        yield
+        return
+    try:
+        f = open(path / LOCK_NAME, "a+")
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot create the cache's lock file ({e})") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"describe: another describe (pid {_lock_holder(f)}) is answering prompts with the cache {path}; "
+                "waiting for it to finish, then its answers are reused")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield  # closing the file releases the lock
+
+
+def _lock_holder(f) -> str:
+    """The pid the lock's holder wrote (it writes it right after taking the lock: wait a moment for it)."""
+    for _ in range(20):
+        f.seek(0)
+        pid = f.read().strip()
+        if pid:
+            return pid
+        time.sleep(0.05)
+    return "?"
+
+
 def refused_note(cache, what: str) -> str | None:
     """One line when the cache held pickled values (read as misses), else None."""
     n = getattr(cache.disk, "refused", 0)
@@ -1400,9 +1446,11 @@ def describe_items(items: pd.DataFrame, cfg: Config, backend: Backend | None = N
                         forbid = title_core(row.get("title", "")) if task == "intent" else ""
                         jobs[key] = _Job(key, task, tmpl, fitted, [int(row["item"])], forbid)
             report.unique_prompts = len(jobs)
-            cache = open_cache(cache_dir(cfg, "describe"))
+            path = cache_dir(cfg, "describe")
+            cache = open_cache(path)
             try:
-                results = _run_jobs(list(jobs.values()), backend, cache, dcfg, stats, log)
+                with cache_lock(path, log):
+                    results = _run_jobs(list(jobs.values()), backend, cache, dcfg, stats, log)
             finally:
                 cache.close()
         else:
