@@ -264,3 +264,111 @@ def test_ml100k_from_pypi_wheel(tmp_path):
     # RecBole's space-separated `class` field becomes recpipe's "|"-separated genres (category intentions)
     assert raw.items.set_index("item_id").loc["1", "genres"] == "Animation|Children's|Comedy"
     assert "class" not in raw.items.columns
+
+
+# ------------------------------------------------------------------------------------ timestamps and ids
+def _split_ids(p: D.Processed) -> dict[str, list[str]]:
+    """Each user's (original id) chronological item ids: the whole split in comparable form."""
+    ids = p.items["item_id"].to_numpy()
+    return {uid: ids[p.seq_items[p.offsets[u]: p.offsets[u + 1]] - 1].tolist()
+            for u, uid in enumerate(p.users["user_id"])}
+
+
+def _iso(seconds: pd.Series) -> pd.Series:
+    return pd.to_datetime(seconds, unit="s", utc=True).dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_iso_and_numeric_timestamps_give_the_same_split(tmp_path):
+    """Seconds apart within one 1000-second window, in reverse file order: dates converted by the wrong unit
+    (microseconds taken for nanoseconds) tie there and fall back to file order."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for u in range(20):
+        base = 1_600_000_000 + 10_000 * u
+        offsets = rng.permutation(900)[:6]  # six distinct seconds inside one window, shuffled in the file
+        rows += [(u, 100 + int(i), base + int(o)) for i, o in zip(rng.choice(10, 6, replace=False), offsets)]
+    inter = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+    num = D.process(D.load_raw(_write_generic(tmp_path / "num", inter)), DataConfig(kcore=1))
+    iso = D.process(D.load_raw(_write_generic(tmp_path / "iso", inter.assign(timestamp=_iso(inter["timestamp"])))),
+                    DataConfig(kcore=1))
+    assert _split_ids(iso) == _split_ids(num)
+    assert (iso.seq_times == num.seq_times).all(), "ISO dates become the same Unix seconds"
+
+
+def test_ml100k_with_iso_dates_splits_as_with_unix_seconds(shared_datasets, tmp_path):
+    raw = D.load_raw(shared_datasets / "ml-100k")
+    inter = raw.interactions[["user_id", "item_id", "timestamp"]]
+    num = D.process(D.load_raw(_write_generic(tmp_path / "num", inter)), DataConfig(kcore=5))
+    iso = D.process(D.load_raw(_write_generic(tmp_path / "iso", inter.assign(timestamp=_iso(inter["timestamp"])))),
+                    DataConfig(kcore=5))
+    assert _split_ids(iso) == _split_ids(num)
+    _, t_num = D.Dataset(num.items, num.users, num.offsets, num.seq_items, num.seq_times).split("test")
+    _, t_iso = D.Dataset(iso.items, iso.users, iso.offsets, iso.seq_items, iso.seq_times).split("test")
+    assert (t_iso == t_num).all() and len(t_num) == 943
+
+
+def test_far_dates_and_negative_seconds_order_correctly(tmp_path):
+    inter = pd.DataFrame({"user_id": ["a"] * 4, "item_id": [1, 2, 3, 4],
+                          "timestamp": ["9999-12-31", "1969-12-31T23:59:59Z", "2262-04-12", "1800-01-01"]})
+    p = D.process(D.load_raw(_write_generic(tmp_path / "ds", inter)), DataConfig(kcore=1))
+    assert p.items["item_id"].to_numpy()[p.seq_items - 1].tolist() == ["4", "2", "3", "1"]
+    assert p.seq_times.tolist() == [-5364662400, -1, 9223372800, 253402214400]  # Python datetime agrees
+
+
+def test_fractional_timestamps_keep_their_order(tmp_path):
+    inter = pd.DataFrame({"user_id": ["a"] * 3, "item_id": [1, 2, 3], "timestamp": [0.5, 0.2, 0.9]})
+    p = D.process(D.load_raw(_write_generic(tmp_path / "ds", inter)), DataConfig(kcore=1))
+    assert p.items["item_id"].to_numpy()[p.seq_items - 1].tolist() == ["2", "1", "3"]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("1e20", "timestamp '1e+20' (data row 3) is out of range"),
+    ("99999999999999999999", "timestamp '99999999999999999999' (data row 3) is out of range"),
+    ("inf", "timestamp 'inf' (data row 3) is not a finite number"),
+    ("-inf", "timestamp '-inf' (data row 3) is not a finite number"),
+    ("2020-13-45", "non-numeric timestamp '2020-13-45' (data row 3)"),
+    ("2020-01-01", "timestamps mix numbers ('10', data row 1) and dates ('2020-01-01', data row 3)"),
+    ("", "empty timestamp in 1 row(s) (first: data row 3)"),
+])
+def test_bad_timestamps_name_the_row(tmp_path, value, message):
+    d = tmp_path / "ds"
+    d.mkdir()
+    lines = ["user_id,item_id,timestamp", "a,1,10", "a,2,20", f"a,3,{value}", "a,4,40"]
+    (d / "interactions.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as e:
+        D.load_raw(d)
+    assert message in str(e.value) and str(d / "interactions.csv") in str(e.value)
+
+
+@pytest.mark.parametrize("with_items", [True, False])
+def test_ids_with_leading_zeros_stay_strings(tmp_path, with_items):
+    inter = pd.DataFrame({"user_id": ["00196", "00196", "00196", "196", "196", "196"],
+                          "item_id": ["00242", "0302", "377", "00242", "0302", "242"],
+                          "timestamp": [1, 2, 3, 1, 2, 3]})
+    items = pd.DataFrame({"item_id": ["00242", "0302", "377", "242"], "title": ["A", "B", "C", "D"]})
+    d = _write_generic(tmp_path / "ds", inter, items if with_items else None)
+    raw = D.load_raw(d)
+    assert raw.interactions["user_id"].tolist() == inter["user_id"].tolist()
+    assert raw.interactions["item_id"].tolist() == inter["item_id"].tolist()
+    p = D.process(raw, DataConfig(kcore=1))
+    assert sorted(p.users["user_id"]) == ["00196", "196"], "two users, not one"
+    assert sorted(p.items["item_id"]) == ["00242", "0302", "242", "377"]
+    if with_items:
+        assert p.items.set_index("item_id").loc["00242", "title"] == "A"
+        assert p.items.set_index("item_id").loc["242", "title"] == "D"
+    ds = D.Dataset(p.items, p.users, p.offsets, p.seq_items, p.seq_times)
+    u = ds.user_index("00196")
+    assert p.items["item_id"].to_numpy()[ds.sequence(u) - 1].tolist() == ["00242", "0302", "377"]
+
+
+def test_leading_zero_ids_in_movielens_files(tmp_path):
+    d = tmp_path / "ml"
+    d.mkdir()
+    (d / "u.data").write_text("0007\t0042\t5\t100\n0007\t43\t4\t200\n0007\t0044\t3\t300\n")
+    genres = ["unknown", "Action"]
+    (d / "u.genre").write_text("".join(f"{g}|{i}\n" for i, g in enumerate(genres)))
+    (d / "u.item").write_text("0042|A|01-Jan-1995||x|0|1\n43|B|01-Jan-1995||x|1|0\n0044|C|01-Jan-1995||x|0|1\n")
+    p = D.process(D.load_raw(d), DataConfig(kcore=1))
+    assert p.users["user_id"].tolist() == ["0007"]
+    assert p.items["item_id"].to_numpy()[p.seq_items - 1].tolist() == ["0042", "43", "0044"]
+    assert p.items.set_index("item_id").loc["0042", "title"] == "A"

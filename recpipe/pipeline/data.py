@@ -16,6 +16,7 @@ Outputs (`<run_dir>/data/`):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -88,6 +89,10 @@ def load_raw(path: Path) -> RawDataset:
     )
 
 
+# Ids are strings end to end: read as numbers, "00242" would become 242 (and no longer match items.csv)
+ID_DTYPES = {"user_id": str, "item_id": str}
+
+
 def _read_table(path: Path, **kw: Any) -> pd.DataFrame:
     """Read csv/parquet/delimited text with errors that name the file."""
     if not path.exists():
@@ -112,33 +117,95 @@ def _require_columns(df: pd.DataFrame, cols: list[str], path: Path) -> None:
 
 
 def _to_timestamp(s: pd.Series, path: Path) -> pd.Series:
-    """Integer timestamps; numeric values pass, ISO-8601 dates are converted to Unix seconds."""
+    """Timestamps that order each user's interactions: numbers as given (int64; float64 where some are
+    fractional, so 0.2 still sorts before 0.5), or ISO-8601 dates as Unix seconds. Anything else, a mix of the
+    two forms, a non-finite number or one beyond int64 is a DataError that names the first such row."""
     num = pd.to_numeric(s, errors="coerce")
-    if num.notna().all():
+    if pd.api.types.is_numeric_dtype(s) or num.notna().all():
+        return _numeric_timestamps(num.astype("float64") if num.dtype == object else num, s, path)
+    dates = _date_timestamps(s, path)
+    is_num, is_date = num.notna().to_numpy(), dates.notna().to_numpy()
+    if is_num.any() and is_date.any():
+        r_num, r_date = int(np.flatnonzero(is_num)[0]), int(np.flatnonzero(is_date)[0])
+        raise DataError(f"{path}: timestamps mix numbers ({_shown(s.iloc[r_num])}, data row {r_num + 1}) and dates "
+                        f"({_shown(s.iloc[r_date])}, data row {r_date + 1}); write every timestamp in one form")
+    bad = ~(is_date | is_num)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{path}: non-numeric timestamp {_shown(s.iloc[row])} (data row {row + 1}): "
+                        "expected a number or an ISO-8601 date")
+    return dates.astype("int64")
+
+
+def _numeric_timestamps(num: pd.Series, raw: pd.Series, path: Path) -> pd.Series:
+    v = num.to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(v)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{path}: timestamp {_shown(raw.iloc[row])} (data row {row + 1}) is not a finite number")
+    if pd.api.types.is_signed_integer_dtype(num):
         return num.astype("int64")
-    try:
-        dt = pd.to_datetime(s, format="ISO8601", utc=True)
-        return (dt.astype("int64") // 10**9).astype("int64")
-    except (ValueError, TypeError):
-        bad = s[num.isna()].iloc[0]
-        row = int(np.flatnonzero(num.isna().to_numpy())[0])
-        raise DataError(f"{path}: non-numeric timestamp {bad!r} (data row {row + 1})") from None
+    # int64 holds [-2**63, 2**63); the float bounds are exact powers of two
+    out = (v >= 2.0**63) | (v < -(2.0**63))
+    if out.any():
+        row = int(np.flatnonzero(out)[0])
+        raise DataError(f"{path}: timestamp {_shown(raw.iloc[row])} (data row {row + 1}) is out of range "
+                        f"(beyond a 64-bit integer)")
+    if (v != np.floor(v)).any():
+        return pd.Series(v, index=num.index)
+    return pd.Series(v.astype(np.int64), index=num.index)
+
+
+def _date_timestamps(s: pd.Series, path: Path) -> pd.Series:
+    """ISO-8601 dates as Unix seconds (float64, NaN where a value is no date). Cast to datetime64[s] first:
+    the integer behind a datetime counts the unit pandas parsed into (ns in pandas 2, us in pandas 3)."""
+    dt = pd.to_datetime(s, format="ISO8601", utc=True, errors="coerce")
+    ok = dt.notna().to_numpy()
+    secs = pd.Series(np.nan, index=s.index, dtype="float64")
+    if ok.any():
+        whole = dt[ok].dt.tz_convert(None).astype("datetime64[s]")  # floor to the second, whatever the unit
+        secs[ok] = whole.astype("int64").to_numpy(np.float64)
+    failed = secs.isna() & s.notna()
+    if failed.any() and not _far_dates_parse():
+        for row in np.flatnonzero(failed.to_numpy()):
+            v = str(s.iloc[row])
+            year = int(v.strip()[:4]) if v.strip()[:4].isdigit() else None
+            if year is not None and not 1678 <= year <= 2261:
+                raise DataError(f"{path}: date {v!r} (data row {row + 1}) is outside the years pandas "
+                                f"{pd.__version__} reads (1678-2261); write it as Unix seconds or use pandas >= 3")
+    return secs
+
+
+@functools.cache
+def _far_dates_parse() -> bool:
+    """Whether this pandas parses dates beyond 2262 (pandas 3 picks the unit from the text; pandas 2 reads
+    every date into nanoseconds, 1677..2262)."""
+    dt = pd.to_datetime(pd.Series(["9999-12-31"]), format="ISO8601", utc=True, errors="coerce")
+    return bool(dt.notna().iloc[0])
+
+
+def _shown(v: Any) -> str:
+    """A cell as the user wrote it: '1e+20' and 'inf', not np.float64(1e+20)."""
+    return repr(str(float(v))) if isinstance(v, (float, np.floating)) else repr(str(v))
 
 
 def _ids(s: pd.Series) -> pd.Series:
-    """Original ids as strings (integers print without a trailing .0)."""
+    """Original ids as strings, exactly as the file writes them ("00242" stays "00242"); a numeric column
+    (parquet, or a loader that parsed numbers) prints integers without a trailing ".0"."""
     if pd.api.types.is_float_dtype(s) and s.dropna().apply(float.is_integer).all():
         s = s.astype("Int64")
-    return s.astype(str)
+    out = s.astype(str)
+    return out.str.strip() if pd.api.types.is_object_dtype(s) or pd.api.types.is_string_dtype(s) else out
 
 
 def _finish(inter: pd.DataFrame, items: pd.DataFrame, inter_path: Path, items_path: Path | None,
             fmt: str) -> RawDataset:
     inter = inter.copy()
-    if inter[["user_id", "item_id"]].isna().any().any():
-        raise DataError(f"{inter_path}: empty user_id or item_id values")
-    if inter["timestamp"].isna().any():
-        raise DataError(f"{inter_path}: empty timestamp values")
+    for col in ("user_id", "item_id", "timestamp"):
+        empty = inter[col].isna().to_numpy()
+        if empty.any():
+            raise DataError(f"{inter_path}: empty {col} in {int(empty.sum())} row(s) "
+                            f"(first: data row {int(np.flatnonzero(empty)[0]) + 1})")
     inter["user_id"] = _ids(inter["user_id"])
     inter["item_id"] = _ids(inter["item_id"])
     inter["timestamp"] = _to_timestamp(inter["timestamp"], inter_path)
@@ -171,7 +238,7 @@ def _finish(inter: pd.DataFrame, items: pd.DataFrame, inter_path: Path, items_pa
 
 def _load_generic(path: Path) -> RawDataset:
     inter_path = next(path / n for n in ("interactions.parquet", "interactions.csv") if (path / n).exists())
-    inter = _read_table(inter_path)
+    inter = _read_table(inter_path, dtype=ID_DTYPES)
     _require_columns(inter, ["user_id", "item_id", "timestamp"], inter_path)
     items_path = next((path / n for n in ("items.parquet", "items.csv") if (path / n).exists()), None)
     items = pd.DataFrame()
@@ -183,7 +250,8 @@ def _load_generic(path: Path) -> RawDataset:
 
 def _load_ml100k(path: Path) -> RawDataset:
     inter_path = path / "u.data"
-    inter = _read_table(inter_path, sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"])
+    inter = _read_table(inter_path, sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"],
+                        dtype=ID_DTYPES)
     items_path = path / "u.item"
     items = pd.DataFrame()
     if items_path.exists():
@@ -209,7 +277,7 @@ def _ml100k_genres(path: Path) -> list[str]:
 def _load_ml1m(path: Path) -> RawDataset:
     inter_path = path / "ratings.dat"
     inter = _read_table(inter_path, sep="::", engine="python", header=None,
-                        names=["user_id", "item_id", "rating", "timestamp"], encoding="latin-1")
+                        names=["user_id", "item_id", "rating", "timestamp"], encoding="latin-1", dtype=ID_DTYPES)
     items_path = path / "movies.dat"
     items = pd.DataFrame()
     if items_path.exists():
@@ -252,9 +320,9 @@ def _load_recbole(path: Path) -> RawDataset:
     return _finish(inter, items, inter_path, items_path if items_path.exists() else None, "recbole")
 
 
-# Bumped when a format's reader changes what it makes of the same files (absent = 1). recbole 2: genre
-# token_seq fields become the "|"-separated `genres` column.
-READER_VERSION = {"recbole": 2}
+# Each format's reader version (absent = 1): raised whenever a reader may make something else of the same
+# files, so the data stage is rebuilt; stages downstream stay current when the rebuilt files come out identical.
+READER_VERSION = {"generic": 2, "ml-100k": 2, "ml-1m": 2, "recbole": 3}
 
 
 # ----------------------------------------------------------------------------------------- processing
@@ -264,7 +332,7 @@ class Processed:
     users: pd.DataFrame  # user (0..n-1), user_id
     offsets: np.ndarray  # (n_users + 1,) int64
     seq_items: np.ndarray  # (n_interactions,) int64, dense item ids, chronological within each user
-    seq_times: np.ndarray  # (n_interactions,) int64
+    seq_times: np.ndarray  # (n_interactions,) int64 (float64 where the file has fractional timestamps)
     summary: dict[str, Any]
 
 
@@ -308,7 +376,7 @@ def process(raw: RawDataset, cfg: DataConfig, source: str = "") -> Processed:
     user_index = pd.Series(np.arange(len(user_ids), dtype=np.int64), index=user_ids)
     u = user_index.loc[inter["user_id"].to_numpy()].to_numpy()
     it = item_index.loc[inter["item_id"].to_numpy()].to_numpy()
-    ts = inter["timestamp"].to_numpy(np.int64)
+    ts = inter["timestamp"].to_numpy()  # int64, or float64 where the file has fractional timestamps
     order = np.lexsort((inter["_row"].to_numpy(), ts, u))  # user, then time, then file order
     u, it, ts = u[order], it[order], ts[order]
     counts = np.bincount(u, minlength=len(user_ids))
@@ -345,7 +413,7 @@ def process(raw: RawDataset, cfg: DataConfig, source: str = "") -> Processed:
 def _natural_key(s: str) -> tuple:
     """Numeric ids sort numerically, others lexically (numbers first)."""
     try:
-        return (0, int(s), "")
+        return (0, int(s), s)  # s breaks the tie between "00242" and "242"
     except ValueError:
         return (1, 0, s)
 
