@@ -71,7 +71,7 @@ class FakeOpenAI:
                 pass
 
             def do_GET(self):
-                if self.path.rstrip("/").endswith("/models"):
+                if self.path.split("?")[0].rstrip("/").endswith("/models"):
                     self._send(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
                 else:
                     self._send(404, {"error": {"message": "not found"}})
@@ -87,9 +87,10 @@ class FakeOpenAI:
                     over = server.requests > server.max_requests
                 if over:
                     return self._send(503, {"error": {"message": "request budget exhausted"}})
-                if self.path.endswith("/chat/completions"):
+                route = self.path.split("?")[0]  # a query (an endpoint's api-key) does not change the route
+                if route.endswith("/chat/completions"):
                     return server._chat(self, body)
-                if self.path.endswith("/embeddings"):
+                if route.endswith("/embeddings"):
                     return server._embeddings(self, body)
                 self._send(404, {"error": {"message": f"no route {self.path}"}})
 

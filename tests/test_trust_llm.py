@@ -215,3 +215,52 @@ def test_killed_describe_leaves_no_stale_lock(tmp_path, key):
         rep = DS.run(load_config(None, b), log=logs.append).manifest.info["report"]
         assert not any("waiting" in m for m in logs)  # the killed holder's lock went with it
         assert cached and not cached & set(srv.calls) and rep["cache_hits"] == len(cached)
+
+
+# ----------------------------------------------------------------------------------- 3. secrets in URLs
+QSECRET = "qs-Secret-9f8e7d6c5b4a"
+
+
+def test_display_url_strips_userinfo_and_masks_query_values():
+    url = f"https://bob:{QSECRET}@example.com:8443/v1?api-key={QSECRET}&deployment=x&{QSECRET}#{QSECRET}"
+    assert DS.display_url(url) == "https://example.com:8443/v1?api-key=***&deployment=***&***"
+    assert DS.display_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+    assert QSECRET not in DS.display_url(f"http://[::1/v1?key={QSECRET}")  # not parseable: cut before '?'
+    assert QSECRET not in DS.redact(f"failed: POST http://h/v1/chat?api-key={QSECRET} (refused)")
+
+
+def _files_hold(root: Path, secret: str) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+def test_url_secrets_never_reach_manifests_or_logs(tmp_path, key, monkeypatch):
+    with FakeOpenAI(embed_dim=8) as srv:
+        url = srv.base_url.replace("//", f"//user:{QSECRET}@") + f"?api-key={QSECRET}"
+        cfg = _cfg(tmp_path, **{"describe.llm": "openai", "describe.base_url": url, "embed.tem": "openai",
+                                "embed.base_url": url, "embed.backoff_s": 0.01})
+        logs: list[str] = []
+        res = DS.run(cfg, log=logs.append)
+        assert res.manifest.info["report"]["calls"] > 0 and srv.total_calls > 0
+        assert res.manifest.info["report"]["endpoint"] == srv.base_url + "?api-key=***"
+        emb = E.run(cfg, log=logs.append)
+        assert emb.manifest.info["base_url"] == srv.base_url + "?api-key=***"
+        assert emb.manifest.config["embed"]["base_url"] == srv.base_url + "?api-key=***"
+        assert _files_hold(tmp_path, QSECRET) == [] and not any(QSECRET in m for m in logs)
+        # queries are embedded through the same endpoint: the full URL comes from the environment
+        with pytest.raises(E.BackendError, match="OPENAI_BASE_URL") as e:
+            E.load_tem(emb.manifest.info)
+        assert QSECRET not in str(e.value) and "\n" not in str(e.value)
+        monkeypatch.setenv("OPENAI_BASE_URL", url)
+        X = np.load(emb.stage_dir / "item_embeddings.npy")
+        text = pd.read_parquet(cfg.run_dir / "describe" / "descriptions.parquet")["text"][0]
+        np.testing.assert_allclose(E.load_tem(emb.manifest.info).encode([text])[0], X[1], atol=1e-6)
+    # a dead endpoint's error names it without the secret
+    dead = f"http://127.0.0.1:9/v1?api-key={QSECRET}"
+    cfg.describe.base_url, cfg.describe.max_retries, cfg.describe.cache = dead, 2, str(tmp_path / "empty-cache")
+    with pytest.raises(DS.BackendError) as e:
+        DS.run(cfg, force=True, log=logs.append)
+    assert "127.0.0.1:9/v1?api-key=***" in str(e.value) and QSECRET not in str(e.value)
+    tem = E.OpenAITEM(base_url=dead, max_retries=2, backoff_s=0.01, timeout_s=1)
+    with pytest.raises(DS.BackendError) as e:
+        tem.encode(["hello"])
+    assert "127.0.0.1:9" in str(e.value) and QSECRET not in str(e.value)

@@ -59,6 +59,7 @@ import sys
 import threading
 import time
 import unicodedata
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,8 +353,21 @@ def openai_base_url(base_url: str = "") -> str:
 
 
 def display_url(url: str) -> str:
-    """A URL fit for logs and errors: any user:password@ part removed."""
-    return re.sub(r"//[^/@]*@", "//", url)
+    """A URL fit for manifests, logs and errors: an endpoint's key may ride in its user:password@ part or its
+    query string (`?api-key=...`), so the first is removed, every query value is masked (`api-key=***`) and a
+    fragment dropped."""
+    url = str(url)
+    try:
+        p = urllib.parse.urlsplit(url)
+    except ValueError:  # not parseable as a URL: keep only what precedes any userinfo, query or fragment
+        return re.sub(r"//[^/@]*@", "//", re.split(r"[?#]", url, maxsplit=1)[0])
+    netloc = p.netloc.rsplit("@", 1)[-1]
+    query = "&".join(f"{part.split('=', 1)[0]}=***" if "=" in part else "***"
+                     for part in p.query.split("&") if part)
+    return urllib.parse.urlunsplit((p.scheme, netloc, p.path, query, ""))
+
+
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.I)
 
 
 def make_openai_client(base_url: str, timeout_s: float, what: str = "describe"):
@@ -366,15 +380,37 @@ def make_openai_client(base_url: str, timeout_s: float, what: str = "describe"):
         )
     import openai
 
-    return openai.OpenAI(api_key=key, base_url=openai_base_url(base_url), timeout=timeout_s, max_retries=0)
+    url = openai_base_url(base_url)
+    _SECRETS.update(url_secrets(url))
+    # the client appends routes to the base URL's path, so a query string there would end up inside the
+    # path: it is sent as the client's default query instead, on every request
+    p = urllib.parse.urlsplit(url)
+    query = dict(urllib.parse.parse_qsl(p.query, keep_blank_values=True)) or None
+    url = urllib.parse.urlunsplit((p.scheme, p.netloc, p.path, "", ""))
+    return openai.OpenAI(api_key=key, base_url=url, default_query=query, timeout=timeout_s, max_retries=0)
+
+
+_SECRETS: set[str] = set()  # the secret parts of every endpoint URL in use: `redact` masks them anywhere
+
+
+def url_secrets(url: str) -> set[str]:
+    """What `display_url` hides of a URL (its password and query values), wherever else it may show up."""
+    try:
+        p = urllib.parse.urlsplit(url)
+    except ValueError:
+        return set()
+    parts = {p.password or ""} | {v for _, v in urllib.parse.parse_qsl(p.query, keep_blank_values=True)}
+    parts |= {unquoted for v in list(parts) for unquoted in (urllib.parse.quote(v, safe=""),)}
+    return {v for v in parts if len(v) >= 4}
 
 
 def redact(msg: str) -> str:
-    """Never let the API key reach a log line or an error message."""
+    """Never let the API key, nor a secret inside a URL, reach a log line or an error message."""
     key = openai_key()
-    msg = str(msg)
-    if key:
-        msg = msg.replace(key, "***")
+    msg = _URL.sub(lambda m: display_url(m.group(0)), str(msg))
+    for secret in [key or "", *_SECRETS]:
+        if secret:
+            msg = msg.replace(secret, "***")
     return re.sub(r"sk-[A-Za-z0-9_\-*]{8,}", "sk-***", msg)
 
 

@@ -270,10 +270,11 @@ class OpenAITEM(TEM):
     def __init__(self, model: str = DEFAULT_OPENAI_MODEL, normalize: bool = True, base_url: str = "",
                  api_batch: int = 2048, max_chars: int = 8000, timeout_s: float = 60.0, max_retries: int = 6,
                  backoff_s: float = 1.0, cache_path: str | os.PathLike | None = None):
-        from recpipe.pipeline.describe import make_openai_client, openai_base_url
+        from recpipe.pipeline.describe import display_url, make_openai_client, openai_base_url
 
         self.client = make_openai_client(base_url, timeout_s, what="embed")
-        self.base_url = openai_base_url(base_url)
+        self.base_url = openai_base_url(base_url)  # used to connect only; never recorded nor shown
+        self.endpoint = display_url(self.base_url)  # what manifests, logs and errors name
         self.model = model
         self.normalize = normalize
         self.api_batch = max(1, min(2048, api_batch))
@@ -292,7 +293,7 @@ class OpenAITEM(TEM):
         return self._dim
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "base_url": self.base_url, "cache": str(self.cache_path or "")}
+        return {**super().info(), "base_url": self.endpoint, "cache": str(self.cache_path or "")}
 
     def key(self, text: str) -> str:
         return "embed:" + hashlib.sha256(f"{self.model}\x00{text}".encode()).hexdigest()
@@ -328,7 +329,7 @@ class OpenAITEM(TEM):
                 cache.close()
         dims = {v.shape[0] for v in vecs.values()}
         if len(dims) != 1:
-            raise BackendError(f"{self.base_url}: embeddings of different sizes {sorted(dims)} for model "
+            raise BackendError(f"{self.endpoint}: embeddings of different sizes {sorted(dims)} for model "
                                f"{self.model} (a cache from another configuration?)")
         out = np.stack([vecs[t] for t in texts]).astype(np.float32)
         self._dim = out.shape[1]
@@ -368,7 +369,7 @@ class OpenAITEM(TEM):
                         if any(v.ndim != 1 or v.size == 0 or not np.isfinite(v).all() for v in vecs):
                             raise ValueError("malformed embedding")
                     except Exception as e:  # noqa: BLE001 - classified: Transient (retry) or BackendError
-                        raise classify_openai_error(e, self.base_url) from None
+                        raise classify_openai_error(e, self.endpoint) from None
         except Transient as e:
             raise BackendError(f"{e} (after {self.max_retries} attempts); vectors received so far are cached") from None
         self.stats["texts_sent"] += len(batch)
@@ -404,7 +405,7 @@ def load_tem(info: dict[str, Any]) -> TEM:
         t = TEM.from_config(ecfg)
     elif tem == "openai":
         model, norm = info.get("model") or DEFAULT_OPENAI_MODEL, bool(info.get("normalized", True))
-        base_url, cache = info.get("base_url", ""), info.get("cache") or None
+        base_url, cache = live_url(info.get("base_url", "")), info.get("cache") or None
         max_chars = int(info.get("max_input_chars", EmbedConfig.max_input_chars))
         t = _cached(("openai", model, norm, base_url, cache, max_chars),
                     lambda: OpenAITEM(model, norm, base_url, max_chars=max_chars, cache_path=cache))
@@ -414,6 +415,21 @@ def load_tem(info: dict[str, Any]) -> TEM:
         raise ArtifactError(f"TEM {info.get('model')}: dimension {t.dim} differs from the stage's {info['dim']}; "
                             "re-run `recpipe embed --force`")
     return t
+
+
+def live_url(recorded: str) -> str:
+    """The endpoint to connect to for a manifest's `base_url`, which holds the URL without its secrets
+    (`display_url`): $OPENAI_BASE_URL when it is that URL in full, else the URL as recorded when nothing in it
+    was masked."""
+    from recpipe.pipeline.describe import display_url
+
+    env = os.environ.get("OPENAI_BASE_URL", "").rstrip("/")
+    if env and display_url(env) == recorded:
+        return env
+    if "***" not in recorded:
+        return recorded
+    raise BackendError(f"embed: the stage's endpoint was recorded as {recorded}, its secret parts masked; "
+                       "set OPENAI_BASE_URL to the full URL to embed queries with it")
 
 
 # ================================================================================================= stage
@@ -463,6 +479,7 @@ def run(cfg: Config, force: bool = False, log: Callable[[str], None] = print) ->
     """The embed stage: `<run_dir>/embed/item_embeddings.npy` (+ intent_embeddings.npy), skipped when up to date."""
     from recpipe.pipeline import data as D
     from recpipe.pipeline import describe as DS
+    from recpipe.pipeline.describe import display_url
 
     e = cfg.embed
     data_m = require_stage(cfg.run_dir, "data", hint="recpipe data")
@@ -470,7 +487,8 @@ def run(cfg: Config, force: bool = False, log: Callable[[str], None] = print) ->
     if e.source == "descriptions":
         inputs["describe"] = require_stage(cfg.run_dir, DS.STAGE, hint="recpipe describe").fingerprint
     config = {"embed": {**tem_identity(e), "normalize": e.normalize, "source": e.source,
-                        "max_input_chars": e.max_input_chars, "base_url": e.base_url if e.tem == "openai" else None},
+                        "max_input_chars": e.max_input_chars,
+                        "base_url": display_url(e.base_url) if e.tem == "openai" else None},
               "metadata_max_chars": cfg.describe.max_input_chars if e.source == "metadata" else None}
 
     def build(out_dir: Path) -> dict[str, Any]:
