@@ -264,3 +264,27 @@ def test_url_secrets_never_reach_manifests_or_logs(tmp_path, key, monkeypatch):
     with pytest.raises(DS.BackendError) as e:
         tem.encode(["hello"])
     assert "127.0.0.1:9" in str(e.value) and QSECRET not in str(e.value)
+
+
+# ------------------------------------------------------------------------------ 4. figures that say what
+def test_llm_pace_is_reported_apart_from_items_that_needed_no_call(tmp_path, key):
+    """With describe.limit most items take their metadata text: the closing figures give every item's pace over
+    the whole stage and, apart, the LLM's own (its calls and the items it answered, over its own time)."""
+    with FakeOpenAI(latency=0.05) as srv:
+        cfg = _cfg(tmp_path, **{"describe.llm": "openai", "describe.base_url": srv.base_url, "describe.limit": 3,
+                                "describe.concurrency": 1})
+        logs: list[str] = []
+        rep = DS.run(cfg, log=logs.append).manifest.info["report"]
+        n = D.load(cfg.run_dir / "data").n_items
+        assert rep["items"] == n and rep["llm_items"] == rep["called_items"] == 3 and rep["calls"] == 6
+        assert 0 < rep["llm_s"] <= rep["elapsed_s"]
+        assert rep["items_per_s"] == pytest.approx(n / rep["elapsed_s"], rel=0.02)
+        assert rep["llm_calls_per_s"] == pytest.approx(6 / rep["llm_s"], rel=0.02)
+        assert rep["llm_items_per_s"] == pytest.approx(3 / rep["llm_s"], rel=0.02)
+        line = next(m for m in logs if m.startswith("describe: ") and "items/s" in m)
+        assert f"({n - 3} from metadata)" in line and f"{rep['llm_items_per_s']:.2f} items/s" in line
+        assert f"{rep['llm_calls_per_s']:.2f} calls/s" in line and "\n" not in line
+        logs.clear()
+        rep = DS.run(cfg, force=True, log=logs.append).manifest.info["report"]  # all cached: no LLM pace
+        assert rep["calls"] == rep["called_items"] == 0 and rep["llm_s"] == 0 and rep["llm_items_per_s"] == 0
+        assert not any("LLM:" in m for m in logs)

@@ -1230,23 +1230,33 @@ class Report:
     retry_reasons: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    elapsed_s: float = 0.0
-    items_per_s: float = 0.0
+    elapsed_s: float = 0.0  # the whole stage
+    items_per_s: float = 0.0  # every item over elapsed_s, metadata texts and cache hits included
+    # the LLM's own pace: what the calls cost, apart from the items that needed none (metadata, cache hits)
+    llm_s: float = 0.0  # time spent answering the prompts that were not cached
+    called_items: int = 0  # items with at least one prompt sent to the LLM in this run
+    llm_calls_per_s: float = 0.0  # calls / llm_s
+    llm_items_per_s: float = 0.0  # called_items / llm_s
 
     def line(self) -> str:
         fails = f", {self.failures} failed -> metadata fallback" if self.failures else ""
         why = f" ({', '.join(f'{k} {v}' for k, v in sorted(self.retry_reasons.items()))})" if self.retries else ""
+        meta = self.items - self.llm_items
+        llm = (f"; LLM: {self.called_items} items in {self.llm_s:.1f} s = {self.llm_items_per_s:.2f} items/s, "
+               f"{self.llm_calls_per_s:.2f} calls/s" if self.called_items else "")
         return (f"describe: {self.items} items with {self.backend}"
                 + (f" ({self.model})" if self.backend != "metadata" else "")
                 + f": {self.calls} calls, {self.cache_hits} cache hits, {self.retries} retries{why}{fails}, "
                 f"{self.prompt_tokens + self.completion_tokens} tokens "
-                f"({self.completion_tokens} generated), {self.elapsed_s:.1f} s")
+                f"({self.completion_tokens} generated); {self.elapsed_s:.1f} s in all = {self.items_per_s:.2f} items/s"
+                + (f" ({meta} from metadata)" if meta and self.backend != "metadata" else "") + llm)
 
 
 class _Stats:
     def __init__(self, report: Report):
         self.r = report
         self.lock = threading.Lock()
+        self.sent: set[str] = set()  # keys of the prompts sent to the LLM (not answered from the cache)
 
     def add(self, **kw: int) -> None:
         with self.lock:
@@ -1366,6 +1376,17 @@ def _run_jobs(jobs: list[_Job], backend: Backend, cache, dcfg: DescribeConfig, s
         log(note)
     if not todo:
         return results
+    stats.sent.update(job.key for job in todo)
+    t0 = time.perf_counter()
+    try:
+        return _answer(todo, results, backend, cache, dcfg, stats, log)
+    finally:
+        stats.r.llm_s = round(time.perf_counter() - t0, 3)
+
+
+def _answer(todo: list[_Job], results: dict[str, dict[str, Any]], backend: Backend, cache, dcfg: DescribeConfig,
+            stats: _Stats, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Ask the LLM every prompt in `todo`, at most `concurrency` at a time; adds to `results`."""
     abort = threading.Event()
     progress = _Progress(len(todo), f"describe ({backend.name})", log)
     # endpoints: describe.concurrency requests in flight; the local model: one per batch slot
@@ -1524,6 +1545,10 @@ def describe_items(items: pd.DataFrame, cfg: Config, backend: Backend | None = N
             backend.close()
     report.elapsed_s = round(time.perf_counter() - t0, 3)
     report.items_per_s = round(n / report.elapsed_s, 2) if report.elapsed_s > 0 else 0.0
+    report.called_items = sum(any(item_keys[t][i] in stats.sent for t in tasks) for i in range(n))
+    if report.llm_s > 0:
+        report.llm_calls_per_s = round(report.calls / report.llm_s, 3)
+        report.llm_items_per_s = round(report.called_items / report.llm_s, 3)
     return frames["description"], frames.get("intent"), report
 
 
