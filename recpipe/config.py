@@ -123,6 +123,10 @@ class TrainConfig:
     patience: int = 3  # stop after this many validations without a better NDCG@10
     eval_users: int = 0  # validate on at most N users (0 = all); speeds up model selection on big data
     max_steps: int = 0  # stop after N optimizer steps (0 = no limit); for smoke runs
+    # save the resume state (weights, optimizer, counters, random states) at least this often as well as at
+    # each validation, so a killed run loses minutes, not an epoch; a save writes about three copies of the
+    # weights, small next to minutes of training. 0 = after every step
+    save_every_s: float = 300.0
     intent_prob: float = 0.5  # share of samples shown an intention for their target (models that take one)
     # which intention: llm = the describe stage's intention of the target (the paper's); category = a
     # category-level one ("a comedy movie" from one of the target's evaluate.category_column values, filled
@@ -404,6 +408,8 @@ def _validate(cfg: Config) -> None:
     need(cfg.index.kind in ("flat", "ivf", "hnsw"), "index.kind must be flat, ivf or hnsw")
     need(cfg.index.device in ("auto", "cpu", "gpu"), "index.device must be auto, cpu or gpu")
     need(cfg.train.epochs >= 1 and cfg.train.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")
+    need(math.isfinite(cfg.train.save_every_s) and cfg.train.save_every_s >= 0,
+         "train.save_every_s must be >= 0 seconds (0 = after every step)")
     need(all(math.isfinite(w) for w in cfg.train.guidance_grid), "train.guidance_grid must hold finite numbers")
     need(cfg.train.length_pool >= 0, "train.length_pool must be >= 0 (0 = off)")
     need(cfg.train.intent_source in ("llm", "category", "mixed"), "train.intent_source must be llm, category or mixed")

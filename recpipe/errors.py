@@ -26,3 +26,13 @@ class ArtifactError(RecpipeError):
 
 class BackendError(RecpipeError):
     """An external service or model (LLM, TEM endpoint, FAISS) failed in a way retries cannot fix."""
+
+
+class Stopped(BaseException):
+    """Ctrl-C or SIGTERM as the CLI raises it: like KeyboardInterrupt a BaseException, which no `except
+    Exception` swallows, but one that click does not turn into "Aborted!" with exit code 1."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum  # the shell's code for a process ended by that signal: 130, 143

@@ -10,19 +10,24 @@
   early stopping on NDCG@10. The test split is never read here.
 - Resumable: the full training state (weights, AdamW moments, EMA, step counters, random states) is saved to
   `<run_dir>/work/train-<model>-<fingerprint>/state.safetensors` (tensors; the rest as JSON in its header) at
-  every validation; a re-run with the same config resumes from it. Never a pickle: a planted file runs no code.
+  every validation, every `train.save_every_s` seconds and when Ctrl-C / SIGTERM stops the run; a re-run with
+  the same config resumes from it mid-epoch and ends with the weights an unbroken run gets. Never a pickle: a
+  planted file runs no code.
 - Output `<run_dir>/train/<model>/`: model.safetensors + config.json (everything needed to rebuild the model),
   log.jsonl (losses and validation metrics), valid.json (the best validation metrics).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
 import math
 import random
 import re
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,7 +46,7 @@ from recpipe.artifacts import (
     write_json,
 )
 from recpipe.config import Config, TrainConfig, check_model_name, to_dict
-from recpipe.errors import ArtifactError, ConfigError
+from recpipe.errors import ArtifactError, ConfigError, Stopped
 from recpipe.models.base import Recommender, build_model
 from recpipe.models.metrics import RankAccumulator, history_mask
 from recpipe.pipeline import data as data_stage
@@ -579,6 +584,48 @@ def unpack_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], run_id:
     best = {k: v.to(device) for k, v in best.items()} if best is not None else None
     return st, best, [float(x) for x in meta.get("losses", [])]
 
+class StopGuard:
+    """Holds Ctrl-C / SIGTERM while the training state changes (a step, a save), so that a stop lands between
+    steps and the state saved on the way out is one the run really passed through; anywhere else a stop
+    raises at once. Only handlers that raise are wrapped (SIGINT's default, the CLI's); with SIG_DFL a
+    SIGTERM still ends the process outright, and the last saved state is what a re-run resumes."""
+
+    def __init__(self):
+        self.depth = 0
+        self.pending: tuple[int, Any] | None = None
+        self._old: dict[int, Callable] = {}
+
+    def __enter__(self) -> StopGuard:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old = signal.getsignal(sig)
+                if callable(old):
+                    self._old[sig] = old
+                    signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.depth:
+            self.pending = (signum, frame)
+        else:
+            self._old[signum](signum, frame)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if not self.depth and self.pending is not None:
+            (signum, frame), self.pending = self.pending, None
+            self._old[signum](signum, frame)
+
 # ---------------------------------------------------------------------------------------------- training
 @dataclasses.dataclass
 class TrainInputs:
@@ -695,6 +742,7 @@ def train_config_dict(cfg: Config, model_name: str) -> dict[str, Any]:
     tc = to_dict(cfg.train)
     tc.pop("threads")
     tc.pop("device")  # where it runs does not change what it computes (within float tolerance)
+    tc.pop("save_every_s")  # nor does how often its resume state is saved
     out = {"model": model_name, "model_config": dataclasses.asdict(mcfg), "train": tc, "seed": cfg.run.seed}
     if not tc["guidance_grid"]:
         tc.pop("guidance_grid")  # off by default, and before it existed: old runs stay valid
@@ -788,28 +836,45 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
         log(f"train/{model_name}: ignoring {work / LEGACY_STATE_FILE} (a pickle, which recpipe never loads: "
             "unpickling can run code); starting from step 0")
 
-    def save_state() -> None:
-        keep = max(eval_every, 50)  # the losses a validation entry and the progress line average over
-        write_resume_state(state_path, *pack_state(run_id, model, opt, ema, best_state, st, gen, losses[-keep:],
-                                                   device))
-        (work / LEGACY_STATE_FILE).unlink(missing_ok=True)  # superseded; it would only be warned about again
+    guard = StopGuard()
+    last_save = time.monotonic()
 
-    def valid_metrics(m: Recommender, score_kwargs: dict | None = None) -> dict[str, Any]:
+    def save_state() -> None:
+        nonlocal last_save
+        keep = max(eval_every, 50)  # the losses a validation entry and the progress line average over
+        with guard.hold():
+            write_resume_state(state_path, *pack_state(run_id, model, opt, ema, best_state, st, gen, losses[-keep:],
+                                                       device))
+            (work / LEGACY_STATE_FILE).unlink(missing_ok=True)  # superseded; it would only be warned about again
+        last_save = time.monotonic()
+
+    def valid_metrics(m: Recommender, score_kwargs: dict | None = None, label: str = "") -> dict[str, Any]:
         """Model selection's metrics: the validation users (all, or train.eval_users of them), @10 and @20."""
         return evaluate_split(m, b, "valid", [10, 20], batch_size=cfg.evaluate.batch_size, users=val_users,
-                              device=device, score_kwargs=score_kwargs, seed=seed)
+                              device=device, score_kwargs=score_kwargs, seed=seed, progress=label)
 
     def validate() -> dict[str, Any]:
-        eval_model = model
-        if ema is not None:
-            eval_model = make_model(model_name, mcfg, inp.ds.n_items, inp.item_vectors).to(device)
-            eval_model.load_state_dict(ema.shadow)
-        return valid_metrics(eval_model)
+        # forked: validation draws nothing from the random stream training continues with (building the EMA
+        # model initialises weights), so a run resumed after a validation draws what an unbroken one draws
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            eval_model = model
+            if ema is not None:
+                eval_model = make_model(model_name, mcfg, inp.ds.n_items, inp.item_vectors).to(device)
+                eval_model.load_state_dict(ema.shadow)
+            return valid_metrics(eval_model)
 
     def check(final: bool) -> None:
-        """Validate, keep the best EMA weights, decide on early stopping, save the resumable state."""
-        nonlocal best_state
+        """Validate, keep the best EMA weights, decide on early stopping, save the resumable state. A stop
+        during validation saves the state with `check_due` set: the resumed run validates this step first."""
+        st["check_due"] = final
         res = validate()
+        with guard.hold():
+            record(res, final)
+            st["check_due"] = None
+            save_state()
+
+    def record(res: dict[str, Any], final: bool) -> None:
+        nonlocal best_state
         ndcg = res["masked"]["NDCG@10"]
         recent = losses[-eval_every:] or [float("nan")]
         entry = {"step": st["step"], "epoch": st["epoch"] + st["batch_in_epoch"] / per_epoch,
@@ -828,7 +893,6 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
                 st["done"] = True
         if final:
             st["done"] = True
-        save_state()
 
     # Sequence batches hold a variable number of targets and a model's loss is their mean. A plain shuffle
     # mixes lengths, so each batch has about the same count; length-pooled batches do not (128 short rows
@@ -839,58 +903,81 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
         units = _units(b, mode, tc.batch_size, window, chunked)[0]
         per_batch_targets = float(_unit_lengths(b, mode, units).sum()) / max(per_epoch, 1)
 
+    def train_step(batch: dict[str, torch.Tensor]) -> None:
+        if intents is not None:
+            tgt = batch["target"].to(device)
+            batch["intent"], ok = intents(tgt, gen)
+            batch["intent_mask"] = (torch.rand(tuple(tgt.shape), generator=gen, device=device)
+                                    < tc.intent_prob) & ok
+        batch = {k: v.to(device) for k, v in batch.items() if not k.startswith("_")}
+        for g in opt.param_groups:
+            g["lr"] = lr_at(st["step"], total, tc)
+        loss = model.loss(batch, generator=gen)
+        if not torch.isfinite(loss):
+            raise ArtifactError(f"train/{model_name}: loss became {loss.item()} at step {st['step']}; "
+                                "lower train.lr or check the input vectors")
+        opt.zero_grad(set_to_none=True)
+        if per_batch_targets:
+            (loss * (batch["target_seq"] > 0).sum() / per_batch_targets).backward()
+        else:
+            loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        opt.step()
+        if ema is not None:
+            ema.update(model)
+        st["step"] += 1
+        st["batch_in_epoch"] += 1
+        losses.append(loss.item())
+
+    def status() -> str:
+        loss = f"{np.mean(losses[-50:]):.4f}" if losses else "-"
+        return f"loss {loss} best {max(st['best'], 0):.4f}"
+
     n_params = model.num_parameters()
     log(f"train/{model_name}: {n_params:,} parameters, {mode} batches, {per_epoch} steps/epoch, up to {total} "
         f"steps on {device}")
     model.train()
-    with progress_bar("[bold]train[/] {task.description}", "{task.fields[info]}", disable=not progress) as bar:
-        task = bar.add_task(model_name, total=total, completed=st["step"], info="")
-        while not st["done"] and st["epoch"] < tc.epochs:
-            t_epoch = time.perf_counter()
-            for batch in iterate_training(b, mode, tc.batch_size, st["epoch"], seed, skip=st["batch_in_epoch"],
-                                          window=window, chunked=chunked, length_pool=tc.length_pool):
-                if intents is not None:
-                    tgt = batch["target"].to(device)
-                    batch["intent"], ok = intents(tgt, gen)
-                    batch["intent_mask"] = (torch.rand(tuple(tgt.shape), generator=gen, device=device)
-                                            < tc.intent_prob) & ok
-                batch = {k: v.to(device) for k, v in batch.items() if not k.startswith("_")}
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(st["step"], total, tc)
-                loss = model.loss(batch, generator=gen)
-                if not torch.isfinite(loss):
-                    raise ArtifactError(f"train/{model_name}: loss became {loss.item()} at step {st['step']}; "
-                                        "lower train.lr or check the input vectors")
-                opt.zero_grad(set_to_none=True)
-                if per_batch_targets:
-                    (loss * (batch["target_seq"] > 0).sum() / per_batch_targets).backward()
+    with guard, progress_bar("[bold]train[/] {task.description}", "{task.fields[info]}", disable=not progress) as bar:
+        task = bar.add_task(model_name, total=total, completed=st["step"], info=status())
+        try:
+            if st.get("check_due") is not None:  # the validation a stopped run did not finish
+                check(st["check_due"])
+            while not st["done"] and st["epoch"] < tc.epochs:
+                t_epoch = time.perf_counter()
+                for batch in iterate_training(b, mode, tc.batch_size, st["epoch"], seed, skip=st["batch_in_epoch"],
+                                              window=window, chunked=chunked, length_pool=tc.length_pool):
+                    with guard.hold():
+                        train_step(batch)
+                        bar.update(task, advance=1, info=status())
+                    stop_now = bool(tc.max_steps) and st["step"] >= tc.max_steps
+                    if st["step"] % eval_every == 0 or stop_now:
+                        st["train_time"] += time.perf_counter() - t_epoch  # training time excludes validation
+                        check(stop_now)
+                        bar.update(task, info=status())  # the best just validated, not the one before it
+                        t_epoch = time.perf_counter()
+                        if st["done"]:
+                            break
+                    elif time.monotonic() - last_save >= tc.save_every_s:  # a kill loses at most this much
+                        st["train_time"] += time.perf_counter() - t_epoch
+                        save_state()
+                        t_epoch = time.perf_counter()
                 else:
-                    loss.backward()
-                if tc.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-                opt.step()
-                if ema is not None:
-                    ema.update(model)
-                st["step"] += 1
-                st["batch_in_epoch"] += 1
-                losses.append(loss.item())
-                bar.update(task, advance=1, info=f"loss {np.mean(losses[-50:]):.4f} best {max(st['best'], 0):.4f}")
-                stop_now = bool(tc.max_steps) and st["step"] >= tc.max_steps
-                if st["step"] % eval_every == 0 or stop_now:
-                    st["train_time"] += time.perf_counter() - t_epoch  # training time excludes validation
-                    check(stop_now)
-                    t_epoch = time.perf_counter()
-                    if st["done"]:
-                        break
-            else:
-                st["epoch"] += 1
-                st["batch_in_epoch"] = 0
-                st["train_time"] += time.perf_counter() - t_epoch
-                last_epoch = st["epoch"] >= tc.epochs
-                if last_epoch and (not st["log"] or st["log"][-1]["step"] != st["step"]):
-                    check(True)  # the steps after the last periodic validation must be validated too
-                else:
-                    save_state()
+                    with guard.hold():
+                        st["epoch"] += 1
+                        st["batch_in_epoch"] = 0
+                        st["train_time"] += time.perf_counter() - t_epoch
+                    last_epoch = st["epoch"] >= tc.epochs
+                    if last_epoch and (not st["log"] or st["log"][-1]["step"] != st["step"]):
+                        check(True)  # the steps after the last periodic validation must be validated too
+                        bar.update(task, info=status())
+                    else:
+                        save_state()
+        except (KeyboardInterrupt, Stopped):
+            save_state()  # every change to the state is made under guard.hold, so this one is whole
+            log(f"train/{model_name}: stopped at step {st['step']}; saved its state in {state_path}, from which "
+                "the same command resumes")
+            raise
 
     if best_state is None:
         raise ArtifactError(f"train/{model_name}: no validation was run (0 training batches?)")
@@ -898,8 +985,13 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
     guidance = None
     if tc.guidance_grid:
         model.load_state_dict(best_state)
-        mcfg, guidance, best = select_guidance(model, mcfg, tc.guidance_grid, best,
-                                               lambda w: valid_metrics(model, {"w": w}), model_name, log)
+        grid = list(dict.fromkeys(float(w) for w in tc.guidance_grid))
+
+        def sweep(w: float) -> dict[str, Any]:  # each w scores every validation user: show its progress
+            label = f"guidance w={w:g} ({grid.index(w) + 1}/{len(grid)})" if progress else ""
+            return valid_metrics(model, {"w": w}, label)
+
+        mcfg, guidance, best = select_guidance(model, mcfg, tc.guidance_grid, best, sweep, model_name, log)
     _save_model(out_dir, model_name, mcfg, inp, best_state, config)
     with atomic_path(out_dir / "log.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(e) + "\n" for e in st["log"]))
