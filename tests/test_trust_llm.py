@@ -288,3 +288,63 @@ def test_llm_pace_is_reported_apart_from_items_that_needed_no_call(tmp_path, key
         rep = DS.run(cfg, force=True, log=logs.append).manifest.info["report"]  # all cached: no LLM pace
         assert rep["calls"] == rep["called_items"] == 0 and rep["llm_s"] == 0 and rep["llm_items_per_s"] == 0
         assert not any("LLM:" in m for m in logs)
+
+
+# ----------------------------------------------------------------------------- 5. each text embedded once
+def _titles_only(tmp_path: Path) -> None:
+    """The test dataset with its genres column dropped: a catalog of titles only."""
+    make_dataset(tmp_path / "ds")
+    items = pd.read_csv(tmp_path / "ds" / "items.csv")
+    items.drop(columns=["genres"]).to_csv(tmp_path / "ds" / "items.csv", index=False)
+
+
+def _metadata_described(tmp_path: Path):
+    cfg = load_config(None, {"run.dataset": str(tmp_path / "ds"), "run.cache_dir": str(tmp_path / "cache"),
+                             "data.kcore": 1, "describe.llm": "metadata"})
+    D.run(cfg, log=lambda m: None)
+    DS.run(cfg, log=lambda m: None)
+    return cfg
+
+
+def test_identical_intentions_are_embedded_once_and_reported(tmp_path, monkeypatch):
+    """A titles-only catalog described from metadata gives every item the same intention: embed encodes each
+    distinct text once, says in one line that the intentions are all alike, and times the whole stage."""
+    _titles_only(tmp_path)
+    cfg = _metadata_described(tmp_path)
+    n = D.load(cfg.run_dir / "data").n_items
+    intents = pd.read_parquet(cfg.run_dir / "describe" / "intents.parquet")["text"]
+    assert intents.nunique() == 1 and n >= 10
+    encoded: list[str] = []
+    orig = E.LocalTEM.encode
+
+    def recording(self, texts, *a, **kw):
+        encoded.extend(texts)
+        return orig(self, texts, *a, **kw)
+
+    monkeypatch.setattr(E.LocalTEM, "encode", recording)
+    logs: list[str] = []
+    res = E.run(cfg, log=logs.append)
+    assert sorted(encoded) == sorted(set(encoded)) and len(encoded) == n + 1  # n descriptions, 1 intention
+    Q = np.load(res.stage_dir / "intent_embeddings.npy")
+    X = np.load(res.stage_dir / "item_embeddings.npy")
+    assert Q.shape == X.shape and np.array_equal(Q[1:], np.repeat(Q[1:2], n, axis=0)) and not Q[0].any()
+    tem = E.load_tem(res.manifest.info)
+    np.testing.assert_allclose(tem.encode([intents[0]])[0], Q[1], atol=1e-5)
+    np.testing.assert_allclose(tem.encode([pd.read_parquet(cfg.run_dir / "describe" / "descriptions.parquet")
+                                           ["text"][2]])[0], X[3], atol=1e-5)
+    warns = [m for m in logs if "intentions are the same text" in m]
+    assert len(warns) == 1 and f"{n} of {n}" in warns[0] and "\n" not in warns[0]
+    rep = res.manifest.info["report"]
+    assert rep["distinct_intents"] == 1 and rep["distinct_texts"] == n + 1 and rep["texts"] == 2 * n
+    assert 0 < rep["encode_s"] <= rep["elapsed_s"]
+    closing = next(m for m in logs if m.startswith("embed: ") and "vectors" in m)
+    assert f"stage {rep['elapsed_s']:.1f} s" in closing and f"{n + 1} distinct texts of {2 * n}" in closing
+
+
+def test_varied_intentions_give_no_warning(tmp_path):
+    make_dataset(tmp_path / "ds")  # a genres column: the metadata intentions differ by genre
+    cfg = _metadata_described(tmp_path)
+    logs: list[str] = []
+    res = E.run(cfg, log=logs.append)
+    assert not any("same text" in m for m in logs) and res.manifest.info["report"]["distinct_intents"] >= 2
+    assert E.alike_note(["a"] * 9 + ["b"]) is not None and E.alike_note(["a"] * 8 + ["b", "c"]) is None

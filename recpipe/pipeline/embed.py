@@ -15,7 +15,12 @@ items and in free text alike, so `load_tem(info).encode([text])` reproduces an i
 Outputs (`<run_dir>/embed/`):
 - `item_embeddings.npy`   float32 (n_items + 1, d): row i = dense item i, row 0 = zeros (padding)
 - `intent_embeddings.npy` float32 (n_items + 1, d): the LLM intentions, when describe wrote them
-- manifest info: {"tem", "model", "dim", "normalized", "source", "base_url" (openai), "items", "intents", ...}
+- manifest info: {"tem", "model", "dim", "normalized", "source", "base_url" (openai, secrets masked), "items",
+  "intents", "items_per_s" (over the whole stage), "report": {texts, distinct_texts, distinct_intents, encode_s,
+  elapsed_s, and the openai TEM's requests}}
+
+Each distinct text is embedded once, descriptions and intentions together; when (nearly) every item has the
+same intention (the metadata backend on a catalog without category-like columns) the stage says so in one line.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import sqlite3
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -458,6 +464,27 @@ def item_texts(cfg: Config, items) -> tuple[list[str], list[str] | None]:
     return desc["text"].astype(str).tolist(), intents
 
 
+ALIKE_SHARE = 0.9  # one text for this share of the items: the intentions tell at most 1 item in 10 apart
+
+
+def alike_note(intents: list[str]) -> str | None:
+    """One warning line when (nearly) every item has the same intention, else None. The metadata backend gives
+    every item of a catalog without category-like columns the same one: intention guidance then learns nothing
+    about the items, silently."""
+    if len(intents) < 2:
+        return None
+    text, count = Counter(intents).most_common(1)[0]
+    if count < ALIKE_SHARE * len(intents):
+        return None
+    return (f"embed: warning: {count} of {len(intents)} intentions are the same text ({_cut_for_log(text)!r}): "
+            "the intention channel carries next to nothing about the items; describe them with an LLM "
+            "(--llm local|openai) or give items.csv a category-like column (genre, category, tag, ...)")
+
+
+def _cut_for_log(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def _check_rows(df, n: int, path: Path) -> None:
     if len(df) != n or not np.array_equal(df["item"].to_numpy(), np.arange(1, n + 1)):
         raise ArtifactError(f"{path}: rows do not match the data stage's items 1..{n}; run `recpipe describe --force`")
@@ -492,24 +519,38 @@ def run(cfg: Config, force: bool = False, log: Callable[[str], None] = print) ->
               "metadata_max_chars": cfg.describe.max_input_chars if e.source == "metadata" else None}
 
     def build(out_dir: Path) -> dict[str, Any]:
+        t0 = time.perf_counter()
         items = D.load(Path(cfg.run_dir) / "data").items
         texts, intents = item_texts(cfg, items)
-        tem = TEM.from_config(e, cache_root=cfg.cache_dir)
-        show = sys.stderr.isatty()
-        t0 = time.perf_counter()
-        vecs = tem.encode(texts, batch_size=e.batch_size, show_progress=show)
-        dt = time.perf_counter() - t0
-        save_npy(out_dir / "item_embeddings.npy", with_padding(vecs))
         if intents is not None:
-            save_npy(out_dir / "intent_embeddings.npy", with_padding(tem.encode(intents, batch_size=e.batch_size,
-                                                                                show_progress=show)))
-        info = {**tem.info(), "source": e.source, "items": len(texts), "intents": intents is not None,
-                "items_per_s": round(len(texts) / dt, 1) if dt > 0 else None}
+            note = alike_note(intents)
+            if note:
+                log(note)
+        tem = TEM.from_config(e, cache_root=cfg.cache_dir)
         if isinstance(tem, OpenAITEM):
-            info["report"] = dict(tem.stats)
+            tem.log = log
+        # each distinct text once, descriptions and intentions together (identical texts share a vector)
+        every = texts + (intents or [])
+        distinct = list(dict.fromkeys(every))
+        t1 = time.perf_counter()
+        V = tem.encode(distinct, batch_size=e.batch_size, show_progress=sys.stderr.isatty())
+        encode_s = time.perf_counter() - t1
+        row = {t: i for i, t in enumerate(distinct)}
+        save_npy(out_dir / "item_embeddings.npy", with_padding(V[[row[t] for t in texts]]))
+        if intents is not None:
+            save_npy(out_dir / "intent_embeddings.npy", with_padding(V[[row[t] for t in intents]]))
+        elapsed = time.perf_counter() - t0
+        report = {"texts": len(every), "distinct_texts": len(distinct),
+                  "distinct_intents": len(set(intents)) if intents is not None else None,
+                  "encode_s": round(encode_s, 3), "elapsed_s": round(elapsed, 3)}
+        if isinstance(tem, OpenAITEM):
+            report.update(tem.stats)
             tem.close()
-        log(f"embed: {len(texts)} items{' + intentions' if intents is not None else ''} with {tem.kind} "
-            f"{tem.model} -> {vecs.shape[1]}-d{' unit' if tem.normalize else ''} vectors in {dt:.1f} s"
+        info = {**tem.info(), "source": e.source, "items": len(texts), "intents": intents is not None,
+                "items_per_s": round(len(texts) / elapsed, 1) if elapsed > 0 else None, "report": report}
+        log(f"embed: {len(texts)} items{' + intentions' if intents is not None else ''} "
+            f"({len(distinct)} distinct texts of {len(every)}) with {tem.kind} {tem.model} -> {V.shape[1]}-d"
+            f"{' unit' if tem.normalize else ''} vectors; stage {elapsed:.1f} s (encoding {encode_s:.1f} s)"
             + (f" ({tem.stats['calls']} requests, {tem.stats['cache_hits']} cache hits, "
                f"{tem.stats['retries']} retries)" if isinstance(tem, OpenAITEM) else ""))
         return info
