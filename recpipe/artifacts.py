@@ -200,6 +200,7 @@ def run_stage(
     `stage` may contain one '/' (e.g. "train/idreamrec") for per-model sub-stages.
     """
     stage_dir = Path(run_dir) / stage
+    clean_stale_tmp(stage_dir)
     old = load_manifest(stage_dir) if stage_dir.exists() else None
     if not force and old is not None and old.config == _normalise(config) and old.inputs == inputs:
         try:
@@ -236,6 +237,25 @@ def run_stage(
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return StageResult(m, stage_dir, skipped=False)
+
+
+def clean_stale_tmp(stage_dir: Path) -> None:
+    """Remove the `.<stage>.tmp-<pid>` directories that killed runs left beside a stage: their process is gone,
+    so nothing will finish or rename them. A live process's directory is its work in progress and stays."""
+    for d in stage_dir.parent.glob(f".{stage_dir.name}.tmp-*"):
+        pid = d.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        return True
+    return pid > 0
 
 
 def _swap_in(tmp_dir: Path, stage_dir: Path) -> None:

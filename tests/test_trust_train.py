@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +161,33 @@ def test_interrupted_run_resumes_with_the_uninterrupted_weights(tmp_path, monkey
     if tol == 0:
         assert [e["loss"] for e in resumed_log] == [e["loss"] for e in ref_log]
         assert [e["valid"] for e in resumed_log] == [e["valid"] for e in ref_log]
+
+
+# ----------------------------------------------------------------- 3. stale temporary stage directories go
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.parametrize("stage", ["train/sasrec", "data"])
+def test_stage_runner_removes_temporary_dirs_of_dead_runs_only(tmp_path, stage):
+    from recpipe.artifacts import run_stage
+
+    stage_dir = tmp_path / "run" / stage
+    stage_dir.parent.mkdir(parents=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        dead = stage_dir.parent / f".{stage_dir.name}.tmp-{_dead_pid()}"  # what a killed run leaves
+        alive = stage_dir.parent / f".{stage_dir.name}.tmp-{live.pid}"  # another run still at work
+        other = stage_dir.parent / f".other.tmp-{_dead_pid()}"  # another stage's: its runner cleans it
+        for d in (dead, alive, other):
+            d.mkdir()
+        run_stage(tmp_path / "run", stage, {"a": 1}, {}, lambda out: (out / "x.json").write_text("{}") and None)
+        assert not dead.exists() and alive.exists() and other.exists()
+        dead.mkdir()  # left again: an up-to-date re-run, which builds nothing, removes it as well
+        assert run_stage(tmp_path / "run", stage, {"a": 1}, {}, lambda out: None).skipped
+        assert not dead.exists() and alive.exists()
+    finally:
+        live.kill()
+        live.wait()
