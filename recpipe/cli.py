@@ -6,6 +6,8 @@ Every user-facing failure is a RecpipeError: printed as one line `error: ...`, e
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -14,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from recpipe.errors import RecpipeError
+from recpipe.errors import RecpipeError, Stopped
 
 app = typer.Typer(
     help="Text-guided diffusion sequential recommendation (iDreamRec) and comparable models.",
@@ -49,7 +51,7 @@ ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="model na
 
 
 def _log(msg: str) -> None:
-    err_console.print(msg, highlight=False, markup=False)
+    err_console.print(msg, highlight=False, markup=False, soft_wrap=True)  # one line, also in a log file
 
 
 def _config(config=None, dataset=None, data_dir=None, cache_dir=None, run_dir=None, seed=None, sets=None, **extra):
@@ -408,16 +410,29 @@ def _fmt(v) -> str:
 
 
 # --------------------------------------------------------------------------------------------- main
+def _stop(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Ctrl-C and SIGTERM raise Stopped: click turns a KeyboardInterrupt into "Aborted!" and exit 1, and an
+    # unhandled SIGTERM ends the process without a word (and without train saving where it was)
+    old = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         app(args=argv, prog_name="recpipe")
     except RecpipeError as e:
         err_console.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        err_console.print("interrupted; finished work is kept", highlight=False)
-        sys.exit(130)
+    except (Stopped, KeyboardInterrupt) as e:
+        sig = signal.Signals(getattr(e, "signum", signal.SIGINT))
+        cmd = shlex.join(["recpipe", *(sys.argv[1:] if argv is None else argv)])
+        err_console.print(f"stopped by {sig.name}: finished work is kept (finished stages, caches, train's saved "
+                          f"state); `{cmd}` continues from there", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(128 + sig)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

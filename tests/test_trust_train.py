@@ -7,8 +7,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import queue
+import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +195,58 @@ def test_stage_runner_removes_temporary_dirs_of_dead_runs_only(tmp_path, stage):
     finally:
         live.kill()
         live.wait()
+
+
+# ------------------------------------------------------------------- 4. a stop says what it kept, and resumes
+class _Cli:
+    """`recpipe train` in a subprocess, its stderr read line by line as it comes."""
+
+    def __init__(self, settings: dict, cwd: Path):
+        args = [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
+        self.argv = ["train", *args]
+        self.proc = subprocess.Popen([sys.executable, "-m", "recpipe.cli", *self.argv], cwd=cwd, text=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.lines: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str) -> re.Match:
+        while True:
+            line = self._queue.get(timeout=600)  # only a guard against a hung run
+            assert line is not None, f"ended without {pattern!r}: {self.lines}"
+            self.lines.append(line)
+            if m := re.search(pattern, line):
+                return m
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=600)
+        while (line := self._queue.get(timeout=600)) is not None:
+            self.lines.append(line)
+        return rc
+
+
+def test_sigterm_or_ctrl_c_stops_train_with_one_line_and_the_command_that_resumes(tmp_path):
+    _build(tmp_path)
+    settings = _settings(tmp_path, **{"train.epochs": 10_000, "train.patience": 10_000, "train.eval_every": 5})
+    _cfg(tmp_path, **{"train.epochs": 10_000, "train.patience": 10_000, "train.eval_every": 5})  # the data stage
+    run = _Cli(settings, tmp_path)
+    run.wait_for(r"^step \d+: loss")  # training is under way, past its first validation
+    assert run.stop() == 143, run.lines
+    assert not [x for x in run.lines if "Traceback" in x], run.lines
+    stopped = r"train/sasrec: stopped at step (\d+); saved its state in (\S+), from which the same command resumes$"
+    saved = [int(m.group(1)) for x in run.lines if (m := re.match(stopped, x))]
+    assert len(saved) == 1 and saved[0] >= 5, run.lines
+    last = run.lines[-1]
+    assert last.startswith("stopped by SIGTERM: finished work is kept"), run.lines
+    assert "`recpipe train --set" in last and last.endswith("continues from there"), last
+
+    again = _Cli(settings, tmp_path)
+    assert int(again.wait_for(r"resuming at step (\d+)").group(1)) == saved[0]
+    assert again.stop(signal.SIGINT) == 130, again.lines  # Ctrl-C: the same, with the shell's code for SIGINT
+    assert again.lines[-1].startswith("stopped by SIGINT: finished work is kept"), again.lines
