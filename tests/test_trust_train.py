@@ -250,3 +250,22 @@ def test_sigterm_or_ctrl_c_stops_train_with_one_line_and_the_command_that_resume
     assert int(again.wait_for(r"resuming at step (\d+)").group(1)) == saved[0]
     assert again.stop(signal.SIGINT) == 130, again.lines  # Ctrl-C: the same, with the shell's code for SIGINT
     assert again.lines[-1].startswith("stopped by SIGINT: finished work is kept"), again.lines
+
+
+# ------------------------------------------------------------------------------------ 5. progress that is true
+def test_progress_after_the_last_validation_shows_its_best_and_the_guidance_sweep_shows_progress(
+        tmp_path, capsys, monkeypatch):
+    _build(tmp_path)
+    cfg = _cfg(tmp_path, **{"train.epochs": 1, "train.guidance_grid": "1,3", **MODELS["dreamrec"],
+                            "train.model": "dreamrec"})  # one validation, after the last step; then the sweep
+    monkeypatch.setattr(T, "PLAIN_EVERY_S", 0.0)  # off a terminal: a plain line at every update
+    capsys.readouterr()
+    res = T.run(cfg, log=lambda m: None, progress=True)
+    out = capsys.readouterr().out
+    best = res.manifest.info["valid"]["masked"]["NDCG@10"]
+    assert best > 0
+    shown = re.findall(r"^train dreamrec: \d+/\d+ loss \S+ best (\S+)", out, flags=re.M)
+    trained = json.loads((res.stage_dir / "log.jsonl").read_text().splitlines()[-1])["valid"]["masked"]["NDCG@10"]
+    assert shown and shown[-1] == f"{trained:.4f}", shown[-3:]
+    for i, w in enumerate(["1", "3"], start=1):
+        assert re.search(rf"^evaluate guidance w={w} \({i}/2\): [\d,]+/\d+ users", out, flags=re.M), out[-1500:]
