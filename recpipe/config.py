@@ -408,6 +408,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.index.kind in ("flat", "ivf", "hnsw"), "index.kind must be flat, ivf or hnsw")
     need(cfg.index.device in ("auto", "cpu", "gpu"), "index.device must be auto, cpu or gpu")
     need(cfg.train.epochs >= 1 and cfg.train.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")
+    _validate_train(cfg.train, need)
     need(math.isfinite(cfg.train.save_every_s) and cfg.train.save_every_s >= 0,
          "train.save_every_s must be >= 0 seconds (0 = after every step)")
     need(all(math.isfinite(w) for w in cfg.train.guidance_grid), "train.guidance_grid must hold finite numbers")
@@ -427,6 +428,21 @@ def _validate(cfg: Config) -> None:
     need(cfg.evaluate.intent_anchor >= 0, "evaluate.intent_anchor must be >= 0 (0 = off)")
     need(math.isfinite(cfg.recommend.anchor_temperature) and cfg.recommend.anchor_temperature > 0,
          "recommend.anchor_temperature must be > 0")
+
+
+def _validate_train(tc: TrainConfig, need) -> None:
+    """Train settings that would otherwise stop the optimizer with a traceback or train a meaningless run.
+    Comparisons with NaN are false, so NaN fails every check."""
+    finite = math.isfinite
+    need(finite(tc.lr) and tc.lr > 0, f"train.lr must be a number > 0, not {tc.lr}")
+    need(finite(tc.weight_decay) and tc.weight_decay >= 0, f"train.weight_decay must be >= 0, not {tc.weight_decay}")
+    need(finite(tc.grad_clip) and tc.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), not {tc.grad_clip}")
+    need(0 <= tc.ema < 1, f"train.ema must be >= 0 (0 = off) and < 1, not {tc.ema}")
+    need(0 <= tc.intent_prob <= 1, f"train.intent_prob must be between 0 and 1, not {tc.intent_prob}")
+    need(tc.max_steps >= 0, f"train.max_steps must be >= 0 (0 = no limit), not {tc.max_steps}")
+    need(tc.patience >= 1, f"train.patience must be >= 1, not {tc.patience}")
+    for name in ("warmup_steps", "eval_every", "eval_users", "threads"):
+        need(getattr(tc, name) >= 0, f"train.{name} must be >= 0, not {getattr(tc, name)}")
 
 
 def _check_category_template(template: str) -> None:

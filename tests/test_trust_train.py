@@ -269,3 +269,19 @@ def test_progress_after_the_last_validation_shows_its_best_and_the_guidance_swee
     assert shown and shown[-1] == f"{trained:.4f}", shown[-3:]
     for i, w in enumerate(["1", "3"], start=1):
         assert re.search(rf"^evaluate guidance w={w} \({i}/2\): [\d,]+/\d+ users", out, flags=re.M), out[-1500:]
+
+
+# ------------------------------------------------------------------------------ 6. bad train settings, one line
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "nan"], "error: train.lr must be a number > 0, not nan"),
+    (["--lr", "-1"], "error: train.lr must be a number > 0, not -1.0"),
+    (["--max-steps", "-5"], "error: train.max_steps must be >= 0 (0 = no limit), not -5"),
+    (["--set", "train.ema=1"], "error: train.ema must be >= 0 (0 = off) and < 1, not 1.0"),
+    (["--set", "train.patience=0"], "error: train.patience must be >= 1, not 0"),
+    (["--set", "train.save_every_s=-1"], "error: train.save_every_s must be >= 0 seconds"),
+])
+def test_bad_train_settings_are_one_line_errors(tmp_path, args, message):
+    r = subprocess.run([sys.executable, "-m", "recpipe.cli", "train", "--dataset", "toy", *args], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "cache").exists(), "nothing ran"
