@@ -138,8 +138,12 @@ class FakeOpenAI:
             return h._send(500, {"error": {"message": "too late"}})
         if kind == "garbage":
             return h._send(200, raw=b'{"id": "x", "choices": [{"message": <<<garbage')
-        content, finish = (f"A fine item, answer {pid}. It suits people who enjoy a good story with heart.",
-                           "stop")
+        user = [m.get("content", "") for m in body.get("messages") or [] if m.get("role") == "user"]
+        if user and "request" in user[-1]:  # an intention prompt: answer as a user's request
+            content = f"I want a fine item, answer {pid}. Something for people who enjoy a good story with heart."
+        else:
+            content = f"A fine item, answer {pid}. It suits people who enjoy a good story with heart."
+        finish = "stop"
         if kind == "empty":
             content = ""
         elif kind == "loop":

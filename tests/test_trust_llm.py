@@ -348,3 +348,95 @@ def test_varied_intentions_give_no_warning(tmp_path):
     res = E.run(cfg, log=logs.append)
     assert not any("same text" in m for m in logs) and res.manifest.info["report"]["distinct_intents"] >= 2
     assert E.alike_note(["a"] * 9 + ["b"]) is not None and E.alike_note(["a"] * 8 + ["b", "c"]) is None
+
+
+# ------------------------------------------------------------------- 6. intentions that are really requests
+# (intention, the item's title, why it cannot be used): the first as the local SmolLM2 wrote it on an AVX2 CPU
+REAL_INTENTS = [
+    ("Ref, The: A comedy-drama.", "Ref, The (1994)", DS.INTENT_NAMES_ITEM),
+]
+GOOD_INTENTS = [
+    ("I want a comedy about a hockey referee stuck with a bickering couple.", "Ref, The (1994)"),
+    ("I want a mind-bending sci-fi film about reality.", "Matrix, The (1999)"),
+]
+
+
+@pytest.mark.parametrize("text,title,why", REAL_INTENTS)
+def test_real_bad_intentions_are_rejected(text, title, why):
+    assert DS.intent_problem(text, title) == why
+    with pytest.raises(DS.Unusable, match=why):
+        DS.check_output(text, "stop", forbid=title, intent=True)
+
+
+@pytest.mark.parametrize("text,title", GOOD_INTENTS)
+def test_real_good_intentions_pass(text, title):
+    assert DS.intent_problem(text, title) is None
+    assert DS.check_output(text, "stop", forbid=title, intent=True)[0] == text
+
+
+def test_title_forms_move_the_article_back():
+    assert DS.title_forms("Ref, The (1994)") == ([["ref", "the"], ["the", "ref"]], ["ref"])
+    assert DS.title_forms("Cité des enfants perdus, La (1995)")[1] == ["cite", "des", "enfants", "perdus"]
+    assert DS.title_forms("The Matrix (1999)") == ([["the", "matrix"]], ["matrix"])
+    assert DS.names_item("I want to watch the Ref tonight.", "Ref, The (1994)")
+    assert not DS.names_item("I want a film about a referee.", "Ref, The (1994)")  # a short core: words only
+    assert DS.names_item("I want LA CITE DES ENFANTS PERDUS", "Cité des enfants perdus, La (1995)")
+
+
+def _answer(h, content: str) -> None:
+    h._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": "fake",
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                               "finish_reason": "stop"}],
+                  "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}})
+
+
+def test_intentions_naming_their_item_fall_back_to_metadata_and_are_counted(tmp_path, key):
+    """An endpoint that keeps writing intentions which name their item (item 1) or read like a description
+    (item 3): after the retries both take their metadata intention, counted by reason in the report and the
+    log; a cached intention the checks now reject is asked again, not used."""
+    with FakeOpenAI() as srv:
+        cfg = _cfg(tmp_path, **{"describe.llm": "openai", "describe.base_url": srv.base_url,
+                                "describe.max_retries": 2})
+        items = D.load(cfg.run_dir / "data").items
+        t1, t3 = DS.clean_text(items.loc[0, "title"]), DS.clean_text(items.loc[2, "title"])
+        assert t1 and t3
+        orig = srv._chat
+
+        def chat(h, body):
+            user = body["messages"][-1]["content"]
+            if "request" in user and f"Title: {t1}" in user:
+                return _answer(h, f"{t1.split(' (')[0]}: a tense action thriller.")
+            if "request" in user and f"Title: {t3}" in user:
+                return _answer(h, "A warm comedy about a family reunion that goes wrong.")
+            return orig(h, body)
+
+        srv._chat = chat
+        logs: list[str] = []
+        res = DS.run(cfg, log=logs.append)
+        rep = res.manifest.info["report"]
+        intents = pd.read_parquet(res.stage_dir / "intents.parquet")
+        assert intents.loc[0, "backend"] == intents.loc[2, "backend"] == "metadata"
+        assert intents.loc[0, "text"] == DS.metadata_intent(items.iloc[0])
+        assert (intents.drop(index=[0, 2])["backend"] == "openai").all()
+        assert rep["fallback_items"] == {"intent": [1, 3]} and rep["failures"] == 2
+        assert rep["fallback_reasons"] == {"intent": {DS.INTENT_NAMES_ITEM: 1, DS.INTENT_NOT_A_REQUEST: 1}}
+        line = next(m for m in logs if "stayed unusable" in m)
+        assert DS.INTENT_NAMES_ITEM in line and DS.INTENT_NOT_A_REQUEST in line and "\n" not in line
+
+        # a cached intention (written before these checks) that names its item is not used
+        srv._chat = orig
+        tmpl = DS.load_template("intent_v1")
+        meta = DS.metadata_text(items.iloc[4], cfg.describe.max_input_chars)
+        k = DS.cache_key("openai", DS.DEFAULT_OPENAI_MODEL, tmpl.hash, meta, cfg.describe.max_tokens,
+                         cfg.describe.temperature)
+        cache = DS.open_cache(DS.cache_dir(cfg))
+        try:
+            assert cache.get(k) is not None
+            bad = f"I want {DS.clean_text(items.loc[4, 'title']).split(' (')[0]} again."
+            cache.set(k, {**cache.get(k), "text": bad})
+        finally:
+            cache.close()
+        rep = DS.run(cfg, force=True, log=lambda m: None).manifest.info["report"]
+        assert rep["rejected_cached"] == 1 and rep["calls"] == 3  # item 5 again; 1 and 3 (never cached) too
+        intents = pd.read_parquet(res.stage_dir / "intents.parquet")
+        assert intents.loc[4, "backend"] == "openai" and intents.loc[4, "text"].startswith("I want a fine item")

@@ -24,11 +24,13 @@ first one's pid) and then reuses its answers, so no prompt is paid for twice.
 
 Retries (tenacity, exponential backoff with jitter, `describe.max_retries` attempts in all) cover rate
 limits (429, honouring Retry-After), timeouts, connection errors, 5xx, garbled responses and unusable output
-(empty, cut off before a complete sentence, looping repetition). After the last attempt:
+(empty, cut off before a complete sentence, looping repetition, an intention that names its item or reads like
+a description rather than a request: `intent_problem`, also applied to cached intentions). After the last attempt:
 - a transport failure (the endpoint is unreachable, times out or keeps failing) stops the run with a one-line
   BackendError naming the endpoint; every finished result is already cached, so a re-run resumes;
 - unusable output for one item gives that item its metadata text (`backend` = "metadata" in its row), listed
-  under `fallback_items` in the report (or a BackendError when `describe.fallback` is false).
+  under `fallback_items` and counted by reason under `fallback_reasons` in the report (or a BackendError when
+  `describe.fallback` is false).
 
 Bad input: text is repaired (mojibake such as "Ã©" -> "é", invalid UTF-8 / lone surrogates dropped, control
 characters removed); metadata longer than `describe.max_input_chars` is cut at a word boundary (and, for the
@@ -60,6 +62,7 @@ import threading
 import time
 import unicodedata
 import urllib.parse
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,11 +270,8 @@ def is_looping(text: str) -> bool:
 
 
 def title_core(title: Any) -> str:
-    """The distinctive part of a title ("The Matrix (1999)" -> "matrix"), for the intention's no-name check."""
-    t = clean_text(title).lower()
-    t = re.sub(r"\s*\(.*?\)\s*", " ", t)  # "(1999)", "(a.k.a. ...)"
-    t = re.sub(r"^(the|a|an)\s+|,\s*(the|a|an)$", "", t.strip())
-    return t.strip(" .,:;!?'\"")
+    """The distinctive part of a title ("The Matrix (1999)" -> "matrix", "Ref, The (1994)" -> "ref")."""
+    return " ".join(title_forms(title)[1])
 
 
 def shingles(text: str, n: int = 6) -> frozenset[str]:
@@ -280,11 +280,74 @@ def shingles(text: str, n: int = 6) -> frozenset[str]:
     return frozenset(" ".join(w[i: i + n]) for i in range(len(w) - n + 1))
 
 
+# articles a catalog moves to the end of a title ("Ref, The", "Cité des enfants perdus, La")
+_ARTICLES = frozenset("the a an la le les l il el lo los las das der die den het de".split())
+# how a request opens when it has no first-person word ("Looking for ...", "Show me ..." has one)
+_REQUEST_OPENERS = frozenset("looking show find recommend suggest give need want something anything any please "
+                             "can could would what is are".split())
+_FIRST_PERSON = frozenset("i me my mine myself we us our im id ive ill".split())
+INTENT_NAMES_ITEM = "the intention names its item"
+INTENT_NOT_A_REQUEST = "the intention reads like a description, not a request"
+
+
+def _words(text: str) -> list[str]:
+    """Lower-case words without accents or punctuation ("Cité's" -> ["cites"]): how titles are compared."""
+    t = unicodedata.normalize("NFKD", clean_text(text).lower())
+    t = "".join(c for c in t if not unicodedata.combining(c)).replace("'", "").replace("’", "")
+    return re.findall(r"\w+", t)
+
+
+def title_forms(title: Any) -> tuple[list[list[str]], list[str]]:
+    """(full, core) word forms of a title: `full` the title as written and with a moved article put back in
+    front ("Ref, The (1994)" -> [ref the], [the ref]); `core` the title without its article, its year or any
+    other parenthesis ([ref])."""
+    t = re.sub(r"\s*\([^)]*\)", " ", clean_text(title)).strip()
+    words = _words(t)
+    if not words:
+        return [], []
+    m = re.fullmatch(r"(.*?),\s*([^\s,]+)", t)
+    moved = _words(m.group(2)) if m else []
+    if len(moved) == 1 and moved[0] in _ARTICLES:  # "Ref, The"
+        core = _words(m.group(1))
+        return [words, moved + core], core
+    core = words[1:] if len(words) > 1 and words[0] in _ARTICLES else words
+    return [words], core
+
+
+def _contains(words: list[str], part: list[str]) -> bool:
+    n = len(part)
+    return n > 0 and any(words[i: i + n] == part for i in range(len(words) - n + 1))
+
+
+def names_item(text: str, title: Any) -> bool:
+    """Whether `text` names the item titled `title`: it holds the title as written or with its moved article
+    back in front ("Ref, The" / "The Ref"), or the title's core when that is distinctive (2+ words or 4+
+    letters: "matrix", not "ref"), or it starts with the core ("Ref: a comedy-drama.")."""
+    words = _words(text)
+    full, core = title_forms(title)
+    if any(_contains(words, f) for f in full) or (core and words[: len(core)] == core):
+        return True
+    return (len(core) >= 2 or len("".join(core)) >= 4) and _contains(words, core)
+
+
+def intent_problem(text: str, title: Any = "") -> str | None:
+    """Why an LLM-written intention cannot be used, or None. An intention is the request a user types before
+    finding the item: it must not name the item (`names_item`) and must read as a request (a first-person word
+    early on, or a request's opening word such as "Looking" or "Something"), not as a description."""
+    if names_item(text, title):
+        return INTENT_NAMES_ITEM
+    words = _words(text)
+    if not (_FIRST_PERSON & set(words[:12]) or (words and words[0] in _REQUEST_OPENERS)):
+        return INTENT_NOT_A_REQUEST
+    return None
+
+
 def check_output(text: str | None, finish_reason: str | None, forbid: str = "",
-                 echo: frozenset[str] = frozenset()) -> tuple[str, bool]:
+                 echo: frozenset[str] = frozenset(), intent: bool = False) -> tuple[str, bool]:
     """Clean an LLM answer; raise Unusable if nothing usable is left. Returns (text, trimmed): an answer cut
-    off by the token limit is kept up to its last complete sentence (trimmed=True). `forbid`: a name the
-    answer must not contain (an intention must not name its item); `echo`: the instructions' shingles."""
+    off by the token limit is kept up to its last complete sentence (trimmed=True). `forbid`: the item's title,
+    which an intention must not name; `intent`: the answer is an intention, so it must also read as a request
+    (`intent_problem`); `echo`: the instructions' shingles."""
     s = clean_text(text or "")
     s = _LABEL.sub("", s).strip()
     if len(s) >= 2 and s[0] == s[-1] and s[0] in "\"'“”":
@@ -304,8 +367,12 @@ def check_output(text: str | None, finish_reason: str | None, forbid: str = "",
         raise Unusable("answer has no words")
     if echo and shingles(s) & echo:
         raise Unusable("answer repeats the prompt's instructions")
-    if len(forbid) >= 4 and re.search(r"(?<!\w)" + re.escape(forbid) + r"(?!\w)", s.lower()):
-        raise Unusable("the intention names its item")
+    if intent:
+        problem = intent_problem(s, forbid)
+        if problem:
+            raise Unusable(problem)
+    elif forbid and names_item(s, forbid):
+        raise Unusable(INTENT_NAMES_ITEM)
     return s, trimmed
 
 
@@ -1226,6 +1293,8 @@ class Report:
     retries: int = 0
     failures: int = 0  # prompts that ended unusable after every attempt (fallback to metadata)
     fallback_items: dict[str, list[int]] = field(default_factory=dict)  # task -> dense item ids (first 50)
+    fallback_reasons: dict[str, dict[str, int]] = field(default_factory=dict)  # task -> why -> items
+    rejected_cached: int = 0  # cached intentions the current checks reject (they name the item, ...): asked again
     trimmed: int = 0  # answers cut off by the token limit and kept up to their last sentence
     retry_reasons: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0
@@ -1240,6 +1309,8 @@ class Report:
 
     def line(self) -> str:
         fails = f", {self.failures} failed -> metadata fallback" if self.failures else ""
+        if self.rejected_cached:
+            fails += f", {self.rejected_cached} cached intention(s) rejected by the current checks"
         why = f" ({', '.join(f'{k} {v}' for k, v in sorted(self.retry_reasons.items()))})" if self.retries else ""
         meta = self.items - self.llm_items
         llm = (f"; LLM: {self.called_items} items in {self.llm_s:.1f} s = {self.llm_items_per_s:.2f} items/s, "
@@ -1276,7 +1347,7 @@ class _Job:
     template: Template
     metadata: str
     items: list[int]  # dense item ids sharing this prompt
-    forbid: str = ""  # a name the answer must not contain (the item's title, for intentions)
+    forbid: str = ""  # the item's title, for intentions: the answer must not name it
 
 
 def _wait(initial: float):
@@ -1366,6 +1437,9 @@ def _run_jobs(jobs: list[_Job], backend: Backend, cache, dcfg: DescribeConfig, s
     todo: list[_Job] = []
     for job in jobs:
         hit = _cache_get(cache, job.key, backend.model)
+        if hit is not None and job.task == "intent" and intent_problem(hit["text"], job.forbid):
+            stats.add(rejected_cached=1)  # cached before the checks that now reject it: asked again
+            hit = None
         if hit is not None:
             results[job.key] = hit
         else:
@@ -1409,7 +1483,8 @@ def _answer(todo: list[_Job], results: dict[str, dict[str, Any]], backend: Backe
                     c = backend.complete(job.template.messages(job.metadata), dcfg.max_tokens, dcfg.temperature,
                                          seed=seed)
                     stats.add(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens)
-                    text, trimmed = check_output(c.text, c.finish_reason, job.forbid, job.template.echo)
+                    text, trimmed = check_output(c.text, c.finish_reason, job.forbid, job.template.echo,
+                                                 intent=job.task == "intent")
         except Unusable as e:
             return {"failed": str(e)}
         value = {"text": text, "model": backend.model, "finish_reason": c.finish_reason,
@@ -1500,7 +1575,7 @@ def describe_items(items: pd.DataFrame, cfg: Config, backend: Backend | None = N
                     if key in jobs:
                         jobs[key].items.append(int(row["item"]))
                     else:
-                        forbid = title_core(row.get("title", "")) if task == "intent" else ""
+                        forbid = clean_text(row.get("title", "")) if task == "intent" else ""
                         jobs[key] = _Job(key, task, tmpl, fitted, [int(row["item"])], forbid)
             report.unique_prompts = len(jobs)
             path = cache_dir(cfg, "describe")
@@ -1530,9 +1605,11 @@ def describe_items(items: pd.DataFrame, cfg: Config, backend: Backend | None = N
             if failed:
                 report.failures += len(failed)
                 report.fallback_items[task] = failed[:50]
-                reason = next(results[k]["failed"] for k in item_keys[task] if k and "failed" in results.get(k, {}))
+                reasons = Counter(results[k]["failed"] for k in item_keys[task] if k and "failed" in results.get(k, {}))
+                report.fallback_reasons[task] = dict(reasons.most_common())
+                why = ", ".join(f"{r}: {c}" for r, c in reasons.most_common())
                 msg = (f"describe: {len(failed)} {task}(s) stayed unusable after {dcfg.max_retries} attempts "
-                       f"(last: {reason}); items {failed[:10]}{' ...' if len(failed) > 10 else ''}")
+                       f"({why}); items {failed[:10]}{' ...' if len(failed) > 10 else ''}")
                 if not dcfg.fallback:
                     raise BackendError(msg + "; describe.fallback=false, so the stage stops (finished ones are cached)")
                 log(msg + " use their metadata text (backend 'metadata'); `--force` retries only them")
