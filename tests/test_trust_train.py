@@ -92,6 +92,30 @@ def test_planted_pickle_resume_state_runs_nothing(tmp_path, name):
     assert (work / "state.safetensors").exists() and not (work / "state.pt").exists()
 
 
+
+@pytest.mark.parametrize("case", ["another run's", "truncated"])
+def test_foreign_or_damaged_resume_state_is_one_warning_and_a_fresh_start(tmp_path, case):
+    _build(tmp_path)
+    other = _cfg(tmp_path, "other", **{"train.max_steps": 4, "train.lr": 2e-3, "train.save_every_s": 0})
+    T.run(other, log=lambda m: None, progress=False)
+    state = (_work(other) / "state.safetensors").read_bytes()
+    cfg = _cfg(tmp_path, **{"train.max_steps": 3})
+    work = _work(cfg)
+    work.mkdir(parents=True)
+    (work / "state.safetensors").write_bytes(state if case == "another run's" else state[: len(state) // 2])
+    logs: list[str] = []
+    res = T.run(cfg, log=logs.append, progress=False)
+    warn = [m for m in logs if "ignoring" in m]
+    assert len(warn) == 1 and "\n" not in warn[0] and warn[0].endswith("starting from step 0"), logs
+    assert ("written by another run" in warn[0]) == (case == "another run's"), warn
+    from safetensors.torch import load_file
+
+    ref, again = (load_file(str(T.run(_cfg(tmp_path, name, **{"train.max_steps": 3}), log=lambda m: None,
+                                      progress=False).stage_dir / "model.safetensors")) for name in ("f1", "f2"))
+    got = load_file(str(res.stage_dir / "model.safetensors"))
+    assert _max_diff(ref, got) <= _max_diff(ref, again), "the ignored state left nothing behind"
+
+
 # ------------------------------------------------------------------------ 2. a killed run resumes exactly
 def _trained(cfg, log=lambda m: None) -> tuple[dict, list[dict]]:
     from safetensors.torch import load_file
