@@ -351,13 +351,33 @@ def test_varied_intentions_give_no_warning(tmp_path):
 
 
 # ------------------------------------------------------------------- 6. intentions that are really requests
-# (intention, the item's title, why it cannot be used): the first as the local SmolLM2 wrote it on an AVX2 CPU
+# (intention, the item's title, why it cannot be used), as the bundled SmolLM2 wrote them for ml-100k films with
+# intent_v1: the first on an AVX2-only CPU (issue 19), the rest on an AMX CPU (bf16)
+NAMES, NOT_A_REQUEST = DS.INTENT_NAMES_ITEM, DS.INTENT_NOT_A_REQUEST
 REAL_INTENTS = [
-    ("Ref, The: A comedy-drama.", "Ref, The (1994)", DS.INTENT_NAMES_ITEM),
+    ("Ref, The: A comedy-drama.", "Ref, The (1994)", NAMES),
+    ("Angels and Insects (1995) I want to read a novel set in the world of angels and insects.",
+     "Angels and Insects (1995)", NAMES),
+    ("I want to see a scene from the movie Taxi Driver. I'm looking for something in particular, but I don't know "
+     "what genre or mood it is.", "Taxi Driver (1976)", NAMES),
+    ("I'm looking for something to eat. I've heard the birdcage is a great place to eat, but I don't know what "
+     "it's called yet.", "Birdcage, The (1996)", NAMES),
+    ("The (1995) is a murder mystery set in the 20th century. I want it to be a crime novel, not a thriller.",
+     "Usual Suspects, The (1995)", NAMES),
+    ("The (1991) Suspense of the Lambs, The (1991)", "Silence of the Lambs, The (1991)", NAMES),
+    ("The user requests a movie with a dark, gritty tone and a strong female lead.", "Carlito's Way (1993)",
+     NOT_A_REQUEST),
+    ("The user wants to know about the latest superhero action movie.", "Stargate (1994)", NOT_A_REQUEST),
 ]
 GOOD_INTENTS = [
+    ("I'm looking for a movie with a strong female lead, something that's both intense and atmospheric. I'd love "
+     "to hear about it!", "Twelve Monkeys (1995)"),
+    ("I want a new story set in the 1970s. I'm looking for something that combines elements of horror and "
+     "romance, with a dark underbelly.", "Seven (Se7en) (1995)"),
+    ("I'm looking for a romantic comedy with a dark, atmospheric tone. I'd love to hear about it!",
+     "While You Were Sleeping (1995)"),
     ("I want a comedy about a hockey referee stuck with a bickering couple.", "Ref, The (1994)"),
-    ("I want a mind-bending sci-fi film about reality.", "Matrix, The (1999)"),
+    ("Something light for a rainy Sunday, with talking animals.", "Babe (1995)"),
 ]
 
 

@@ -322,7 +322,11 @@ def _contains(words: list[str], part: list[str]) -> bool:
 def names_item(text: str, title: Any) -> bool:
     """Whether `text` names the item titled `title`: it holds the title as written or with its moved article
     back in front ("Ref, The" / "The Ref"), or the title's core when that is distinctive (2+ words or 4+
-    letters: "matrix", not "ref"), or it starts with the core ("Ref: a comedy-drama.")."""
+    letters: "matrix", not "ref"), or it starts with the core ("Ref: a comedy-drama."), or it cites the
+    title's year in parentheses as titles do ("The (1995) is a murder mystery")."""
+    years = re.findall(r"\((\d{4})\)", clean_text(title))
+    if any(f"({y})" in text for y in years):
+        return True
     words = _words(text)
     full, core = title_forms(title)
     if any(_contains(words, f) for f in full) or (core and words[: len(core)] == core):
@@ -332,12 +336,13 @@ def names_item(text: str, title: Any) -> bool:
 
 def intent_problem(text: str, title: Any = "") -> str | None:
     """Why an LLM-written intention cannot be used, or None. An intention is the request a user types before
-    finding the item: it must not name the item (`names_item`) and must read as a request (a first-person word
-    early on, or a request's opening word such as "Looking" or "Something"), not as a description."""
+    finding the item: it must not name the item (`names_item`) and its opening sentence must read as a request
+    (a first-person word, or a request's opening word such as "Looking" or "Something"), not as a
+    description ("The user wants ...", "A tense thriller about ...")."""
     if names_item(text, title):
         return INTENT_NAMES_ITEM
-    words = _words(text)
-    if not (_FIRST_PERSON & set(words[:12]) or (words and words[0] in _REQUEST_OPENERS)):
+    first = _words(_SENTENCE_END.split(text, maxsplit=1)[0])  # the opening sentence decides
+    if not (_FIRST_PERSON & set(first) or (first and first[0] in _REQUEST_OPENERS)):
         return INTENT_NOT_A_REQUEST
     return None
 
