@@ -103,9 +103,29 @@ def fingerprint_path(path: str | os.PathLike) -> str:
     """Fingerprint of a file, or of every file below a directory (names and contents)."""
     path = Path(path)
     if path.is_dir():
-        parts = {str(p.relative_to(path)): fingerprint_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
+        parts = {str(p.relative_to(path)): _fingerprint_known(p) for p in sorted(path.rglob("*")) if p.is_file()}
         return fingerprint_obj(parts)
-    return fingerprint_file(path)
+    return _fingerprint_known(path)
+
+
+# Large files hashed in this process, by identity and stat: a command checks the same upstream files several
+# times (each loader verifies its stage), and a 100 MB model need not be read each time. Any write (atomic
+# writes make a new inode, in-place edits change the size or mtime) makes a new key.
+_MEMO_MIN_BYTES = 16 << 20
+_fp_memo: dict[str, tuple[tuple[int, int, int, int], str]] = {}
+
+
+def _fingerprint_known(path: Path) -> str:
+    st = path.stat()
+    if st.st_size < _MEMO_MIN_BYTES:
+        return fingerprint_file(path)
+    key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    hit = _fp_memo.get(str(path))
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    fp = fingerprint_file(path)
+    _fp_memo[str(path)] = (key, fp)
+    return fp
 
 
 def package_versions() -> dict[str, str]:
@@ -142,20 +162,56 @@ class Manifest:
         }
 
 
+# Each manifest field's JSON type: a hand-edited or foreign manifest is refused in one line, not a TypeError later
+_MANIFEST_TYPES = {"stage": str, "config": dict, "inputs": dict, "outputs": dict, "info": dict, "versions": dict,
+                   "timings": dict, "created": str}
+_JSON_NAMES = {str: "a string", dict: "an object"}
+
+
 def load_manifest(stage_dir: str | os.PathLike) -> Manifest | None:
     """The manifest of a finished stage, or None if the stage never finished."""
     path = Path(stage_dir) / MANIFEST
     if not path.exists():
         return None
+    if not path.is_file():
+        raise ArtifactError(f"{path}: not a file; remove it and re-run the stage")
     d = read_json(path)
-    try:
-        return Manifest(**d)
-    except TypeError:
-        raise ArtifactError(f"{path}: not a recpipe manifest; re-run the stage with --force") from None
+    if not isinstance(d, dict):
+        raise ArtifactError(f"{path}: not a recpipe manifest (a JSON {type(d).__name__}, not an object); "
+                            "re-run the stage with --force")
+    missing = [k for k in ("stage", "config", "inputs") if k not in d]
+    unknown = [k for k in d if k not in _MANIFEST_TYPES]
+    if missing or unknown:
+        what = (f"missing {', '.join(missing)}" if missing else "") + ("; " if missing and unknown else "") + (
+            f"unknown key(s) {', '.join(map(str, unknown))}" if unknown else "")
+        raise ArtifactError(f"{path}: not a recpipe manifest ({what}); re-run the stage with --force")
+    for k, tp in _MANIFEST_TYPES.items():
+        if k in d and not isinstance(d[k], tp):
+            raise ArtifactError(f"{path}: not a recpipe manifest ({k!r} is {json.dumps(d[k])[:40]}, expected "
+                                f"{_JSON_NAMES[tp]}); re-run the stage with --force")
+    for k in ("inputs", "outputs"):
+        bad = [n for n, v in d.get(k, {}).items() if not isinstance(v, str)]
+        if bad:
+            raise ArtifactError(f"{path}: not a recpipe manifest ({k}[{bad[0]!r}] is not a fingerprint string); "
+                                "re-run the stage with --force")
+    return Manifest(**d)
 
 
-def require_stage(run_dir: str | os.PathLike, stage: str, hint: str | None = None) -> Manifest:
-    """The manifest of an upstream stage, verified against its files, or a clear error."""
+def stage_command(stage: str) -> str:
+    """The command that (re)makes a stage: "train/sasrec" -> "recpipe train --model sasrec"."""
+    head, _, sub = stage.partition("/")
+    return f"recpipe {head}" + (f" --model {sub}" if sub else "")
+
+
+def require_stage(run_dir: str | os.PathLike, stage: str, hint: str | None = None, current: bool = False
+                  ) -> Manifest:
+    """The manifest of an upstream stage whose files still hold what it wrote (content fingerprints), or a
+    clear error. A stage reading another's files records this manifest's fingerprint, so the check is what
+    makes that fingerprint cover the content: a truncated model or an edited table is refused here instead
+    of being read as if it were the recorded one.
+
+    current=True also refuses a stage made from other upstream artifacts than the run directory holds now
+    (e.g. `train/x` after `recpipe data` re-ran with another k-core): its results describe data that is gone."""
     stage_dir = Path(run_dir) / stage
     m = load_manifest(stage_dir)
     if m is None:
@@ -164,17 +220,35 @@ def require_stage(run_dir: str | os.PathLike, stage: str, hint: str | None = Non
         )
     for name in m.outputs:
         if not (stage_dir / name).exists():
-            raise ArtifactError(f"{stage_dir / name}: missing; re-run `recpipe {stage.split('/')[0]} --force`")
+            raise ArtifactError(f"{stage_dir / name}: missing; re-run `{stage_command(stage)} --force`")
+    verify_outputs(stage_dir, m, hint=f"{stage_command(stage)} --force")
+    if current:
+        check_current(run_dir, m)
     return m
 
 
-def verify_outputs(stage_dir: str | os.PathLike, m: Manifest) -> None:
+def check_current(run_dir: str | os.PathLike, m: Manifest) -> None:
+    """ArtifactError when an input `m` recorded under a stage's name (data, embed, whiten, ...) differs from
+    that stage's manifest now, or that stage's files no longer hold what it wrote (the reader of `m` reads
+    them too); inputs named otherwise (raw files, train/<model>) are checked by their own stage."""
+    for name, fp in m.inputs.items():
+        up = Path(run_dir) / name
+        if "/" in name or not (up / MANIFEST).is_file():
+            continue
+        now = require_stage(run_dir, name)
+        if now.fingerprint != fp:
+            raise ArtifactError(f"{Path(run_dir) / m.stage}: made from an earlier '{name}' stage than "
+                                f"{up} holds now; re-run `{stage_command(m.stage)}`")
+
+
+def verify_outputs(stage_dir: str | os.PathLike, m: Manifest, hint: str = "") -> None:
     """Recompute output fingerprints; raises if a file changed since the stage wrote it (corrupt cache)."""
     stage_dir = Path(stage_dir)
     for name, fp in m.outputs.items():
         p = stage_dir / name
         if not p.exists() or fingerprint_path(p) != fp:
-            raise ArtifactError(f"{p}: changed or corrupt since stage '{m.stage}' wrote it; re-run with --force")
+            raise ArtifactError(f"{p}: changed or corrupt since stage '{m.stage}' wrote it; "
+                                + (f"re-run `{hint}`" if hint else "re-run with --force"))
 
 
 @dataclass
@@ -201,7 +275,7 @@ def run_stage(
     """
     stage_dir = Path(run_dir) / stage
     clean_stale_tmp(stage_dir)
-    old = load_manifest(stage_dir) if stage_dir.exists() else None
+    old = None if force else _previous_manifest(stage_dir, stage, log)
     if not force and old is not None and old.config == _normalise(config) and old.inputs == inputs:
         try:
             verify_outputs(stage_dir, old)
@@ -237,6 +311,18 @@ def run_stage(
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return StageResult(m, stage_dir, skipped=False)
+
+
+def _previous_manifest(stage_dir: Path, stage: str, log: Callable[[str], None] | None) -> Manifest | None:
+    """The stage's manifest from an earlier run; an unreadable one means the stage is rebuilt, not an error."""
+    if not stage_dir.exists():
+        return None
+    try:
+        return load_manifest(stage_dir)
+    except ArtifactError as e:
+        if log:
+            log(f"{stage}: {e}; rebuilding")
+        return None
 
 
 def clean_stale_tmp(stage_dir: Path) -> None:

@@ -259,8 +259,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
             doc = tomllib.loads(p.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{p}: config file not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{p}: is a directory, not a TOML config file") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{p}: invalid TOML ({e})") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read the config file ({e.strerror or type(e).__name__})") from None
         for section, values in doc.items():
             if not isinstance(values, dict):
                 raise ConfigError(f"{p}: top-level key {section!r} must be a [section]")
@@ -382,7 +386,10 @@ def _validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(msg)
 
+    need(bool(cfg.run.dataset.strip()), "run.dataset is empty: give a dataset name or directory")
+    need(0 <= cfg.run.seed < 2**63, "run.seed must be in 0 .. 2**63-1 (numpy and torch seed generators need it)")
     need(cfg.data.kcore >= 1, "data.kcore must be >= 1")
+    need(math.isfinite(cfg.data.min_rating), "data.min_rating must be a finite number (0 keeps every rating)")
     need(cfg.data.max_len >= 1, "data.max_len must be >= 1")
     need(cfg.data.dedup in ("first", "last", "none"), "data.dedup must be first, last or none")
     need(cfg.describe.llm in ("auto", "openai", "local", "metadata"), "describe.llm must be auto|openai|local|metadata")
@@ -394,8 +401,8 @@ def _validate(cfg: Config) -> None:
     need(cfg.describe.max_input_chars >= 50, "describe.max_input_chars must be >= 50")
     need(cfg.describe.threads >= 0, "describe.threads must be >= 0")
     need(cfg.describe.local_batch >= 1, "describe.local_batch must be >= 1 (1 = one sequence at a time)")
-    need(cfg.describe.local_quant in ("auto", "none", "q8_0", "bf16", "q4_0"),
-         "describe.local_quant must be auto|none|q8_0|bf16|q4_0")
+    need(cfg.describe.local_quant in ("auto", "none", "q8_0", "bf16", "q4_0", "f32"),
+         "describe.local_quant must be auto|none|q8_0|bf16|q4_0|f32")
     need(cfg.describe.local_ctx >= cfg.describe.max_tokens + 64, "describe.local_ctx must exceed max_tokens + 64")
     need(cfg.embed.batch_size >= 1, "embed.batch_size must be >= 1")
     need(1 <= cfg.embed.api_batch <= 2048, "embed.api_batch must be in 1..2048 (the API's limit)")
@@ -415,6 +422,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.train.length_pool >= 0, "train.length_pool must be >= 0 (0 = off)")
     need(cfg.train.intent_source in ("llm", "category", "mixed"), "train.intent_source must be llm, category or mixed")
     need(all(k >= 1 for k in cfg.evaluate.ks), "evaluate.ks must be positive")
+    need(cfg.evaluate.batch_size >= 1, "evaluate.batch_size must be >= 1")
     need(bool(cfg.evaluate.steps) and all(s >= 0 for s in cfg.evaluate.steps), "evaluate.steps must be >= 0")
     need(cfg.evaluate.intent in ("none", "category", "llm", "all"), "evaluate.intent must be none|category|llm|all")
     need(cfg.evaluate.split in ("test", "valid"), "evaluate.split must be test or valid")

@@ -352,7 +352,10 @@ def kcore(inter: pd.DataFrame, k: int) -> pd.DataFrame:
 def process(raw: RawDataset, cfg: DataConfig, source: str = "") -> Processed:
     inter = raw.interactions
     n_raw = (inter["user_id"].nunique(), inter["item_id"].nunique(), len(inter))
-    if "rating" in inter.columns and cfg.min_rating > 0:
+    if cfg.min_rating > 0:
+        if "rating" not in inter.columns:  # a filter that cannot apply must not pass as applied
+            raise DataError(f"{source or 'dataset'}: data.min_rating={cfg.min_rating:g} needs ratings, and the "
+                            "interactions have no rating column; set data.min_rating=0")
         inter = inter[inter["rating"] >= cfg.min_rating]
     # chronological order with a stable tie-break: equal timestamps keep the file's order
     inter = inter.assign(_row=np.arange(len(inter)))

@@ -105,7 +105,9 @@ def build_intentions(cfg: Config, kind: str, ds: data_stage.Dataset, targets: np
 def run(cfg: Config, model_name: str | None = None, force: bool = False, log=print, progress: bool = True
         ) -> StageResult:
     model_name = model_name or cfg.train.model
-    tm = require_stage(cfg.run_dir, f"train/{model_name}", hint=f"recpipe train --model {model_name}")
+    # current: a model trained on an earlier data stage (or whitening) is refused, not scored against today's
+    # split; the fingerprint covers the weights' content (require_stage re-hashes them)
+    tm = require_stage(cfg.run_dir, f"train/{model_name}", hint=f"recpipe train --model {model_name}", current=True)
     inputs = {"train": tm.fingerprint}
     ec = cfg.evaluate
     if ec.intent != "none":
@@ -121,7 +123,8 @@ def run(cfg: Config, model_name: str | None = None, force: bool = False, log=pri
         write_json(out_dir / "metrics.json", result)
         with atomic_path(out_dir / "table.md") as tmp:
             tmp.write_text(markdown_table(result["rows"], ec.ks))
-        return {"rows": result["rows"], "split": result["split"], "users": result["users"]}
+        return {"rows": result["rows"], "split": result["split"], "users": result["users"],
+                "warnings": result["warnings"]}
 
     return run_stage(cfg.run_dir, f"evaluate/{model_name}", config, inputs, build, force=force, log=log)
 
@@ -137,6 +140,9 @@ def evaluate_model(cfg: Config, model_name: str, log=print, progress: bool = Fal
     b = train_stage.Batcher(ds, model.history_len)
     split = ec.split
     rows: list[dict[str, Any]] = []
+    warnings = degenerate_warnings(ds, split, ec.ks)
+    for w in warnings:
+        log(f"evaluate: warning: {w}")
 
     def row(name: str, m: Recommender, score_kwargs: dict | None = None, intent_fn=None) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -184,7 +190,39 @@ def evaluate_model(cfg: Config, model_name: str, log=print, progress: bool = Fal
                 if anchored is not None:
                     row(f"{kind}: history + intention (anchored)", model, steps_kw(ec.steps[0]),
                         intent_fn=anchored.fn("whitened"))
-    return {"model": model_name, "split": split, "users": rows[0]["users"], "rows": rows, "ks": ec.ks}
+    return {"model": model_name, "split": split, "users": rows[0]["users"], "rows": rows, "ks": ec.ks,
+            "warnings": warnings}
+
+
+# Fewer test users than this: a figure is the mean of so few ranks that one user moves it visibly
+FEW_USERS = 30
+
+
+def degenerate_warnings(ds: data_stage.Dataset, split: str, ks: list[int]) -> list[str]:
+    """What the figures mean where the split makes them trivial: a user whose unseen items number at most K
+    has masked HR@K = 1 whatever the model does (one unseen item: NDCG@K = 1 too); a catalog of at most K
+    items puts every target in the top K of both columns."""
+    out = []
+    k = max(ks)
+    cut = {"test": 1, "valid": 2}[split]
+    counts = np.diff(ds.offsets)
+    user_of = np.repeat(np.arange(ds.n_users), counts)
+    before = np.arange(len(ds.seq_items)) - ds.offsets[user_of] < (counts - cut)[user_of]  # the masked history
+    pairs = np.unique(user_of[before] * (ds.n_items + 1) + ds.seq_items[before])  # distinct (user, item)
+    seen = np.bincount(pairs // (ds.n_items + 1), minlength=ds.n_users)
+    unseen = ds.n_items - seen  # the target is among them
+    if ds.n_items <= k:
+        out.append(f"the catalog has {ds.n_items} items, at most K={k}: HR@{k} is 1 in both columns for any model")
+    trivial = int((unseen <= k).sum())
+    if trivial:
+        only = int((unseen <= 1).sum())
+        out.append(f"{trivial} of {ds.n_users} users have at most {k} unseen items (fewest: {int(unseen.min())}): "
+                   f"their masked HR@{k} is 1 by construction"
+                   + (f", and for {only} the target is the only unseen item (masked NDCG = 1)" if only else "")
+                   + "; the masked column says little here")
+    if ds.n_users < FEW_USERS:
+        out.append(f"only {ds.n_users} {split} user(s): each figure is a mean of {ds.n_users} rank(s)")
+    return out
 
 
 def anchored_intentions(cfg: Config, conf: dict, ds: data_stage.Dataset, it: Intentions, k: int

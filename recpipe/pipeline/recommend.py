@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from recpipe.artifacts import require_stage
+from recpipe.artifacts import check_current, require_stage
 from recpipe.config import Config
 from recpipe.errors import ArtifactError, ConfigError, DataError
 from recpipe.pipeline import data as data_stage
@@ -132,7 +132,10 @@ class RecommendService:
         run_dir = cfg.run_dir
         require_stage(run_dir, "data", hint="recpipe data")
         self.ds = data_stage.load(run_dir / "data")
-        self.model, self.conf, _ = train_stage.load_trained(run_dir, self.model_name, "cpu")
+        self.model, self.conf, tm = train_stage.load_trained(run_dir, self.model_name, "cpu")
+        # load_trained verified the weights against the manifest; the model must also come from the data (and
+        # vectors) the run directory holds now, or its item ids would name other items
+        check_current(run_dir, tm)
         if self.conf["n_items"] != self.ds.n_items:
             raise ArtifactError(f"train/{self.model_name} was trained on {self.conf['n_items']} items but the "
                                 f"data stage has {self.ds.n_items}; re-run `recpipe train`")
@@ -274,7 +277,19 @@ class RecommendService:
             if i <= 0 or not np.isfinite(sc):
                 continue
             out.append(Recommendation(r, int(i), str(self.item_ids[i - 1]), str(self.titles[i - 1]), float(sc)))
+        if not out:
+            unseen = self.ds.n_items - len(np.unique(seq))
+            if unseen == 0:
+                raise DataError(f"user {user_id!r} has already seen all {self.ds.n_items} items of the catalog: "
+                                "there is nothing left to recommend")
+            raise ArtifactError(f"train/{self.model_name} gave no finite score to any of user {user_id!r}'s "
+                                f"{unseen} unseen items; re-train it (`recpipe train --model {self.model_name} "
+                                "--force`)")
         return out
+
+    def unseen_count(self, user_id: str) -> int:
+        """How many items the user has not interacted with: at most this many can be recommended."""
+        return self.ds.n_items - len(np.unique(self.ds.sequence(self.ds.user_index(user_id))))
 
     def history(self, user_id: str, n: int = 5) -> list[str]:
         seq = self.ds.sequence(self.ds.user_index(user_id))
