@@ -31,7 +31,7 @@ app.add_typer(data_app, name="data")
 console = Console(stderr=False)
 err_console = Console(stderr=True)
 
-DEFAULT_BENCH_MODELS = "sasrec,dreamrec,diffurec,diffrec,idreamrec"
+DEFAULT_BENCH_MODELS = "sasrec,dreamrec,diffurec,diffrec,idreamrec"  # benchmark.DEFAULT_MODELS, for --help
 
 # ------------------------------------------------------------------------------------------ options
 DatasetOpt = Annotated[
@@ -278,6 +278,9 @@ def _evaluate(cfg, model_name: str, force: bool):
     stage.print_table(res.manifest.info["rows"], cfg.evaluate.ks,
                       title=f"{model_name} on {cfg.run.dataset}, {res.manifest.info['split']} split, "
                             f"{res.manifest.info['users']:,} users")
+    if res.skipped:  # a fresh evaluation logged them as it ran
+        for w in res.manifest.info.get("warnings", []):
+            _log(f"evaluate: warning: {w}")
     console.print(f"written: {res.stage_dir / 'metrics.json'}", highlight=False)
     return res
 
@@ -307,6 +310,12 @@ def _recommend(cfg, user: str, intent: str | None, k: int | None, w=None, rho=No
 
     svc = RecommendService(cfg)
     recs = svc.recommend(user, intent=intent, k=k, w=w, rho=rho)
+    want = cfg.recommend.k if k is None else k
+    if len(recs) < want:
+        unseen = svc.unseen_count(user)
+        why = (f"user {user} has only {unseen} unseen item(s) in a catalog of {svc.ds.n_items}" if unseen < want
+               else f"the {cfg.index.kind} index returned fewer items")
+        _log(f"recommend: warning: {why}: showing {len(recs)} of the {want} asked for")
     t = Table(title=f"user {user}" + (f", intent \"{intent}\"" if intent else "") + f" ({svc.model_name})",
               title_justify="left")
     for col, just in (("rank", "right"), ("item_id", "right"), ("title", "left"), ("score", "right")):
@@ -362,7 +371,9 @@ def run_all(
 def benchmark(
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
-    models: Annotated[str, typer.Option(help="comma-separated model names")] = DEFAULT_BENCH_MODELS,
+    models: Annotated[Optional[str], typer.Option(
+        help=f"comma-separated model names [default: {DEFAULT_BENCH_MODELS}; with --reuse: every model trained "
+             "and evaluated in the run directory]")] = None,
     config: ConfigOpt = None,
     cache_dir: CacheOpt = None,
     run_dir: RunDirOpt = None,
@@ -376,11 +387,9 @@ def benchmark(
     from recpipe.pipeline import benchmark as stage
 
     cfg = _config(config, dataset, data_dir, cache_dir, run_dir, seed, sets)
-    names = [m.strip() for m in models.split(",") if m.strip()]
+    names = None if models is None else [m.strip() for m in models.split(",") if m.strip()]
     result = stage.run(cfg, names, force=force, log=_log, reuse=reuse)
-    from recpipe.pipeline.evaluate import print_table
-
-    print_table(result["rows"], cfg.evaluate.ks, title=f"benchmark on {cfg.run.dataset} ({result['split']} split)")
+    stage.print_table(result, title=f"benchmark on {cfg.run.dataset} ({result['split']} split)")
     console.print(f"written: {cfg.run_dir / 'benchmark'} (table.md, results.json, chart.png)", highlight=False)
 
 

@@ -15,46 +15,38 @@ from recpipe.config import Config
 from recpipe.errors import ArtifactError, ConfigError
 from recpipe.models.base import model_names
 
+DEFAULT_MODELS = ["sasrec", "dreamrec", "diffurec", "diffrec", "idreamrec"]
 
-def run(cfg: Config, models: list[str], force: bool = False, log=print, reuse: bool = False) -> dict[str, Any]:
+
+def run(cfg: Config, models: list[str] | None, force: bool = False, log=print, reuse: bool = False
+        ) -> dict[str, Any]:
     """reuse=True trains nothing: the table collects the models already trained and evaluated in the run
-    directory, each as it was trained (its own steps and settings, recorded in the table)."""
-    from recpipe.artifacts import require_stage
+    directory, each as it was trained (its own steps and settings, recorded in the table). models=None: the
+    default models, or with reuse every model the run directory holds (the others are named as missing)."""
     from recpipe.pipeline import data, describe, embed, evaluate, train, whiten
 
     known = model_names()
-    unknown = [m for m in models if m not in known]
+    unknown = [m for m in models or [] if m not in known]
     if unknown:
         raise ConfigError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    if not reuse:
+    if models is not None and not models:
+        raise ConfigError("--models names no model; give a comma-separated list like sasrec,idreamrec")
+    if reuse:
+        rows = _reused_rows(cfg, models, log)
+    else:
+        models = models or DEFAULT_MODELS
         data.run(cfg, log=log)
         if any(train.needs_text(m) for m in models):
             describe.run(cfg, log=log)
             embed.run(cfg, log=log)
             whiten.run(cfg, log=log)
-    rows = []
-    for name in models:
-        t0 = time.perf_counter()
-        if reuse:
-            trm = require_stage(cfg.run_dir, f"train/{name}", hint=f"recpipe train --model {name}")
-            evm = require_stage(cfg.run_dir, f"evaluate/{name}", hint=f"recpipe evaluate --model {name}")
-            if evm.inputs.get("train") != trm.fingerprint:
-                raise ArtifactError(f"evaluate/{name} scored an earlier train/{name}; "
-                                    f"run `recpipe evaluate --model {name}`")
-            if evm.info.get("split") != cfg.evaluate.split:
-                raise ArtifactError(f"evaluate/{name} scored the {evm.info.get('split')} split, not "
-                                    f"{cfg.evaluate.split}; run `recpipe evaluate --model {name}`")
-        else:
+        rows = []
+        for name in models:
+            t0 = time.perf_counter()
             trm = train.run(cfg, name, force=force, log=log).manifest
             evm = evaluate.run(cfg, name, force=force, log=log).manifest
-        info = trm.info
-        for r in evm.info["rows"]:
-            if "intention" in r["name"] or ":" in r["name"]:
-                continue
-            rows.append({**r, "model": name, "parameters": info["parameters"],
-                         "train_time_s": info["train_time_s"], "steps": info["steps"],
-                         "best_step": info["best_step"], "valid": info["valid"]})
-        log(f"benchmark: {name} done in {time.perf_counter() - t0:.0f} s")
+            rows += _rows(name, trm, evm)
+            log(f"benchmark: {name} done in {time.perf_counter() - t0:.0f} s")
     out = cfg.run_dir / "benchmark"
     out.mkdir(parents=True, exist_ok=True)
     result = {"dataset": cfg.run.dataset, "split": cfg.evaluate.split, "ks": cfg.evaluate.ks, "rows": rows}
@@ -65,19 +57,102 @@ def run(cfg: Config, models: list[str], force: bool = False, log=print, reuse: b
     return result
 
 
+def _reused(cfg: Config, name: str):
+    """(train manifest, evaluate manifest) of a model trained and evaluated in the run directory, current with
+    its data and with each other; ArtifactError naming what to run otherwise."""
+    from recpipe.artifacts import require_stage
+
+    trm = require_stage(cfg.run_dir, f"train/{name}", hint=f"recpipe train --model {name}", current=True)
+    evm = require_stage(cfg.run_dir, f"evaluate/{name}", hint=f"recpipe evaluate --model {name}")
+    if evm.inputs.get("train") != trm.fingerprint:
+        raise ArtifactError(f"evaluate/{name} scored an earlier train/{name}; run `recpipe evaluate --model {name}`")
+    if evm.info.get("split") != cfg.evaluate.split:
+        raise ArtifactError(f"evaluate/{name} scored the {evm.info.get('split')} split, not "
+                            f"{cfg.evaluate.split}; run `recpipe evaluate --model {name}`")
+    return trm, evm
+
+
+def _reused_rows(cfg: Config, models: list[str] | None, log) -> list[dict[str, Any]]:
+    """Named models must all be there (an error names the first that is not); without names, every model
+    whose train and evaluate stages are there is tabled and the missing defaults are listed."""
+    if models is not None:
+        rows = []
+        for name in models:
+            rows += _rows(name, *_reused(cfg, name))
+            log(f"benchmark: {name} reused (trained and evaluated earlier)")
+        return rows
+    known = model_names()
+    order = DEFAULT_MODELS + sorted(m for m in known if m not in DEFAULT_MODELS)
+    rows, missing = [], []
+    for name in order:
+        if not (cfg.run_dir / "train" / name).exists() and name not in DEFAULT_MODELS:
+            continue  # a model nobody asked for and nobody trained: not worth a line
+        try:
+            trm, evm = _reused(cfg, name)
+        except ArtifactError as e:
+            missing.append((name, str(e)))
+            continue
+        rows += _rows(name, trm, evm)
+        log(f"benchmark: {name} reused (trained and evaluated earlier)")
+    for name, why in missing:
+        log(f"benchmark: {name} left out: {why}")
+    if not rows:
+        raise ArtifactError(f"{cfg.run_dir}: no model is both trained and evaluated there, nothing to table; "
+                            f"run `recpipe benchmark` without --reuse, or `recpipe train` and `recpipe evaluate`")
+    return rows
+
+
+def _rows(name: str, trm, evm) -> list[dict[str, Any]]:
+    """The benchmark rows of one model: its plain evaluation rows (not the intention rows)."""
+    info = trm.info
+    return [{**r, "model": name, "parameters": info["parameters"], "train_time_s": info["train_time_s"],
+             "steps": info["steps"], "best_step": info["best_step"], "valid": info["valid"]}
+            for r in evm.info["rows"] if "intention" not in r["name"] and ":" not in r["name"]]
+
+
+EXTRA_COLUMNS = ["steps", "train s", "users/s", "params"]  # after the metrics, in table.md and on the console
+
+
+def extra_values(r: dict[str, Any]) -> list[str]:
+    return [f"{r['steps']:,}", f"{r['train_time_s']:,.0f}", f"{r['users_per_s']:,.0f}", f"{r['parameters']:,}"]
+
+
 def markdown(result: dict[str, Any]) -> str:
     ks = result["ks"]
     cols = [f"{m}@{k}" for m in ("HR", "NDCG") for k in ks]
     lines = [f"Dataset {result['dataset']}, {result['split']} split, full ranking, every user.\n",
-             "| model | column | " + " | ".join(cols) + " | steps | train s | users/s | params |",
-             "|---|---|" + "---|" * (len(cols) + 4)]
+             "| model | column | " + " | ".join(cols + EXTRA_COLUMNS) + " |",
+             "|---|---|" + "---|" * (len(cols) + len(EXTRA_COLUMNS))]
     for r in result["rows"]:
         for col in ("masked", "unmasked"):
             vals = " | ".join(f"{r[col][c]:.4f}" for c in cols)
-            extra = (f"{r['steps']:,} | {r['train_time_s']:,.0f} | {r['users_per_s']:,.0f} | {r['parameters']:,}"
-                     if col == "masked" else " | | | ")
+            extra = " | ".join(extra_values(r)) if col == "masked" else " | " * (len(EXTRA_COLUMNS) - 1)
             lines.append(f"| {r['name']} | {'seen-masked' if col == 'masked' else 'unmasked'} | {vals} | {extra} |")
     return "\n".join(lines) + "\n"
+
+
+def print_table(result: dict[str, Any], title: str = "") -> None:
+    """The console's view of table.md: the same columns, one table per column kind so it fits a terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    ks = result["ks"]
+    console = Console()
+    if title:
+        console.print(title, highlight=False)
+    for col in ("masked", "unmasked"):
+        label = "seen items masked (default)" if col == "masked" else "unmasked (published protocol)"
+        t = Table(title=label, title_justify="left")
+        t.add_column("model")
+        for m in ("HR", "NDCG"):
+            for k in ks:
+                t.add_column(f"{m}@{k}", justify="right")
+        for c in EXTRA_COLUMNS:
+            t.add_column(c, justify="right")
+        for r in result["rows"]:
+            t.add_row(r["name"], *[f"{r[col][f'{m}@{k}']:.4f}" for m in ("HR", "NDCG") for k in ks],
+                      *extra_values(r))
+        console.print(t)
 
 
 def chart(result: dict[str, Any], path: Path) -> None:
