@@ -50,7 +50,7 @@ from recpipe.models.dit import CausalDiT, DiT
 
 LOSSES = ("mse", "preferdiff", "ce")
 #: lam (the MSE weight) when the config leaves it unset: LAM_DEFAULT, except CE_RESIDUAL_LAM for "ce" with
-#: item_residual; "mse" ignores it (0.5 keeps old fingerprints)
+#: item_residual; "mse" ignores it
 LAM_DEFAULT = 0.5
 CE_RESIDUAL_LAM = 0.1
 
@@ -61,8 +61,8 @@ class IDreamRecConfig:
     T: int = 1000  # DDPM's standard; only an index, so it costs nothing, and leaves fine k-step DDIM grids
     schedule: str = "linear"  # abar_{T-1} = 4e-5 so x_T ~ N(0,I) fits t = T-1 (exp: 6e-3); 52% of t at SNR<0.1
     # --- denoiser (DiT)
-    width: int = 128  # 2x DreamRec's D = 64 for 384-d text inputs; width 256 costs ~3x the CPU time
-    depth: int = 2  # 2: history tokens interact before the read-out (SASRec's ML-1M depth); 1 is ~3x faster
+    width: int = 128  # 2x DreamRec's D = 64 for 384-d text inputs; 256 learns more per epoch at several times the CPU
+    depth: int = 2  # 2: history tokens interact before the read-out (SASRec's ML-1M depth); 1 is cheaper
     heads: int = 4  # head dim 32, the usual 32-64 range
     mlp_ratio: float = 4.0  # the transformer standard (DiT, DiffuRec)
     dropout: float = 0.1  # DreamRec / DiffuRec / PreferDiff all use 0.1
