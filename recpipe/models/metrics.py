@@ -11,7 +11,6 @@ Protocol (the same for every model in recpipe):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -74,11 +73,6 @@ def metrics_from_ranks(ranks: np.ndarray | torch.Tensor, ks: Sequence[int]) -> d
         out[f"NDCG@{k}"] = float(np.where(hit, 1.0 / np.log2(r + 2.0), 0.0).mean())
     out["MRR"] = float((1.0 / (r + 1.0)).mean())
     return out
-
-
-def ndcg_at(rank: int, k: int) -> float:
-    """NDCG@k of one user whose target sits at 0-based `rank`."""
-    return 1.0 / math.log2(rank + 2) if rank < k else 0.0
 
 
 class RankAccumulator:
