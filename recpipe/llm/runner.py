@@ -1,0 +1,194 @@
+"""Answering many prompts with one backend: each prompt is looked up in the cache first; the rest are asked
+at most `concurrency` at a time (the local backend: one per batch slot), every attempt retried by `retrying`,
+every answer passed through its prompt's own check and cached the moment it is accepted, so a run killed at
+any moment loses no finished answer and repeats none.
+
+An endpoint that keeps failing stops the whole run with a one-line BackendError (what is cached stays cached);
+a prompt whose answers stay unusable after every attempt comes back as {"failed": reason}, for the caller's
+fallback.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from recpipe.errors import BackendError
+from recpipe.llm.cache import cached_answer, refused_note
+from recpipe.llm.client import Backend, Transient, Unusable, retrying
+
+if TYPE_CHECKING:
+    from recpipe.config import DescribeConfig
+
+
+@dataclass
+class Prompt:
+    """One distinct prompt. `check(text, finish_reason) -> (text, trimmed)` cleans an answer or raises
+    Unusable; `stale(text)` is true for a cached answer the checks now reject (it is asked again)."""
+
+    key: str  # the cache key
+    messages: list[dict[str, str]]
+    check: Callable[[str | None, str | None], tuple[str, bool]]
+    stale: Callable[[str], bool] | None = None
+
+
+class Stats:
+    """Thread-safe counters, added to the attributes of the same name of `report` (calls, cache_hits, retries,
+    retry_reasons, prompt_tokens, completion_tokens, trimmed, rejected_cached, llm_s)."""
+
+    def __init__(self, report: Any):
+        self.r = report
+        self.lock = threading.Lock()
+        self.sent: set[str] = set()  # keys of the prompts sent to the LLM (not answered from the cache)
+
+    def add(self, **kw: int) -> None:
+        with self.lock:
+            for k, v in kw.items():
+                setattr(self.r, k, getattr(self.r, k) + v)
+
+    def retry(self, kind: str) -> None:
+        with self.lock:
+            self.r.retries += 1
+            self.r.retry_reasons[kind] = self.r.retry_reasons.get(kind, 0) + 1
+
+
+def _seed(key: str) -> int:
+    return int(key[-8:], 16) & 0x7FFFFFFF
+
+
+class Progress:
+    """tqdm on a terminal (rate and ETA); on a log, a line every 30 s."""
+
+    def __init__(self, total: int, desc: str, log: Callable[[str], None]):
+        self.total, self.desc, self.log = total, desc, log
+        self.done = 0
+        self.t0 = self.last = time.perf_counter()
+        self.bar = None
+        if total and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="prompt", file=sys.stderr, dynamic_ncols=True,
+                            mininterval=0.3, smoothing=0.1)
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+            return
+        now = time.perf_counter()
+        if now - self.last >= 30 and self.done < self.total:
+            self.last = now
+            rate = self.done / (now - self.t0)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            self.log(f"{self.desc}: {self.done}/{self.total} prompts, {rate:.2f}/s, ETA {eta:.0f} s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+
+def answer_all(prompts: list[Prompt], backend: Backend, cache, dcfg: DescribeConfig, stats: Stats,
+               log: Callable[[str], None], what: str = "describe") -> dict[str, dict[str, Any]]:
+    """Answer every prompt (cache first), at most `concurrency` at a time. Returns key -> cached value, or
+    key -> {"failed": reason} for prompts whose output stayed unusable."""
+    results: dict[str, dict[str, Any]] = {}
+    todo: list[Prompt] = []
+    for p in prompts:
+        hit = cached_answer(cache, p.key, backend.model)
+        if hit is not None and p.stale is not None and p.stale(hit["text"]):
+            stats.add(rejected_cached=1)  # cached before the checks that now reject it: asked again
+            hit = None
+        if hit is not None:
+            results[p.key] = hit
+        else:
+            todo.append(p)
+    stats.add(cache_hits=len(prompts) - len(todo))
+    note = refused_note(cache, what)
+    if note:
+        log(note)
+    if not todo:
+        return results
+    stats.sent.update(p.key for p in todo)
+    t0 = time.perf_counter()
+    try:
+        return _ask(todo, results, backend, cache, dcfg, stats, log, what)
+    finally:
+        stats.r.llm_s = round(time.perf_counter() - t0, 3)
+
+
+def _ask(todo: list[Prompt], results: dict[str, dict[str, Any]], backend: Backend, cache, dcfg: DescribeConfig,
+         stats: Stats, log: Callable[[str], None], what: str) -> dict[str, dict[str, Any]]:
+    """Ask the LLM every prompt in `todo`, at most `concurrency` at a time; adds to `results`."""
+    abort = threading.Event()
+    progress = Progress(len(todo), f"{what} ({backend.name})", log)
+    # endpoints: describe.concurrency requests in flight; the local model: one per batch slot
+    limit = backend.max_concurrency if backend.name == "local" else min(dcfg.concurrency, backend.max_concurrency)
+    workers = max(1, min(limit, len(todo)))
+
+    def work(p: Prompt) -> dict[str, Any]:
+        if abort.is_set():
+            raise cf.CancelledError()
+        trimmed = False
+        c = None
+        try:
+            for attempt in retrying(dcfg.max_retries, dcfg.backoff_s, abort, on_retry=lambda e: stats.retry(e.kind)):
+                with attempt:
+                    if abort.is_set():
+                        raise cf.CancelledError()
+                    stats.add(calls=1)  # every request sent counts, whether or not it comes back
+                    # a new seed per attempt: a retried local generation must not repeat the rejected answer
+                    seed = _seed(p.key) + attempt.retry_state.attempt_number - 1
+                    c = backend.complete(p.messages, dcfg.max_tokens, dcfg.temperature, seed=seed)
+                    stats.add(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens)
+                    text, trimmed = p.check(c.text, c.finish_reason)
+        except Unusable as e:
+            return {"failed": str(e)}
+        value = {"text": text, "model": backend.model, "finish_reason": c.finish_reason,
+                 "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}
+        cache.set(p.key, value)  # persisted before anything else happens: a kill after this loses nothing
+        if trimmed:
+            stats.add(trimmed=1)
+        return value
+
+    fatal: BaseException | None = None
+    pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=what)
+    try:
+        futures = {pool.submit(work, p): p for p in todo}
+        for fut in cf.as_completed(futures):
+            p = futures[fut]
+            try:
+                results[p.key] = fut.result()
+            except cf.CancelledError:
+                continue
+            except Transient as e:  # the endpoint kept failing: stop everything, keep what is cached
+                if fatal is None:
+                    fatal = BackendError(
+                        f"{backend.endpoint or backend.name}: {e} (after {dcfg.max_retries} attempts); "
+                        f"every finished result is cached, a re-run resumes from them")
+                    abort.set()
+                    for f in futures:
+                        f.cancel()
+            except BackendError as e:
+                if fatal is None:
+                    fatal = e
+                    abort.set()
+                    for f in futures:
+                        f.cancel()
+            progress.update(1, hits=stats.r.cache_hits, retries=stats.r.retries)
+    except BaseException:
+        abort.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        progress.close()
+    if fatal is not None:
+        raise fatal
+    return results
