@@ -48,7 +48,7 @@ def cpu_line() -> str:
                 break
     except OSError:
         pass
-    from recpipe.llm.cpu import llama_system_info
+    from recpipe.cpu import llama_system_info
 
     feats = re.findall(r"\b([A-Z0-9_]+)\s*=\s*1\b", llama_system_info())
     return f"cpu: {model}; llama.cpp features: {' '.join(feats) or 'unknown'}"

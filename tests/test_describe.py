@@ -20,10 +20,10 @@ import pytest
 from fault_server import FakeOpenAI, default_plan, prompt_id
 
 import recpipe.llm as L
+from recpipe import cpu
 from recpipe.config import load_config
 from recpipe.errors import BackendError, ConfigError
 from recpipe.llm import batcher as B
-from recpipe.llm import cpu
 from recpipe.llm import llama as LL
 from recpipe.pipeline import data as D
 from recpipe.pipeline import describe as DS
@@ -409,7 +409,7 @@ def test_local_backend_in_process(ds_cfg):
 _QUANTISED_RUN = """
 import sys
 from recpipe.config import load_config
-from recpipe.llm import cpu
+from recpipe import cpu
 from recpipe.llm import llama as LL
 cfg = load_config(None, {"describe.llm": "local", "describe.local_quant": sys.argv[1], "describe.threads": 1,
                          "describe.local_batch": 1, "run.cache_dir": sys.argv[2]})
@@ -632,3 +632,24 @@ def test_local_quant_copy_is_made_once_and_never_used_broken(tmp_path):
     assert auto.model_file() == path and path.stat().st_size == size
     stamp.unlink()  # killed between the rename and the stamp: made again
     assert auto.model_file() == path and stamp.is_file()
+
+
+def test_cpu_bf16_override_takes_another_kind_of_cpus_choices(monkeypatch):
+    """RECPIPE_CPU_BF16 makes this machine choose what a CPU with (1) or without (0) native bfloat16 would:
+    the local model's requantisation and torch's `auto` precision, whatever this CPU is."""
+    import torch
+
+    from recpipe.pipeline.train import resolve_dtype
+
+    d = load_config(None, {"describe.llm": "local"}).describe
+    for flag, quant, dtype in (("0", "q8_0", torch.float32), ("1", "bf16", torch.bfloat16)):
+        monkeypatch.setenv(cpu.BF16_ENV, flag)
+        assert cpu.cpu_has_bf16() is (flag == "1") and cpu.cpuinfo_has_bf16() is (flag == "1")
+        assert LL.local_quant(d) == quant and resolve_dtype("auto") == dtype
+    monkeypatch.setenv(cpu.BF16_ENV, "maybe")
+    with pytest.raises(ConfigError, match=cpu.BF16_ENV):
+        cpu.cpu_has_bf16()
+    monkeypatch.delenv(cpu.BF16_ENV)
+    assert cpu.cpuinfo_has_bf16() is ("avx512_bf16" in Path("/proc/cpuinfo").read_text()
+                                      or "amx_bf16" in Path("/proc/cpuinfo").read_text())
+

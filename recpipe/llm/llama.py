@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from recpipe import cpu
 from recpipe.artifacts import atomic_path
 from recpipe.errors import BackendError, ConfigError
-from recpipe.llm import cpu
 from recpipe.llm.batcher import FLASH_ATTN, REPEAT_PENALTY, Batcher
 from recpipe.llm.client import Backend, Completion, Transient
 from recpipe.llm.text import cut_text

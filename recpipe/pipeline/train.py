@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from recpipe import cpu
 from recpipe.artifacts import (
     StageResult,
     atomic_path,
@@ -351,13 +352,8 @@ def resolve_device(name: str) -> torch.device:
 
 def native_bf16() -> bool:
     """True where this CPU computes bfloat16 natively (x86 avx512_bf16 or amx_bf16); elsewhere bf16 is
-    emulated and slower than float32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+    emulated and slower than float32. RECPIPE_CPU_BF16 overrides it (recpipe.cpu)."""
+    return cpu.cpuinfo_has_bf16()
 
 
 def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:

@@ -1,13 +1,34 @@
-"""CPU features, in one place: what llama.cpp's CPU backend uses on this machine.
+"""CPU features, in one place: what llama.cpp's CPU backend and torch's CPU kernels can use on this machine.
 
 llama.cpp reports them in its system-info line ('AVX2 = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | ...'); reading
-that line imports llama_cpp, so it is read only when asked for (and once).
+that line imports llama_cpp, so it is read only when asked for (and once). torch's view is the kernel's CPU
+flags.
+
+`RECPIPE_CPU_BF16=0` (or `1`) overrides both answers about native bfloat16, so that one machine can take the
+choices another kind of CPU would (`auto` precisions and requantisations) and its tests cover them.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import re
+
+BF16_ENV = "RECPIPE_CPU_BF16"
+
+
+def bf16_override() -> bool | None:
+    """The RECPIPE_CPU_BF16 override: True / False, or None when unset (detect)."""
+    v = os.environ.get(BF16_ENV, "").strip().lower()
+    if v in ("", "auto"):
+        return None
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    from recpipe.errors import ConfigError
+
+    raise ConfigError(f"{BF16_ENV} must be 0 or 1 (or unset), not {v!r}")
 
 
 def native_bf16(system_info: str) -> bool:
@@ -30,7 +51,8 @@ def llama_system_info() -> str:
 def cpu_has_bf16() -> bool:
     """Whether llama.cpp's CPU backend multiplies BF16 natively on this machine, as its build reports it;
     False when llama-cpp-python is missing (the portable choice)."""
-    return native_bf16(llama_system_info())
+    forced = bf16_override()
+    return native_bf16(llama_system_info()) if forced is None else forced
 
 
 def cpu_has_amx() -> bool:
@@ -38,10 +60,12 @@ def cpu_has_amx() -> bool:
     return re.search(r"\bAMX_INT8\s*=\s*1\b", llama_system_info()) is not None
 
 
-
 def cpuinfo_has_bf16() -> bool:
     """Whether the kernel lists native bfloat16 (x86 avx512_bf16 or amx_bf16) among this CPU's flags: what torch's
     CPU kernels can use, read without llama.cpp; elsewhere bf16 is emulated and slower than float32."""
+    forced = bf16_override()
+    if forced is not None:
+        return forced
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "")
