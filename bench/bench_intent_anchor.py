@@ -1,6 +1,6 @@
 """Typed intents on a trained iDreamRec run: the share of the top 10 in the requested genre, with the intent
 anchored to the training intentions (recommend.intent_anchor, the default) and with the typed text's own
-whitened vector (intent_anchor=0, the paper's direct use).
+whitened vector (intent_anchor=none, the paper's direct use).
 
     make demo   # or any run with a `genres` item column and a trained idreamrec
     python bench/bench_intent_anchor.py [--dataset ml-100k] [--cache-dir cache] [--users 60]
@@ -36,9 +36,9 @@ def main() -> None:
     from recpipe.pipeline.recommend import RecommendService
 
     share: dict[int, list[float]] = {}
-    for anchor in (8, 0):
+    for anchor in (8, None):
         cfg = load_config(None, {"run.dataset": a.dataset, "run.cache_dir": a.cache_dir, "train.model": "idreamrec",
-                                 "recommend.intent_anchor": anchor})
+                                 "recommend.intent_anchor": str(anchor)})  # "None": off
         try:
             svc = RecommendService(cfg)
         except RecpipeError as e:

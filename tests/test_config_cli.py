@@ -91,10 +91,10 @@ def test_cli_data_bad_file_keeps_previous_result(tmp_path):
     ("idreamrec", {"loss": "bpr"}, r"\[model.idreamrec\]: loss must be"),
 ])
 def test_bad_model_config_is_a_config_error(model, setting, match):
-    """A model config's own checks (ValueError in __post_init__) surface as one-line ConfigErrors."""
-    cfg = load_config(None, {f"model.{model}.{k}": str(v) for k, v in setting.items()})
+    """A model config's own checks (ValueError in __post_init__) surface as one-line ConfigErrors; a value
+    outside a Literal's choices (layout, loss) already when the setting is read."""
     with pytest.raises(ConfigError, match=match):
-        cfg.model_config(model)
+        load_config(None, {f"model.{model}.{k}": str(v) for k, v in setting.items()}).model_config(model)
 
 
 def test_bench_idreamrec_variants_are_valid_settings():

@@ -78,9 +78,9 @@ class DiffRecDNN(nn.Module):
         return h
 
 
+@register("diffrec", DiffRecConfig)
 class DiffRec(Recommender):
     train_mode = "user"
-    generative = False
 
     def __init__(self, config: DiffRecConfig, n_items: int):
         super().__init__(n_items, None)
@@ -182,7 +182,3 @@ class DiffRec(Recommender):
         pad = torch.full((B, 1), float("-inf"), device=dev, dtype=x.dtype)
         return torch.cat([pad, x], dim=1)
 
-
-@register("diffrec", DiffRecConfig)
-def build_diffrec(config: DiffRecConfig, n_items: int, item_vectors: torch.Tensor | None = None) -> DiffRec:
-    return DiffRec(config, n_items)

@@ -99,6 +99,8 @@ class DiffuBlock(nn.Module):
         return self.drop(self.block(x, mask, last_only))
 
 
+@register("diffurecsys", DiffuRecSysConfig)
+@register("diffurec", DiffuRecConfig)
 class DiffuRec(Recommender):
     train_mode = "position"
     generative = False  # scores are a softmax over items; no CFG or step-count knobs for the evaluator
@@ -246,12 +248,3 @@ class DiffuRec(Recommender):
         pad = torch.full((logp.shape[0], 1), float("-inf"), device=dev, dtype=logp.dtype)
         return torch.cat([pad, logp], dim=1)
 
-
-@register("diffurec", DiffuRecConfig)
-def build_diffurec(config: DiffuRecConfig, n_items: int, item_vectors: torch.Tensor | None = None) -> DiffuRec:
-    return DiffuRec(config, n_items)
-
-
-@register("diffurecsys", DiffuRecSysConfig)
-def build_diffurecsys(config: DiffuRecConfig, n_items: int, item_vectors: torch.Tensor | None = None) -> DiffuRec:
-    return DiffuRec(config, n_items)

@@ -67,9 +67,11 @@ class DreamRecConfig:
     # training settings live in TrainConfig; DreamRec used AdamW, batch 256, lr 1e-3 (YooChoose), no decay
 
 
+@register("dreamrec", DreamRecConfig)
 class DreamRec(Recommender):
     train_mode = "position"
     generative = True
+    sampler_params = ("steps", "w")
 
     def __init__(self, config: DreamRecConfig, n_items: int):
         super().__init__(n_items, config.history_len)
@@ -200,7 +202,3 @@ class DreamRec(Recommender):
         x0 = self.generate(batch["history"], generator=generator, steps=steps, w=w)
         return exclude_padding_column(x0 @ self.item_emb.weight.T)
 
-
-@register("dreamrec", DreamRecConfig)
-def build_dreamrec(config: DreamRecConfig, n_items: int, item_vectors: torch.Tensor | None = None) -> DreamRec:
-    return DreamRec(config, n_items)

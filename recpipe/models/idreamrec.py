@@ -4,10 +4,11 @@ The model generates an "oracle" item vector x0 in the space of the (whitened, fr
 items, conditioned on the user's recent history and optionally on an intention vector, and ranks every
 item by its inner product with the oracle.
 
-- Denoiser: in-context conditioning, x0 prediction; layout "causal" (default, recpipe.models.dit.CausalDiT:
-  the history tokens are shared by all targets of a training window, so one forward trains ~20 targets
-  and one forward serves every guidance branch) or "full" (recpipe.models.dit.DiT: one target per forward,
-  every token sees every token).
+- Denoiser: in-context conditioning, x0 prediction; layout "causal" (default, CausalIDreamRec over
+  recpipe.models.dit.CausalDiT: the history tokens are shared by all targets of a training window, so one
+  forward trains ~20 targets and one forward serves every guidance branch) or "full" (FullIDreamRec over
+  recpipe.models.dit.DiT: one target per forward, every token sees every token). Both share IDreamRec's
+  item table, loss, guidance formula and sampler; `IDreamRec.build` picks the class for config.layout.
 - Training: x0 = vectors[target], t ~ U{0..T-1}, x_t = q_sample(x0, t, noise), MSE(DiT(x_t, t | h, I), x0).
   Classifier-free guidance training: with probability p_uncond a sample's history is dropped, and then
   its intention too (a fully unconditional sample); otherwise its intention (where present) is dropped
@@ -30,6 +31,7 @@ the unconditional branch (4 tokens long: its history is a single null token) a s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +50,8 @@ from recpipe.models.diffusion import (
 )
 from recpipe.models.dit import CausalDiT, DiT
 
-LOSSES = ("mse", "preferdiff", "ce")
+Loss = Literal["mse", "preferdiff", "ce"]
+LOSSES = get_args(Loss)
 #: lam (the MSE weight) when the config leaves it unset: LAM_DEFAULT, except CE_RESIDUAL_LAM for "ce" with
 #: item_residual; "mse" ignores it
 LAM_DEFAULT = 0.5
@@ -59,7 +62,8 @@ CE_RESIDUAL_LAM = 0.1
 class IDreamRecConfig:
     # --- diffusion
     T: int = 1000  # DDPM's standard; only an index, so it costs nothing, and leaves fine k-step DDIM grids
-    schedule: str = "linear"  # abar_{T-1} = 4e-5 so x_T ~ N(0,I) fits t = T-1 (exp: 6e-3); 52% of t at SNR<0.1
+    # abar_{T-1} = 4e-5 so x_T ~ N(0,I) fits t = T-1 (exp: 6e-3); 52% of t at SNR<0.1
+    schedule: Literal["linear", "cosine", "exp", "trunc_lin", "linear_var"] = "linear"  # see above
     # --- denoiser (DiT)
     width: int = 128  # 2x DreamRec's D = 64 for 384-d text inputs; 256 learns more per epoch at several times the CPU
     depth: int = 2  # 2: history tokens interact before the read-out (SASRec's ML-1M depth); 1 is cheaper
@@ -68,10 +72,11 @@ class IDreamRecConfig:
     dropout: float = 0.1  # DreamRec / DiffuRec / PreferDiff all use 0.1
     adaln_zero: bool = False  # iDreamRec conditions in-context only; adaLN-Zero is the DiT alternative
     history_len: int = 20  # ML-1M histories are long but CPU cost is linear in tokens; 2x DreamRec's 10
-    layout: str = "causal"  # history tokens shared by the targets of a window (causal history attention,
+    # causal: history tokens shared by the targets of a window (causal history attention,
     # relative positions; dit.CausalDiT): the same validation NDCG@10 after one ML-1M epoch as "full" (0.050
     # vs 0.052) in ~5x less CPU time, and one forward for all guidance branches. "full": every token sees
     # every token, one target per forward, absolute positions (dit.DiT; needed for adaln_zero)
+    layout: Literal["causal", "full"] = "causal"  # see above
     window: int = 20  # causal layout: targets per training window (each sees its own history_len items)
     # causal layout: a full-rank copy path (attention over the history applied to the items' own d-dim vectors,
     # zero-initialised gate; dit.CausalDiT). Off = the paper's denoiser, whose output is rank width < d
@@ -82,7 +87,7 @@ class IDreamRecConfig:
     # iDreamRec: x0 target, MSE, no negative sampling; "preferdiff" = PreferDiff (lam·MSE + (1−lam)·BPR-Diff-C);
     # "ce" = lam·MSE + (1−lam)·cross-entropy of x0_hat·item_table()ᵀ/√d over every item (DiffuRec's loss: it
     # trains the ranking the scores are, where MSE only regresses to the mean of the plausible next items)
-    loss: str = "mse"  # the paper's; see above
+    loss: Loss = "mse"  # the paper's; see above
     # weight of MSE in "preferdiff" / "ce"; None = the loss's own default: PreferDiff's config lamda 0.5, and
     # for "ce" 0.1 with item_residual (the CE then trains the residual; ML-1M, 2 epochs: test NDCG@10 0.0956
     # masked at 0.1 vs 0.0882 at 0.5), else 0.5 (frozen vectors: the MSE keeps x0 in the text space; beauty,
@@ -116,7 +121,7 @@ class IDreamRecConfig:
         if self.n_neg < 1:
             raise ValueError("n_neg must be >= 1")
         if self.layout not in ("full", "causal"):
-            raise ValueError(f"layout must be 'full' or 'causal', got {self.layout!r}")
+            raise ValueError(f"layout must be causal or full, not {self.layout!r}")
         if self.copy and self.layout != "causal":
             raise ValueError("copy needs layout = 'causal'")
         if self.layout == "causal" and self.adaln_zero:
@@ -127,15 +132,28 @@ class IDreamRecConfig:
 
 @register("idreamrec", IDreamRecConfig)
 class IDreamRec(Recommender):
-    """iDreamRec over frozen whitened text vectors; see the module docstring."""
+    """iDreamRec over frozen whitened text vectors; see the module docstring. The parts both layouts share:
+    the item table, the diffusion loss (MSE / CE / PreferDiff), the guidance formula, sampling and scoring.
+    `build` makes a FullIDreamRec or a CausalIDreamRec, which supply the denoiser and how it reads targets."""
 
-    train_mode = "position"
     generative = True
     uses_text = True
     uses_intent = True
+    sampler_params = ("steps", "w", "rho", "dtype")
+    #: the axis of a training batch along which targets lie: 0 (one target per row, "position" batches)
+    #: or 1 (several targets of one window per row); PreferDiff stacks its negatives along it
+    target_axis: int = 0
 
-    def __init__(self, config: IDreamRecConfig, n_items: int, item_vectors: Tensor | None):
-        super().__init__(n_items, config.history_len)
+    @classmethod
+    def build(cls, config: IDreamRecConfig, n_items: int, item_vectors: Tensor | None = None) -> IDreamRec:
+        layout = CausalIDreamRec if config.layout == "causal" else FullIDreamRec
+        return layout(config, n_items, item_vectors)
+
+    def __init__(self, config: IDreamRecConfig, n_items: int, item_vectors: Tensor | None,
+                 window: int | None = None):
+        if type(self) is IDreamRec:
+            raise TypeError("IDreamRec has one class per layout: use IDreamRec.build or build_model('idreamrec')")
+        super().__init__(n_items, config.history_len, window=window)
         if item_vectors is None:
             raise ValueError("idreamrec needs item_vectors (n_items + 1, d): the whitened text vectors")
         if item_vectors.dim() != 2 or item_vectors.shape[0] != n_items + 1:
@@ -152,16 +170,13 @@ class IDreamRec(Recommender):
             nn.init.zeros_(self.item_residual.weight)
         else:
             self.item_residual = None
-        size = dict(width=config.width, depth=config.depth, heads=config.heads, mlp_ratio=config.mlp_ratio,
-                    dropout=config.dropout)
-        if config.layout == "causal":
-            self.dit = CausalDiT(dim=self.dim, max_len=config.history_len, copy=config.copy, **size)
-            self.train_mode = "window"  # the trainer's batches: windows of targets with their history
-            self.window = config.window
-        else:
-            self.dit = DiT(dim=self.dim, max_len=config.history_len, adaln_zero=config.adaln_zero, **size)
         self._schedule_cpu = make_schedule(config.schedule, config.T)  # float64
         self._schedules: dict[torch.device, Schedule] = {}
+
+    def _dit_size(self) -> dict:
+        c = self.config
+        return dict(dim=self.dim, max_len=c.history_len, width=c.width, depth=c.depth, heads=c.heads,
+                    mlp_ratio=c.mlp_ratio, dropout=c.dropout)
 
     # ------------------------------------------------------------------------------------------------
     # helpers
@@ -214,66 +229,61 @@ class IDreamRec(Recommender):
             mask = torch.ones(intent.shape[:-1], dtype=torch.bool, device=intent.device)
         return intent.float(), mask.bool()
 
-    def denoise(
-        self,
-        x_t: Tensor,
-        t: Tensor,
-        history: Tensor,
-        hist_keep: Tensor,
-        intent: Tensor | None = None,
-        intent_mask: Tensor | None = None,
-    ) -> Tensor:
-        """One DiT forward: f(x_t, t | h, I) -> x0_hat (B, d).
-
-        x_t: (B, d); t: (B,); history: (B, history_len) item ids (0 = padding);
-        hist_keep: (B,) bool, False = history dropped (null history token);
-        intent: (B, d) or None; intent_mask: (B,) bool, False = null intention.
-        """
-        hist_mask = (history != 0) & hist_keep[:, None]  # (B, L)
-        return self.dit(x_t, t, self.item_vecs(history), hist_mask, intent, intent_mask)
-
     # ------------------------------------------------------------------------------------------------
     # training
     # ------------------------------------------------------------------------------------------------
 
+    def _condition(self, batch: dict[str, Tensor]):
+        """The layout's view of a training batch's histories, passed back to _denoise_targets."""
+        raise NotImplementedError
+
+    def _denoise_targets(self, cond, x_t: Tensor, t: Tensor, hist_keep: Tensor, intent: Tensor | None,
+                         intent_mask: Tensor | None, copies: int = 1) -> Tensor:
+        """x0_hat for every target of a training batch: x_t (*S, d), t / hist_keep / intent_mask (*S),
+        S = the target shape. copies = 2: the targets are stacked twice along target_axis (PreferDiff's
+        positives and negatives), under the same histories."""
+        raise NotImplementedError
+
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
-        if self.config.layout == "causal":
-            return self._window_loss(batch, generator)
+        """batch["target"]: (B,) one target per row, or (B, C) the targets of a window (0 = not a target).
+        Per target: t, noise, history drop, then intention drop, drawn in that order."""
         cfg = self.config
-        history = self._history(batch["history"])
         target = batch["target"]
-        B, dev = target.shape[0], target.device
+        shape, n, dev = target.shape, target.numel(), target.device
+        cond = self._condition(batch)
         s = self.schedule(dev)
         gen_dev = generator.device if generator is not None else dev
 
-        x0 = self.target_vecs(target)  # (B, d)
-        t = sample_timesteps(B, cfg.T, generator, dev)  # (B,)
-        noise = randn((B, self.dim), generator, dev)
-        x_t = q_sample(s, x0, t, noise)  # (B, d)
-        hist_keep = (torch.rand(B, generator=generator, device=gen_dev) >= cfg.p_uncond).to(dev)
+        x0 = self.target_vecs(target)  # (*S, d)
+        t = sample_timesteps(n, cfg.T, generator, dev)  # (n,)
+        x_t = q_sample(s, x0.reshape(n, -1), t, randn((n, self.dim), generator, dev)).view(x0.shape)
+        t = t.view(shape)
+        hist_keep = (torch.rand(shape, generator=generator, device=gen_dev) >= cfg.p_uncond).to(dev)
         intent, intent_mask = self._intent(batch)
         if intent is not None:
-            keep_i = (torch.rand(B, generator=generator, device=gen_dev) >= cfg.p_intent_drop).to(dev)
+            keep_i = (torch.rand(shape, generator=generator, device=gen_dev) >= cfg.p_intent_drop).to(dev)
             intent_mask = intent_mask & hist_keep & keep_i  # a dropped history is fully unconditional
+        is_t = target != 0
 
         if cfg.loss != "preferdiff":
-            x0_hat = self.denoise(x_t, t, history, hist_keep, intent, intent_mask)
-            return self._regression_loss(x0_hat, x0, target)
+            x0_hat = self._denoise_targets(cond, x_t, t, hist_keep, intent, intent_mask)
+            return self._regression_loss(x0_hat[is_t], x0[is_t], target[is_t])
 
         # PreferDiff: n_neg items != target, uniformly; their centroid is noised at the same t and
         # denoised under the same condition, in the same forward as the positive
-        r = torch.randint(1, self.n_items, (B, cfg.n_neg), generator=generator, device=gen_dev).to(dev)
-        neg = r + (r >= target[:, None]).long()  # uniform over {1..n_items} \ {target}
-        x0_neg = self.item_vecs(neg).mean(dim=1)  # (B, d)
-        x_t_neg = q_sample(s, x0_neg, t, randn((B, self.dim), generator, dev))
+        r = torch.randint(1, self.n_items, (*shape, cfg.n_neg), generator=generator, device=gen_dev).to(dev)
+        neg = r + (r >= target[..., None]).long()  # uniform over {1..n_items} \ {target}
+        x0_neg = self.item_vecs(neg).mean(dim=-2)  # (*S, d)
+        x_t_neg = q_sample(s, x0_neg.reshape(n, -1), t.reshape(-1), randn((n, self.dim), generator, dev))
+        ax = self.target_axis
 
         def two(a: Tensor | None) -> Tensor | None:
-            return None if a is None else torch.cat([a, a])
+            return None if a is None else torch.cat([a, a], dim=ax)
 
-        out = self.denoise(
-            torch.cat([x_t, x_t_neg]), two(t), two(history), two(hist_keep), two(intent), two(intent_mask)
-        )
-        return preferdiff_loss(out[:B], x0, out[B:], x0_neg, lam=cfg.lam, scale=cfg.scale)
+        out = self._denoise_targets(cond, torch.cat([x_t, x_t_neg.view(x0.shape)], dim=ax), two(t),
+                                    two(hist_keep), two(intent), two(intent_mask), copies=2)
+        pos, negs = out.chunk(2, dim=ax)
+        return preferdiff_loss(pos[is_t], x0[is_t], negs[is_t], x0_neg[is_t], lam=cfg.lam, scale=cfg.scale)
 
     def _regression_loss(self, x0_hat: Tensor, x0: Tensor, target: Tensor) -> Tensor:
         """x0_hat, x0: (M, d), target: (M,) item ids -> MSE, or for loss "ce" lam·MSE + (1 − lam)·CE, where
@@ -287,77 +297,12 @@ class IDreamRec(Recommender):
         ce = F.cross_entropy(logits, target - 1, reduction="sum") / m
         return self.config.lam * mse + (1.0 - self.config.lam) * ce
 
-    def _window_loss(self, batch: dict[str, Tensor], generator: torch.Generator | None) -> Tensor:
-        """Causal layout: every target of a window in one forward.
-
-        batch["window"]: (B, N) item ids, oldest first, 0 = padding; batch["target"]: (B, C) the items at
-        the last C slots of the window that are training targets (0 = not a target); target g sits at slot
-        N - C + g and sees the history before it. intent / intent_mask: (B, C, d) / (B, C) per target.
-        The same draws as the full layout, per target: t, noise, history drop, intention drop.
-        """
-        cfg = self.config
-        window, target = batch["window"], batch["target"]
-        (B, N), C = window.shape, target.shape[1]
-        dev = window.device
-        gen_dev = generator.device if generator is not None else dev
-        s = self.schedule(dev)
-        is_t = target != 0  # (B, C)
-        x0 = self.target_vecs(target)  # (B, C, d)
-        t = sample_timesteps(B * C, cfg.T, generator, dev)  # (B*C,)
-        noise = randn((B * C, self.dim), generator, dev)
-        x_t = q_sample(s, x0.reshape(B * C, -1), t, noise).view(B, C, -1)
-        hist_keep = (torch.rand(B, C, generator=generator, device=gen_dev) >= cfg.p_uncond).to(dev)
-        intent, intent_mask = self._intent(batch)
-        if intent is not None:
-            keep_i = (torch.rand(B, C, generator=generator, device=gen_dev) >= cfg.p_intent_drop).to(dev)
-            intent_mask = intent_mask & hist_keep & keep_i
-        anchor = (N - C + torch.arange(C, device=dev)).expand(B, C)
-        hist = self.item_vecs(window)  # (B, N, d)
-        valid = window != 0
-        t = t.view(B, C)
-
-        if cfg.loss != "preferdiff":
-            x0_hat = self.dit(hist, valid, x_t, t, anchor, hist_keep, intent, intent_mask)  # (B, C, d)
-            return self._regression_loss(x0_hat[is_t], x0[is_t], target[is_t])
-
-        r = torch.randint(1, self.n_items, (B, C, cfg.n_neg), generator=generator, device=gen_dev).to(dev)
-        neg = r + (r >= target[..., None]).long()
-        x0_neg = self.item_vecs(neg).mean(dim=2)  # (B, C, d)
-        x_t_neg = q_sample(s, x0_neg.reshape(B * C, -1), t.reshape(-1),
-                           randn((B * C, self.dim), generator, dev)).view(B, C, -1)
-
-        def two(a: Tensor | None) -> Tensor | None:
-            return None if a is None else torch.cat([a, a], dim=1)
-
-        out = self.dit(hist, valid, torch.cat([x_t, x_t_neg], dim=1), two(t), two(anchor), two(hist_keep),
-                       two(intent), two(intent_mask))  # (B, 2C, d)
-        sel = is_t.reshape(-1)
-        return preferdiff_loss(out[:, :C].reshape(B * C, -1)[sel], x0.reshape(B * C, -1)[sel],
-                               out[:, C:].reshape(B * C, -1)[sel], x0_neg.reshape(B * C, -1)[sel],
-                               lam=cfg.lam, scale=cfg.scale)
-
     # ------------------------------------------------------------------------------------------------
     # generation and scoring
     # ------------------------------------------------------------------------------------------------
 
     #: rows per DiT forward when sampling (CPU throughput per row peaks at 256-512 rows, measured)
     sample_chunk: int = 512
-
-    def _branches(self, parts: list[tuple[Tensor, bool, bool]], x_t, t, history, intent) -> list[Tensor]:
-        """Stack the branches (rows, hist_keep, intent_on) into one batched DiT forward (in chunks of
-        sample_chunk rows: rows are independent) and split the result back: one (len(rows), d) each."""
-        dev = x_t.device
-        idx = torch.cat([rows for rows, _, _ in parts])
-        keep = torch.cat([torch.full((r.numel(),), k, dtype=torch.bool, device=dev) for r, k, _ in parts])
-        use_i = torch.cat([torch.full((r.numel(),), i, dtype=torch.bool, device=dev) for r, _, i in parts])
-        outs = []
-        for c in range(0, idx.numel(), self.sample_chunk):
-            sl = idx[c : c + self.sample_chunk]
-            intent_c = None if intent is None else intent[sl]
-            outs.append(
-                self.denoise(x_t[sl], t[sl], history[sl], keep[c : c + sl.numel()], intent_c, use_i[c : c + sl.numel()])
-            )
-        return list(torch.cat(outs).split([rows.numel() for rows, _, _ in parts]))
 
     def guided_x0(
         self,
@@ -371,10 +316,7 @@ class IDreamRec(Recommender):
     ) -> Tensor:
         """x0 = (1 − w)·f(∅,∅) + (w − rho·m)·f(h,∅) + rho·m·f(h,I), m = intention present (B,).
 
-        Only the branches with a non-zero coefficient are evaluated. The conditional branches f(h,∅) and
-        f(h,I) (the latter only for the rows that have an intention) share one batched DiT forward; the
-        unconditional branch f(∅,∅) gets its own, on 4 tokens instead of L + 3 (its history is one null
-        token): 2.1x less CPU time than stacking it with the others (measured, B = 1024, L = 20).
+        Only the branches with a non-zero coefficient are evaluated, as the layout batches them.
         x_t: (B, d), t: (B,) -> (B, d).
         """
         B, dev = x_t.shape[0], x_t.device
@@ -384,63 +326,11 @@ class IDreamRec(Recommender):
             m = torch.ones(B, dtype=torch.bool, device=dev)
         else:
             m = intent_mask.bool()
-        if self.config.layout == "causal":
-            return self._guided_x0_causal(x_t, t, history, intent, m, w, rho)
-        a0 = 1.0 - w
-        a1 = w - rho * m.to(x_t.dtype)  # (B,)
-        rows_i = m.nonzero().squeeze(1) if rho != 0 else m.new_zeros(0, dtype=torch.long)
-        all_rows = torch.arange(B, device=dev)
+        return self._guided(x_t, t, history, intent, m, w, rho)
 
-        x0 = torch.zeros_like(x_t)
-        cond: list[tuple[Tensor, bool, bool]] = []
-        if bool((a1 != 0).any()):
-            cond.append((all_rows, True, False))  # f(h, ∅)
-        if rows_i.numel() > 0:
-            cond.append((rows_i, True, True))  # f(h, I)
-        if cond:
-            outs = self._branches(cond, x_t, t, history, intent)
-            if bool((a1 != 0).any()):
-                x0 = x0 + a1[:, None] * outs.pop(0)
-            if rows_i.numel() > 0:
-                x0 = x0.index_add(0, rows_i, rho * outs.pop(0))
-        if a0 != 0:
-            (f_uu,) = self._branches([(all_rows, False, False)], x_t, t, history, intent)  # f(∅, ∅)
-            x0 = x0 + a0 * f_uu
-        return x0
-
-    def _guided_x0_causal(self, x_t, t, history, intent, m: Tensor, w: float, rho: float) -> Tensor:
-        """guided_x0 for the causal layout (m: (B,) bool, intention present): the branches with a non-zero
-        coefficient are groups of ONE forward that reads the history once (f(∅,∅) looks at the null token
-        only). (B, d)."""
-        B, dev = x_t.shape[0], x_t.device
-        use_i = rho != 0 and bool(m.any())
-        # branches: (hist_keep, intent on, coefficient (B,))
-        coef_h = w - rho * m.to(x_t.dtype) if use_i else torch.full((B,), w, dtype=x_t.dtype, device=dev)
-        branches = []
-        if 1.0 - w != 0:
-            branches.append((False, False, torch.full((B,), 1.0 - w, dtype=x_t.dtype, device=dev)))
-        if bool((coef_h != 0).any()):
-            branches.append((True, False, coef_h))
-        if use_i:
-            branches.append((True, True, rho * m.to(x_t.dtype)))
-        if not branches:
-            return torch.zeros_like(x_t)
-        G = len(branches)
-        N = history.shape[1]
-        hist_keep = torch.tensor([k for k, _, _ in branches], device=dev).expand(B, G)
-        on = torch.tensor([i for _, i, _ in branches], device=dev)[None] & m[:, None]  # (B, G)
-        intent_g = None if not use_i else intent.float()[:, None].expand(B, G, -1)
-        anchor = torch.full((B, G), N, dtype=torch.long, device=dev)
-        x0 = torch.zeros_like(x_t)
-        for c in range(0, B, self.sample_chunk):
-            sl = slice(c, c + self.sample_chunk)
-            h = history[sl]
-            out = self.dit(self.item_vecs(h), h != 0, x_t[sl, None].expand(-1, G, -1),
-                           t[sl, None].expand(-1, G), anchor[sl], hist_keep[sl],
-                           None if intent_g is None else intent_g[sl], on[sl])  # (b, G, d)
-            coef = torch.stack([cf[sl] for _, _, cf in branches], dim=1)  # (b, G)
-            x0[sl] = (coef[..., None] * out).sum(dim=1)
-        return x0
+    def _guided(self, x_t: Tensor, t: Tensor, history: Tensor, intent: Tensor | None, m: Tensor, w: float,
+                rho: float) -> Tensor:
+        raise NotImplementedError
 
     @torch.no_grad()
     def generate(
@@ -499,3 +389,140 @@ class IDreamRec(Recommender):
         scores = oracle @ self.item_table().T  # (B, n_items + 1)
         scores[:, 0] = float("-inf")
         return scores
+
+
+class FullIDreamRec(IDreamRec):
+    """Layout "full" (recpipe.models.dit.DiT): one target per forward, every token sees every token."""
+
+    train_mode = "position"
+    target_axis = 0
+
+    def __init__(self, config: IDreamRecConfig, n_items: int, item_vectors: Tensor | None):
+        super().__init__(config, n_items, item_vectors)
+        self.dit = DiT(adaln_zero=config.adaln_zero, **self._dit_size())
+
+    def denoise(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        history: Tensor,
+        hist_keep: Tensor,
+        intent: Tensor | None = None,
+        intent_mask: Tensor | None = None,
+    ) -> Tensor:
+        """One DiT forward: f(x_t, t | h, I) -> x0_hat (B, d).
+
+        x_t: (B, d); t: (B,); history: (B, history_len) item ids (0 = padding);
+        hist_keep: (B,) bool, False = history dropped (null history token);
+        intent: (B, d) or None; intent_mask: (B,) bool, False = null intention.
+        """
+        hist_mask = (history != 0) & hist_keep[:, None]  # (B, L)
+        return self.dit(x_t, t, self.item_vecs(history), hist_mask, intent, intent_mask)
+
+    def _condition(self, batch: dict[str, Tensor]) -> Tensor:
+        return self._history(batch["history"])
+
+    def _denoise_targets(self, history, x_t, t, hist_keep, intent, intent_mask, copies: int = 1) -> Tensor:
+        return self.denoise(x_t, t, history.repeat(copies, 1), hist_keep, intent, intent_mask)
+
+    def _branches(self, parts: list[tuple[Tensor, bool, bool]], x_t, t, history, intent) -> list[Tensor]:
+        """Stack the branches (rows, hist_keep, intent_on) into one batched DiT forward (in chunks of
+        sample_chunk rows: rows are independent) and split the result back: one (len(rows), d) each."""
+        dev = x_t.device
+        idx = torch.cat([rows for rows, _, _ in parts])
+        keep = torch.cat([torch.full((r.numel(),), k, dtype=torch.bool, device=dev) for r, k, _ in parts])
+        use_i = torch.cat([torch.full((r.numel(),), i, dtype=torch.bool, device=dev) for r, _, i in parts])
+        outs = []
+        for c in range(0, idx.numel(), self.sample_chunk):
+            sl = idx[c : c + self.sample_chunk]
+            intent_c = None if intent is None else intent[sl]
+            outs.append(
+                self.denoise(x_t[sl], t[sl], history[sl], keep[c : c + sl.numel()], intent_c, use_i[c : c + sl.numel()])
+            )
+        return list(torch.cat(outs).split([rows.numel() for rows, _, _ in parts]))
+
+    def _guided(self, x_t, t, history, intent, m: Tensor, w: float, rho: float) -> Tensor:
+        """The conditional branches f(h,∅) and f(h,I) (the latter only for the rows that have an intention)
+        share one batched DiT forward; the unconditional branch f(∅,∅) gets its own, on 4 tokens instead of
+        L + 3 (its history is one null token): 2.1x less CPU time than stacking it with the others (measured,
+        B = 1024, L = 20)."""
+        B, dev = x_t.shape[0], x_t.device
+        a0 = 1.0 - w
+        a1 = w - rho * m.to(x_t.dtype)  # (B,)
+        rows_i = m.nonzero().squeeze(1) if rho != 0 else m.new_zeros(0, dtype=torch.long)
+        all_rows = torch.arange(B, device=dev)
+
+        x0 = torch.zeros_like(x_t)
+        cond: list[tuple[Tensor, bool, bool]] = []
+        if bool((a1 != 0).any()):
+            cond.append((all_rows, True, False))  # f(h, ∅)
+        if rows_i.numel() > 0:
+            cond.append((rows_i, True, True))  # f(h, I)
+        if cond:
+            outs = self._branches(cond, x_t, t, history, intent)
+            if bool((a1 != 0).any()):
+                x0 = x0 + a1[:, None] * outs.pop(0)
+            if rows_i.numel() > 0:
+                x0 = x0.index_add(0, rows_i, rho * outs.pop(0))
+        if a0 != 0:
+            (f_uu,) = self._branches([(all_rows, False, False)], x_t, t, history, intent)  # f(∅, ∅)
+            x0 = x0 + a0 * f_uu
+        return x0
+
+
+class CausalIDreamRec(IDreamRec):
+    """Layout "causal" (recpipe.models.dit.CausalDiT): the history tokens are shared by all targets of a
+    training window (one forward trains `window` targets) and by every guidance branch of a sampling step."""
+
+    train_mode = "window"
+    target_axis = 1
+
+    def __init__(self, config: IDreamRecConfig, n_items: int, item_vectors: Tensor | None):
+        super().__init__(config, n_items, item_vectors, window=config.window)
+        self.dit = CausalDiT(copy=config.copy, **self._dit_size())
+
+    def _condition(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """batch["window"]: (B, N) item ids, oldest first, 0 = padding; with C = batch["target"].shape[1],
+        target g sits at slot N - C + g and sees the history before it. -> (history vectors (B, N, d),
+        valid (B, N), anchor slots (B, C))."""
+        window = batch["window"]
+        (B, N), C = window.shape, batch["target"].shape[1]
+        anchor = (N - C + torch.arange(C, device=window.device)).expand(B, C)
+        return self.item_vecs(window), window != 0, anchor
+
+    def _denoise_targets(self, cond, x_t, t, hist_keep, intent, intent_mask, copies: int = 1) -> Tensor:
+        hist, valid, anchor = cond
+        return self.dit(hist, valid, x_t, t, anchor.repeat(1, copies), hist_keep, intent, intent_mask)
+
+    def _guided(self, x_t, t, history, intent, m: Tensor, w: float, rho: float) -> Tensor:
+        """The branches with a non-zero coefficient are groups of ONE forward that reads the history once
+        (f(∅,∅) looks at the null token only). (B, d)."""
+        B, dev = x_t.shape[0], x_t.device
+        use_i = rho != 0 and bool(m.any())
+        # branches: (hist_keep, intent on, coefficient (B,))
+        coef_h = w - rho * m.to(x_t.dtype) if use_i else torch.full((B,), w, dtype=x_t.dtype, device=dev)
+        branches = []
+        if 1.0 - w != 0:
+            branches.append((False, False, torch.full((B,), 1.0 - w, dtype=x_t.dtype, device=dev)))
+        if bool((coef_h != 0).any()):
+            branches.append((True, False, coef_h))
+        if use_i:
+            branches.append((True, True, rho * m.to(x_t.dtype)))
+        if not branches:
+            return torch.zeros_like(x_t)
+        G = len(branches)
+        N = history.shape[1]
+        hist_keep = torch.tensor([k for k, _, _ in branches], device=dev).expand(B, G)
+        on = torch.tensor([i for _, i, _ in branches], device=dev)[None] & m[:, None]  # (B, G)
+        intent_g = None if not use_i else intent.float()[:, None].expand(B, G, -1)
+        anchor = torch.full((B, G), N, dtype=torch.long, device=dev)
+        x0 = torch.zeros_like(x_t)
+        for c in range(0, B, self.sample_chunk):
+            sl = slice(c, c + self.sample_chunk)
+            h = history[sl]
+            out = self.dit(self.item_vecs(h), h != 0, x_t[sl, None].expand(-1, G, -1),
+                           t[sl, None].expand(-1, G), anchor[sl], hist_keep[sl],
+                           None if intent_g is None else intent_g[sl], on[sl])  # (b, G, d)
+            coef = torch.stack([cf[sl] for _, _, cf in branches], dim=1)  # (b, G)
+            x0[sl] = (coef[..., None] * out).sum(dim=1)
+        return x0

@@ -159,14 +159,14 @@ class SASRecConfig:
     # training settings live in TrainConfig; the original used Adam lr 1e-3, batch 128, no weight decay
 
 
+@register("sasrec", SASRecConfig)
 class SASRec(Recommender):
     train_mode = "sequence"
-    generative = False
 
     def __init__(self, config: SASRecConfig, n_items: int):
-        super().__init__(n_items, config.history_len)
+        # chunked: the trainer's "sequence" batches hold every chunk of every user
+        super().__init__(n_items, config.history_len, chunked=config.whole_history)
         c = self.config = config
-        self.chunked = c.whole_history  # the trainer's "sequence" batches: every chunk of every user
         self.item_emb = nn.Embedding(n_items + 1, c.hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(c.history_len, c.hidden)
         self.emb_drop = nn.Dropout(c.dropout)
@@ -214,7 +214,3 @@ class SASRec(Recommender):
         h = self.encode(batch["history"])[:, -1]
         return exclude_padding_column(h @ self.item_emb.weight.T)
 
-
-@register("sasrec", SASRecConfig)
-def build_sasrec(config: SASRecConfig, n_items: int, item_vectors: torch.Tensor | None = None) -> SASRec:
-    return SASRec(config, n_items)

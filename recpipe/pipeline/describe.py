@@ -52,7 +52,7 @@ import numpy as np
 import pandas as pd
 
 from recpipe.artifacts import StageResult, atomic_path, fingerprint_obj, require_stage, run_stage
-from recpipe.config import Config, DescribeConfig
+from recpipe.config import Config, DescribeConfig, to_dict
 from recpipe.errors import ArtifactError, BackendError
 from recpipe.llm import (
     METADATA_VERSION,
@@ -433,7 +433,7 @@ def stage_config(cfg: Config, backend: Backend) -> dict[str, Any]:
     prompts = {t: load_template(name).hash for t, name in TEMPLATES.items() if t == "description" or d.intents}
     return {
         "describe": {"llm": backend.name, "model": backend.model, "max_tokens": d.max_tokens,
-                     "temperature": d.temperature, "intents": d.intents, "limit": d.limit,
+                     "temperature": d.temperature, "intents": d.intents, "limit": to_dict(d)["limit"],
                      "max_input_chars": d.max_input_chars, "fallback": d.fallback,
                      "local_ctx": d.local_ctx if backend.name == "local" else None},
         "prompts": prompts,
