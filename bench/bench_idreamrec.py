@@ -152,9 +152,9 @@ def main() -> None:
 
 def sweep(cfg, eval_users: int) -> str:
     """NDCG@10 (masked) over w x rho on the validation split with category-level intentions."""
-    from recpipe.pipeline import data, evaluate, train
+    from recpipe.pipeline import bundle, data, evaluate, train
 
-    model, conf, _ = train.load_trained(cfg.run_dir, "idreamrec")
+    model, conf, _ = bundle.load_model(cfg.run_dir, "idreamrec")
     ds = data.load(cfg.run_dir / "data")
     b = train.Batcher(ds, model.history_len)
     rng = np.random.default_rng(0)
@@ -180,11 +180,11 @@ def sweep(cfg, eval_users: int) -> str:
 def speed(cfg) -> str:
     import torch
 
-    from recpipe.pipeline import data, train
+    from recpipe.pipeline import bundle, data, train
     from recpipe.pipeline.recommend import RecommendService
 
     # batch scoring: every test user, one step, history guidance (w), full ranking + metrics, as evaluate does
-    model, _, _ = train.load_trained(cfg.run_dir, "idreamrec")
+    model, _, _ = bundle.load_model(cfg.run_dir, "idreamrec")
     ds = data.load(cfg.run_dir / "data")
     b = train.Batcher(ds, model.history_len)
     scoring, quality = {}, {}

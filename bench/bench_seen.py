@@ -55,9 +55,9 @@ def main() -> None:
         print(f"skip: no trained {a.model} in {run}")
         return
 
-    from recpipe.pipeline import data, train
+    from recpipe.pipeline import bundle, data, train
 
-    model, _, _ = train.load_trained(run, a.model)
+    model, _, _ = bundle.load_model(run, a.model)
     b = train.Batcher(data.load(run / "data"), getattr(model, "history_len", None))
     kw = {}
     if a.w is not None:

@@ -129,7 +129,7 @@ def describe(
     model: Annotated[Optional[str], typer.Option("--model", help="LLM model name or GGUF path")] = None,
     base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint [env OPENAI_BASE_URL]")] = None,
     concurrency: Annotated[Optional[int], typer.Option(help="parallel requests")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="LLM-describe only the first N items (0 = all)")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="LLM-describe only the first N items (default: all)")] = None,
     intents: Annotated[
         Optional[bool], typer.Option("--intents/--no-intents", help="also write user intentions")] = None,
     config: ConfigOpt = None,
@@ -202,8 +202,8 @@ def index(
     sets: SetOpt = None,
     force: ForceOpt = False,
 ):
-    """Build and save the FAISS index of the whitened item vectors (recommend loads it while it is current,
-    else builds one in memory)."""
+    """Build and save the FAISS index of the whitened item vectors (recommend serves it, whatever its kind, while
+    it holds the vectors the model scores against; else recommend builds one in memory and says so)."""
     from recpipe.pipeline import index as stage
 
     cfg = _config(config, dataset, data_dir, cache_dir, run_dir, sets=sets, **{"index.kind": kind})
@@ -308,13 +308,13 @@ def recommend(
 def _recommend(cfg, user: str, intent: str | None, k: int | None, w=None, rho=None):
     from recpipe.pipeline.recommend import RecommendService
 
-    svc = RecommendService(cfg)
+    svc = RecommendService(cfg, log=_log)
     recs = svc.recommend(user, intent=intent, k=k, w=w, rho=rho)
     want = cfg.recommend.k if k is None else k
     if len(recs) < want:
         unseen = svc.unseen_count(user)
         why = (f"user {user} has only {unseen} unseen item(s) in a catalog of {svc.ds.n_items}" if unseen < want
-               else f"the {cfg.index.kind} index returned fewer items")
+               else f"the {svc.index.kind if svc.index is not None else cfg.index.kind} index returned fewer items")
         _log(f"recommend: warning: {why}: showing {len(recs)} of the {want} asked for")
     t = Table(title=f"user {user}" + (f", intent \"{intent}\"" if intent else "") + f" ({svc.model_name})",
               title_justify="left")

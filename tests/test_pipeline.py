@@ -18,6 +18,7 @@ import pytest
 from recpipe.artifacts import run_stage
 from recpipe.config import load_config
 from recpipe.errors import ArtifactError, ConfigError, DataError
+from recpipe.pipeline import bundle
 from recpipe.pipeline import data as D
 from recpipe.pipeline import evaluate as E
 from recpipe.pipeline import train as T
@@ -265,7 +266,7 @@ def test_guidance_weight_selected_on_validation(tmp_path):
     assert g["grid"] == [1.0, 1.5, 5.0] and g["trained_w"] == 3.0
     assert set(g["valid_ndcg10_masked"]) == {"3", "1", "1.5", "5"}
     assert g["valid_ndcg10_masked"][f"{g['w']:g}"] == max(g["valid_ndcg10_masked"].values())
-    model, conf, _ = T.load_trained(cfg.run_dir, "idreamrec")
+    model, conf, _ = bundle.load_model(cfg.run_dir, "idreamrec")
     assert conf["model_config"]["w"] == model.config.w == g["w"]  # evaluate and recommend use the chosen w
     assert res.manifest.info["valid"]["masked"]["NDCG@10"] == max(g["valid_ndcg10_masked"].values())
     # the recorded figures are what the saved model scores at each w on the validation split
@@ -446,7 +447,7 @@ def test_anchor_intent_weights_the_nearest_training_intentions():
 def test_typed_intent_is_anchored_to_the_trained_intentions(tmp_path):
     """Real TEM (local MiniLM) on a dataset whose training intentions are the metadata ones ("I am looking for
     something in genres Comedy, Drama."): a request typed in other words is mapped to the trained intention it
-    means, not whitened as a text the denoiser never saw; intent_anchor=0 keeps the paper's direct vector."""
+    means, not whitened as a text the denoiser never saw; intent_anchor=None keeps the paper's direct vector."""
     from test_describe import make_dataset
 
     from recpipe.pipeline import describe as DS
@@ -482,7 +483,7 @@ def test_typed_intent_is_anchored_to_the_trained_intentions(tmp_path):
         near = svc.anchored_to(typed)
         assert near[0][0] == texts[means - 1] and near[0][1] > 0.5 and abs(sum(w for _, w in near) - 1) < 1e-6
     # evaluate: category texts ("a comedy movie") anchored the same way, in a row of their own
-    conf = T.load_trained(cfg.run_dir, "idreamrec", "cpu")[1]
+    conf = bundle.load_model(cfg.run_dir, "idreamrec", "cpu")[1]
     _, targets = ds.split("test")
     it = E.build_intentions(cfg, "category", ds, targets, log=lambda m: None)
     anchored = E.anchored_intentions(cfg, conf, ds, it, 8)
@@ -498,11 +499,11 @@ def test_typed_intent_is_anchored_to_the_trained_intentions(tmp_path):
     cfg.evaluate.intent, cfg.evaluate.steps, cfg.evaluate.intent_anchor = "category", [1], 8
     rows = {r["name"] for r in E.run(cfg, log=lambda m: None, progress=False).manifest.info["rows"]}
     assert {"category: history + intention", "category: history + intention (anchored)"} <= rows
-    cfg.evaluate.intent_anchor = 0
+    cfg.evaluate.intent_anchor = None
     ev = E.run(cfg, log=lambda m: None, progress=False)
     assert "intent_anchor" not in ev.manifest.config["evaluate"]  # off: the fingerprint evaluations had before
     assert "category: history + intention (anchored)" not in {r["name"] for r in ev.manifest.info["rows"]}
-    cfg.recommend.intent_anchor = 0  # the typed text's own whitened vector
+    cfg.recommend.intent_anchor = None  # the typed text's own whitened vector
     direct = RecommendService(cfg).intent_vector("a funny comedy")
     np.testing.assert_allclose(direct, svc.whitening.transform(tem.encode(["a funny comedy"]))[0], rtol=1e-5,
                                atol=1e-4)

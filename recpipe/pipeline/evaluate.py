@@ -24,8 +24,8 @@ import torch
 
 from recpipe.artifacts import StageResult, atomic_path, require_stage, run_stage, write_json
 from recpipe.config import Config, to_dict
-from recpipe.errors import ArtifactError
 from recpipe.models.base import Recommender
+from recpipe.pipeline import bundle as bundle_mod
 from recpipe.pipeline import data as data_stage
 from recpipe.pipeline import train as train_stage
 
@@ -72,33 +72,40 @@ class Intentions:
         return lambda users, targets: torch.from_numpy(np.ascontiguousarray(table[users], dtype=np.float32))
 
 
-def build_intentions(cfg: Config, kind: str, ds: data_stage.Dataset, targets: np.ndarray, log) -> Intentions | None:
+def build_intentions(cfg: Config, kind: str, ds: data_stage.Dataset, targets: np.ndarray, log,
+                     bundle: bundle_mod.Bundle | None = None) -> Intentions | None:
+    """The test users' intentions of one kind (category | llm), or None (logged) when the run has none.
+    `bundle`: the trained run already loaded (its whitening and TEM), else they are read here."""
     from recpipe.pipeline import whiten
 
     run_dir = cfg.run_dir
-    w, _, _ = whiten.load_whitening(run_dir)
-    emb = require_stage(run_dir, "embed", hint="recpipe embed")
+    text = bundle.text if bundle is not None else whiten.load(run_dir)
     if kind == "category":
         texts = category_texts(ds, targets, cfg.evaluate.category_column, cfg.evaluate.category_template,
                                cfg.run.seed)
         if texts is None:
             log(f"evaluate: no usable '{cfg.evaluate.category_column}' column; category intentions skipped")
             return None
-        from recpipe.pipeline.embed import load_tem
-
-        tem = load_tem(emb.info)
+        tem = bundle.tem() if bundle is not None else _tem(cfg)
         uniq, inv = np.unique(np.array(texts, dtype=object), return_inverse=True)
         raw_u = tem.encode(list(uniq))
         raw = raw_u[inv]
-        return Intentions(raw, w.transform(raw).astype(np.float32), texts)
+        return Intentions(raw, text.whitening.transform(raw).astype(np.float32), texts)
     # llm: the describe stage's intention of the target item
+    require_stage(run_dir, "embed", hint="recpipe embed")
     raw_path = run_dir / "embed" / "intent_embeddings.npy"
-    wh = whiten.load_intent_vectors(run_dir)
+    wh = text.intent_vectors()
     if wh is None or not raw_path.exists():
         log("evaluate: no LLM intentions (describe.intents off?); llm rows skipped")
         return None
     raw_all = np.load(raw_path)
     return Intentions(raw_all[targets], wh[targets], None)
+
+
+def _tem(cfg: Config):
+    from recpipe.pipeline.embed import load_tem
+
+    return load_tem(require_stage(cfg.run_dir, "embed", hint="recpipe embed").info)
 
 
 # ---------------------------------------------------------------------------------------------- stage
@@ -132,11 +139,8 @@ def run(cfg: Config, model_name: str | None = None, force: bool = False, log=pri
 def evaluate_model(cfg: Config, model_name: str, log=print, progress: bool = False) -> dict[str, Any]:
     ec = cfg.evaluate
     device = train_stage.resolve_device(cfg.train.device)
-    model, conf, _ = train_stage.load_trained(cfg.run_dir, model_name, device)
-    ds = data_stage.load(cfg.run_dir / "data")
-    if ds.n_items != conf["n_items"]:
-        raise ArtifactError(f"train/{model_name} was trained on {conf['n_items']} items but the data stage has "
-                            f"{ds.n_items}; re-run `recpipe train --model {model_name}`")
+    run = bundle_mod.load(cfg, model_name, device, log=log)
+    model, ds = run.model, run.ds
     b = train_stage.Batcher(ds, model.history_len)
     split = ec.split
     rows: list[dict[str, Any]] = []
@@ -171,7 +175,7 @@ def evaluate_model(cfg: Config, model_name: str, log=print, progress: bool = Fal
         row(model_name, model, dict(low))
 
     kinds = {"none": [], "category": ["category"], "llm": ["llm"], "all": ["category", "llm"]}[ec.intent]
-    if kinds and not getattr(model, "uses_intent", False):
+    if kinds and not model.uses_intent:
         log(f"evaluate: {model_name} takes no intention; intention rows skipped")
         kinds = []
     if kinds:
@@ -179,14 +183,14 @@ def evaluate_model(cfg: Config, model_name: str, log=print, progress: bool = Fal
         emb_raw = np.load(cfg.run_dir / "embed" / "item_embeddings.npy")
         search = VectorSearch(emb_raw).to(device)
         for kind in kinds:
-            it = build_intentions(cfg, kind, ds, targets, log)
+            it = build_intentions(cfg, kind, ds, targets, log, bundle=run)
             if it is None:
                 continue
             row(f"{kind} intention alone", search, intent_fn=it.fn("raw"))
             row(f"{kind}: history alone", model, steps_kw(ec.steps[0]))
             row(f"{kind}: history + intention", model, steps_kw(ec.steps[0]), intent_fn=it.fn("whitened"))
-            if kind == "category" and ec.intent_anchor > 0:
-                anchored = anchored_intentions(cfg, conf, ds, it, ec.intent_anchor)
+            if kind == "category" and ec.intent_anchor is not None:
+                anchored = anchored_intentions(cfg, run.conf, ds, it, ec.intent_anchor, bundle=run)
                 if anchored is not None:
                     row(f"{kind}: history + intention (anchored)", model, steps_kw(ec.steps[0]),
                         intent_fn=anchored.fn("whitened"))
@@ -225,15 +229,17 @@ def degenerate_warnings(ds: data_stage.Dataset, split: str, ks: list[int]) -> li
     return out
 
 
-def anchored_intentions(cfg: Config, conf: dict, ds: data_stage.Dataset, it: Intentions, k: int
-                        ) -> Intentions | None:
+def anchored_intentions(cfg: Config, conf: dict, ds: data_stage.Dataset, it: Intentions, k: int,
+                        bundle: bundle_mod.Bundle | None = None) -> Intentions | None:
     """`it` (category texts) with each text's whitened vector replaced by its anchor over the model's training
-    intentions (recommend.anchor_intent), or None when the model trained with none."""
-    from recpipe.pipeline.embed import load_tem
+    intentions (recommend.anchor_intent), or None when the model trained with none. `bundle`: the trained
+    run already loaded (its intention bank is built once), else the bank is built here."""
     from recpipe.pipeline.recommend import anchor_intent, training_intentions
 
-    emb = require_stage(cfg.run_dir, "embed", hint="recpipe embed")
-    R, Wt, _ = training_intentions(cfg, conf, ds, lambda t: load_tem(emb.info).encode(t), it.whitened.shape[1])
+    if bundle is not None:
+        R, Wt, _ = bundle.intention_bank()
+    else:
+        R, Wt, _ = training_intentions(cfg, conf, ds, lambda t: _tem(cfg).encode(t), it.whitened.shape[1])
     if not len(R):
         return None
     _, first, inv = np.unique(np.array(it.texts, dtype=object), return_index=True, return_inverse=True)
@@ -243,9 +249,7 @@ def anchored_intentions(cfg: Config, conf: dict, ds: data_stage.Dataset, it: Int
 
 
 def _score_params(model: Recommender) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(model.score_all).parameters)
+    return set(model.sampler_params)
 
 
 def markdown_table(rows: list[dict[str, Any]], ks: list[int]) -> str:

@@ -7,7 +7,7 @@ excluding each query's seen items. Kinds:
 - `flat` (default): `IndexFlatIP`, exact. Full ranking of a few thousand to a few hundred thousand items
   is a matrix product; this is what `evaluate` must use.
 - `ivf`: `IndexIVFFlat` with inner product; the coarse quantizer is trained by FAISS's seeded (spherical)
-  k-means. nlist = 0 picks 4*sqrt(n), clamped to n // 39 so every centroid gets FAISS's minimum of 39
+  k-means. nlist = None picks 4*sqrt(n), clamped to n // 39 so every centroid gets FAISS's minimum of 39
   training points; `nprobe` cells are scanned per query.
 - `hnsw`: `IndexHNSWFlat` with METRIC_INNER_PRODUCT; graph degree `hnsw_m`, `ef_construction` at build,
   `ef_search` (raised to the number of candidates asked for) at query time. FAISS has no GPU HNSW.
@@ -18,8 +18,10 @@ ConfigError, never a silent fallback. Indexes are built on the CPU (so IVF's k-m
 copied to the GPU; the CPU twin is kept for saving and for candidate lists longer than the GPU's k limit.
 
 Output (`<run_dir>/index/`): `items.faiss` (always a CPU index) and manifest info (kind, device, n, d,
-nlist, nprobe, build time). The index is cheap to rebuild (flat over 100k x 384 in well under a second), so
-`get_index` builds it in memory when the stage has not run or is stale.
+nlist, nprobe, build time). `recommend` (through `recpipe.pipeline.bundle`) serves the saved index whatever its
+kind when it holds exactly the item table the model scores against (`load_matching`), and otherwise builds
+one in memory from the [index] settings and says so; `get_index` is the same for a caller that wants the
+index these settings describe (the saved one only when it was built with them).
 """
 
 from __future__ import annotations
@@ -79,9 +81,9 @@ def resolve_device(device: str, kind: str) -> str:
     return "gpu" if gpus > 0 and kind != "hnsw" else "cpu"
 
 
-def resolve_nlist(n: int, nlist: int = 0) -> int:
+def resolve_nlist(n: int, nlist: int | None = None) -> int:
     """IVF cell count: `nlist` or 4*sqrt(n), at most n // 39 (FAISS's minimum training points per cell)."""
-    want = nlist if nlist > 0 else int(round(4 * math.sqrt(n)))
+    want = nlist if nlist is not None else int(round(4 * math.sqrt(n)))
     return max(1, min(want, n // MIN_POINTS_PER_CENTROID, n))
 
 
@@ -104,7 +106,7 @@ class ItemIndex:
         vectors: np.ndarray,
         kind: str = "flat",
         device: str = "auto",
-        nlist: int = 0,
+        nlist: int | None = None,
         nprobe: int = 16,
         hnsw_m: int = 32,
         seed: int = 2024,
@@ -113,8 +115,9 @@ class ItemIndex:
     ):
         if kind not in KINDS:
             raise ConfigError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        for name, value, low in (("nlist", nlist, 0), ("nprobe", nprobe, 1), ("hnsw_m", hnsw_m, 2),
-                                 ("hnsw_ef_search", ef_search, 1), ("hnsw_ef_construction", ef_construction, 1)):
+        for name, value, low in (("nlist", 1 if nlist is None else nlist, 1), ("nprobe", nprobe, 1),
+                                 ("hnsw_m", hnsw_m, 2), ("hnsw_ef_search", ef_search, 1),
+                                 ("hnsw_ef_construction", ef_construction, 1)):
             if int(value) < low:
                 raise ConfigError(f"index.{name} must be >= {low}, got {value}")
         V = np.asarray(vectors)
@@ -189,17 +192,27 @@ class ItemIndex:
             return self._cpu.search(Q, k, params=params)
         return self._cpu.search(Q, k)
 
+    def _stored(self) -> np.ndarray:
+        """The (n, d) float32 item vectors the index holds (every kind stores them uncompressed)."""
+        if self.kind == "ivf":
+            self._cpu.make_direct_map()
+        return np.ascontiguousarray(self._cpu.reconstruct_n(0, self.n), dtype=np.float32)
+
     def _exact_index(self):
         """A flat twin of an approximate index (for rows an approximate search could not fill)."""
         if self._exact is None:
-            faiss = _faiss()
-            if self.kind == "ivf":
-                self._cpu.make_direct_map()
-            X = self._cpu.reconstruct_n(0, self.n)
-            flat = faiss.IndexFlatIP(self.d)
-            flat.add(np.ascontiguousarray(X, dtype=np.float32))
+            flat = _faiss().IndexFlatIP(self.d)
+            flat.add(self._stored())
             self._exact = flat
         return self._exact
+
+    def holds(self, vectors: np.ndarray) -> bool:
+        """Whether the index holds exactly rows 1..n of an (n_items + 1, d) table, bit for bit: a saved index is
+        served only for the item table it was built from."""
+        V = np.asarray(vectors)
+        if V.ndim != 2 or V.shape != (self.n + 1, self.d):
+            return False
+        return bool(np.array_equal(self._stored(), np.asarray(V[1:], dtype=np.float32)))
 
     # -------------------------------------------------------------------------------------------- search
     def search(
@@ -344,6 +357,22 @@ def load_index(run_dir: str | Path, device: str = "auto") -> ItemIndex:
     return ItemIndex.load(Path(run_dir) / STAGE / INDEX_FILE, device=device)
 
 
+def load_matching(run_dir: str | Path, table: np.ndarray, device: str = "auto") -> tuple[ItemIndex | None, str]:
+    """(the index stage's saved index, "") when it holds exactly `table`'s items (the item table a model scores
+    against), else (None, why not): no index stage, an unreadable one, or one over other vectors."""
+    stage_dir = Path(run_dir) / STAGE
+    try:
+        if load_manifest(stage_dir) is None:
+            return None, f"no index stage in {Path(run_dir)} (`recpipe index` saves one)"
+        idx = load_index(run_dir, device=device)
+    except ArtifactError as e:
+        return None, str(e)
+    if not idx.holds(table):
+        return None, (f"{stage_dir / INDEX_FILE} holds other item vectors than the model scores against (made "
+                      "before the whitening changed, or the model learns its own item table)")
+    return idx, ""
+
+
 def get_index(cfg: Config, log=print) -> ItemIndex:
     """The index stage's saved index when it is current (same whitened vectors and config), else one built
     in memory from `<run_dir>/whiten/item_vectors.npy` (fast: nothing is written)."""
@@ -359,5 +388,5 @@ def get_index(cfg: Config, log=print) -> ItemIndex:
     return build_index(items, cfg.index, cfg.run.seed)
 
 
-__all__ = ["ItemIndex", "run", "load_index", "get_index", "build_index", "resolve_device", "resolve_nlist",
-           "num_gpus", "KINDS"]
+__all__ = ["ItemIndex", "run", "load_index", "load_matching", "get_index", "build_index", "resolve_device",
+           "resolve_nlist", "num_gpus", "KINDS"]

@@ -1,7 +1,8 @@
 """Recommend: one-step intention-guided generation, then a FAISS inner-product search excluding seen items.
 
-`Recommender.load(cfg, model)` loads every artifact once (data, model, whitening, TEM, index) and checks that
-they belong together; `.recommend(user_id, intent, k)` then answers one request in milliseconds, so a
+`RecommendService(cfg, model)` loads a trained run once (`recpipe.pipeline.bundle`: data, model, whitening,
+the index stage's saved index when it holds the model's item table, else one built in memory) and checks that
+the pieces belong together; `.recommend(user_id, intent, k)` then answers one request in milliseconds, so a
 service keeps one instance warm. Generative text models (idreamrec) go through the index; other models
 (sasrec, ...) rank by `score_all` with seen items masked.
 """
@@ -16,10 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from recpipe.artifacts import check_current, require_stage
 from recpipe.config import Config
 from recpipe.errors import ArtifactError, ConfigError, DataError
-from recpipe.pipeline import data as data_stage
+from recpipe.pipeline import bundle as bundle_mod
 from recpipe.pipeline import train as train_stage
 from recpipe.pipeline.embed import torch_threads
 
@@ -44,18 +44,20 @@ def anchor_intent(query: np.ndarray, bank_raw: np.ndarray, bank_white: np.ndarra
     return (p @ bank_white[top].astype(np.float64)).astype(np.float32), top, p
 
 
-def training_intentions(cfg: Config, conf: dict, ds, encode, dim: int
+def training_intentions(cfg: Config, conf: dict, ds, encode, dim: int, whitened=None
                         ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
     """The distinct intentions a model (its checkpoint config `conf`) was trained with (train.intent_source:
     the describe stage's, the category texts, or both): unit TEM vectors (n, d), whitened vectors (n, d) and
-    texts (None where unknown); n = 0 when it trained with none. `encode(texts)` is the items' TEM."""
+    texts (None where unknown); n = 0 when it trained with none. `encode(texts)` is the items' TEM;
+    `whitened`: the whiten stage already read (`whiten.load`), else it is read here."""
     from recpipe.pipeline import whiten
     from recpipe.pipeline.whiten import INTENT_FILE
 
     src = conf.get("train", {}).get("intent_source", "llm")
     raws, whites, texts = [], [], []
     if src in ("llm", "mixed"):
-        white = whiten.load_intent_vectors(cfg.run_dir, mmap=True)  # only the distinct rows are read in
+        whitened = whitened or whiten.load(cfg.run_dir)
+        white = whitened.intent_vectors(mmap=True)  # only the distinct rows are read in
         path = cfg.run_dir / "embed" / INTENT_FILE
         if white is not None and path.exists():
             try:
@@ -74,8 +76,9 @@ def training_intentions(cfg: Config, conf: dict, ds, encode, dim: int
             whites.append(np.asarray(white[keep[first]], dtype=np.float32))
             texts += [kept_texts[i] for i in first]
     if src in ("category", "mixed"):
-        cats = train_stage.category_intents(cfg, ds)
-        raws.append(np.asarray(encode(cats.texts), dtype=np.float32))
+        whitened = whitened or whiten.load(cfg.run_dir)
+        cats = train_stage.category_intents(cfg, ds, whitened.whitening, encode)
+        raws.append(np.asarray(cats.raw, dtype=np.float32))
         whites.append(cats.vectors.astype(np.float32))
         texts += cats.texts
     R = np.concatenate(raws) if raws else np.zeros((0, dim), np.float32)
@@ -125,22 +128,17 @@ class Recommendation:
 
 
 class RecommendService:
-    def __init__(self, cfg: Config, model_name: str | None = None):
+    """Recommendations from one trained run, kept warm: the run is loaded once (`recpipe.pipeline.bundle`,
+    with its item index), then each `recommend` call answers one request."""
+
+    def __init__(self, cfg: Config, model_name: str | None = None, log=print):
         t0 = time.perf_counter()
         self.cfg = cfg
-        self.model_name = model_name or cfg.train.model
-        run_dir = cfg.run_dir
-        require_stage(run_dir, "data", hint="recpipe data")
-        self.ds = data_stage.load(run_dir / "data")
-        self.model, self.conf, tm = train_stage.load_trained(run_dir, self.model_name, "cpu")
-        # load_trained verified the weights against the manifest; the model must also come from the data (and
-        # vectors) the run directory holds now, or its item ids would name other items
-        check_current(run_dir, tm)
-        if self.conf["n_items"] != self.ds.n_items:
-            raise ArtifactError(f"train/{self.model_name} was trained on {self.conf['n_items']} items but the "
-                                f"data stage has {self.ds.n_items}; re-run `recpipe train`")
-        # the precision of the intent's TEM forward (the one-step generation stays float32: at batch 1,
-        # bf16 autocast re-casts the weights on every call and is slower, 4.6 vs 3.1 ms measured)
+        self.bundle = bundle_mod.load(cfg, model_name, "cpu", with_index=True, log=log)
+        self.model_name = self.bundle.model_name
+        self.ds, self.model, self.conf = self.bundle.ds, self.bundle.model, self.bundle.conf
+        # the precision of the intent's TEM forward (the one-step generation stays float32: at batch 1, bf16
+        # autocast re-casts the weights on every call and is slower)
         self.dtype = train_stage.resolve_dtype(cfg.recommend.dtype, "cpu")
         self.titles = self.ds.items["title"].to_numpy()
         self.item_ids = self.ds.items["item_id"].to_numpy()
@@ -148,30 +146,15 @@ class RecommendService:
         self._intents: OrderedDict[str, tuple] = OrderedDict()  # LRU: intent text -> (vector, anchoring)
         self._bank: tuple[np.ndarray, np.ndarray] | None = None  # training intentions: unit TEM, whitened
         self._bank_texts: list[str | None] = []  # their texts, where the describe stage's table has them
-        self.whitening = None
-        self.index = None
-        if getattr(self.model, "uses_text", False):
-            from recpipe.pipeline import whiten
-            from recpipe.pipeline.index import build_index
-
-            self.whitening, _, self.winfo = whiten.load_whitening(run_dir)
-            table = self.model.item_table().detach().cpu().numpy()  # the vectors the model scores against
-            self.index = build_index(table, cfg.index, seed=cfg.run.seed)
+        self.whitening = self.bundle.whitening
+        self.index = self.bundle.index  # None for models that rank by score_all
         self.load_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------------------
     def tem(self):
         """The text-embedding model the items were embedded with (loaded on first use, then kept)."""
         if self._tem is None:
-            from recpipe.pipeline.embed import load_tem
-            from recpipe.pipeline.whiten import check_tem
-
-            emb = require_stage(self.cfg.run_dir, "embed", hint="recpipe embed")
-            if emb.info.get("dim") != self.whitening.dim:
-                raise ArtifactError(f"{self.cfg.run_dir / 'embed'}: TEM dimension {emb.info.get('dim')} differs from "
-                                    f"the whitening's {self.whitening.dim}; re-run `recpipe train`")
-            check_tem(self.winfo, emb.info.get("tem"), emb.info.get("model"), emb.info.get("dim"))
-            self._tem = load_tem(emb.info)
+            self._tem = self.bundle.tem()
         return self._tem
 
     def intent_vector(self, intent: str) -> np.ndarray:
@@ -199,8 +182,7 @@ class RecommendService:
     def intent_bank(self) -> tuple[np.ndarray, np.ndarray]:
         """training_intentions of this model: (n, d) unit TEM and whitened vectors."""
         if self._bank is None:
-            R, Wt, self._bank_texts = training_intentions(self.cfg, self.conf, self.ds, lambda t: self.tem().encode(t),
-                                                          self.whitening.dim)
+            R, Wt, self._bank_texts = self.bundle.intention_bank(lambda t: self.tem().encode(t))
             self._bank = (R, Wt)
         return self._bank
 
@@ -216,7 +198,7 @@ class RecommendService:
     def _anchor(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """anchor_intent of a typed intent's TEM vector (d,) over the training intentions, or None when
         anchoring is off or the model trained with none."""
-        if self.cfg.recommend.intent_anchor < 1:
+        if self.cfg.recommend.intent_anchor is None:
             return None
         bank_raw, bank_white = self.intent_bank()
         if not len(bank_raw):
@@ -230,8 +212,8 @@ class RecommendService:
                   ) -> list[Recommendation]:
         rc = self.cfg.recommend
         k = rc.k if k is None else k  # not `k or`: -k 0 is an error, not the default
-        w = w if w is not None else (rc.w if rc.w >= 0 else None)
-        rho = rho if rho is not None else (rc.rho if rc.rho >= 0 else None)
+        w = rc.w if w is None else w  # None: the model's own
+        rho = rc.rho if rho is None else rho
         steps = rc.steps if steps is None else steps
         if k < 1:
             raise ConfigError("k must be >= 1")
@@ -246,7 +228,7 @@ class RecommendService:
             intent = " ".join(intent.split())
             if not intent:
                 raise DataError("empty intent: give a short request like \"cozy mystery novel\", or omit --intent")
-            if not getattr(self.model, "uses_intent", False):
+            if not self.model.uses_intent:
                 raise ConfigError(f"model {self.model_name} takes no intention; omit --intent")
         L = self.model.history_len or len(seq)
         hist = np.zeros((1, L), dtype=np.int64)
@@ -254,8 +236,7 @@ class RecommendService:
         hist[0, L - len(tail):] = tail
         batch = {"history": torch.from_numpy(hist)}
         gen = torch.Generator().manual_seed(self.cfg.run.seed)
-        # one request is a handful of tiny matmuls: one thread beats two (no fork/join per op; measured warm
-        # p50 17.5 ms on 1 thread vs 22.6 ms on 2 for ML-1M with an intent)
+        # one request is a handful of tiny matmuls: one thread beats two (no fork/join per op)
         with torch.no_grad(), torch_threads(1):
             if self.index is not None:
                 if intent is not None:
@@ -266,7 +247,7 @@ class RecommendService:
                 scores, ids = self.index.search(oracle, k, exclude=[seq])
                 scores, ids = scores[0], ids[0]
             else:
-                kw = {"generator": gen} if getattr(self.model, "generative", False) else {}
+                kw = {"generator": gen} if self.model.generative else {}
                 s = self.model.score_all(batch, **kw)[0].clone()
                 s[0] = -torch.inf
                 s[torch.from_numpy(seq)] = -torch.inf

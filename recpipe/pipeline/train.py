@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import json
 import math
 import random
@@ -41,16 +40,17 @@ from recpipe.artifacts import (
     StageResult,
     atomic_path,
     fingerprint_obj,
-    read_json,
     require_stage,
     run_stage,
     write_json,
 )
 from recpipe.config import Config, TrainConfig, check_model_name, to_dict
 from recpipe.errors import ArtifactError, ConfigError, Stopped
-from recpipe.models.base import Recommender, build_model
+from recpipe.models.base import Recommender
 from recpipe.models.metrics import RankAccumulator, history_mask
 from recpipe.pipeline import data as data_stage
+from recpipe.pipeline import whiten
+from recpipe.pipeline.bundle import WHITEN_HINT, make_model, needs_text, save_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------- batches
@@ -206,15 +206,15 @@ def bucket_by_length(perm: np.ndarray, lengths: np.ndarray, batch_size: int, poo
 
 
 def iterate_training(b: Batcher, mode: str, batch_size: int, epoch: int, seed: int, skip: int = 0,
-                     window: int = 0, chunked: bool = False, length_pool: int = 0
+                     window: int = 0, chunked: bool = False, length_pool: int | None = None
                      ) -> Iterator[dict[str, torch.Tensor]]:
     """One shuffled pass (epoch) over the training data; `skip` batches already done (resume).
-    mode "window": windows of `window` targets, batch_size targets a batch. length_pool > 0: batches of
+    mode "window": windows of `window` targets, batch_size targets a batch. length_pool (a number): batches of
     similar history length (`bucket_by_length`), which cuts padded compute on short-history catalogs."""
     rng = np.random.default_rng([seed, epoch])
     units, batch_size = _units(b, mode, batch_size, window, chunked)
     perm = units[rng.permutation(len(units))]
-    lengths = _unit_lengths(b, mode, perm) if length_pool > 0 else None
+    lengths = _unit_lengths(b, mode, perm) if length_pool else None
     if lengths is not None:
         perm = bucket_by_length(perm, lengths, batch_size, length_pool, rng)
     for i in range(skip * batch_size, len(perm), batch_size):
@@ -256,7 +256,7 @@ def evaluate_split(
     acc = RankAccumulator()
     gen = torch.Generator(device=device).manual_seed(seed)
     kwargs = dict(score_kwargs or {})
-    if getattr(model, "generative", False):
+    if model.generative:
         kwargs["generator"] = gen
     n_items = model.n_items
     bar = _user_progress(progress, len(users))
@@ -367,21 +367,10 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
     return getattr(torch, name)
 
 
-def needs_text(model_name: str) -> bool:
-    from recpipe.models.base import _REGISTRY, _import_all
-
-    _import_all()
-    factory = _REGISTRY[model_name][1]
-    return bool(getattr(factory, "uses_text", False))
-
-
 def load_text_vectors(run_dir: Path) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any], str]:
     """Whitened item vectors, whitened LLM-intent vectors (or None), the whiten info, its fingerprint."""
-    from recpipe.pipeline import whiten
-
-    m = require_stage(run_dir, "whiten", hint="recpipe train (it whitens the embed stage's vectors first)")
-    _, items, info = whiten.load_whitening(run_dir)
-    return items, whiten.load_intent_vectors(run_dir), info, m.fingerprint
+    text = whiten.load(run_dir, hint=WHITEN_HINT)
+    return text.items, text.intent_vectors(), text.info, text.fingerprint
 
 
 class EMA:
@@ -664,6 +653,7 @@ class CategoryIntents:
     texts: list[str]  # the template filled with each category (lower-cased, as evaluate does)
     vectors: np.ndarray  # (C, d) whitened TEM vectors of the texts
     items: np.ndarray  # (n_items + 1, M) int64 category index per item, -1 = none; row 0 = padding
+    raw: np.ndarray | None = None  # (C, d) the texts' TEM vectors, before whitening
 
 
 def category_text(template: str, category: str) -> str:
@@ -679,9 +669,10 @@ def category_text(template: str, category: str) -> str:
         raise ConfigError(f"evaluate.category_template {template!r}: {e}") from None
 
 
-def category_intents(cfg: Config, ds: data_stage.Dataset) -> CategoryIntents:
+def category_intents(cfg: Config, ds: data_stage.Dataset, whitening=None, encode=None) -> CategoryIntents:
     """Embed "a <category> movie" (evaluate.category_template) for every category of evaluate.category_column
-    with the items' TEM, whitened like the items."""
+    with the items' TEM (`encode`, default: the embed stage's), whitened like the items (`whitening`, default:
+    the whiten stage's)."""
     from recpipe.pipeline import whiten
     from recpipe.pipeline.embed import load_tem
 
@@ -698,10 +689,11 @@ def category_intents(cfg: Config, ds: data_stage.Dataset) -> CategoryIntents:
         ids = list(dict.fromkeys(index[c.lower()] for c in cs))
         items[i, : len(ids)] = ids
     texts = [category_text(template, c) for c in names]
-    emb = require_stage(cfg.run_dir, "embed", hint="recpipe embed")
-    w, _, _ = whiten.load_whitening(cfg.run_dir)
-    raw = load_tem(emb.info).encode(texts)
-    return CategoryIntents(texts, w.transform(raw).astype(np.float32), items)
+    if encode is None:
+        encode = load_tem(require_stage(cfg.run_dir, "embed", hint="recpipe embed").info).encode
+    w = whitening if whitening is not None else whiten.load(cfg.run_dir).whitening
+    raw = encode(texts)
+    return CategoryIntents(texts, w.transform(raw).astype(np.float32), items, raw)
 
 
 class IntentSampler:
@@ -765,14 +757,6 @@ def run(cfg: Config, model_name: str | None = None, force: bool = False, log=pri
     return run_stage(cfg.run_dir, f"train/{model_name}", config, inputs.fingerprints, build, force=force, log=log)
 
 
-def make_model(model_name: str, model_config: Any, n_items: int, item_vectors: np.ndarray | None) -> Recommender:
-    iv = torch.from_numpy(np.ascontiguousarray(item_vectors, dtype=np.float32)) if item_vectors is not None else None
-    try:
-        return build_model(model_name, model_config, n_items=n_items, item_vectors=iv)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"model {model_name}: {e}") from None
-
-
 def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir: Path, log, progress: bool
            ) -> dict[str, Any]:
     tc = cfg.train
@@ -788,7 +772,7 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
     b = Batcher(inp.ds, model.history_len)
     mode = model.train_mode
     intents = None  # IntentSampler: an intention for a share (intent_prob) of the training targets
-    if getattr(model, "uses_intent", False) and tc.intent_prob > 0:
+    if model.uses_intent and tc.intent_prob > 0:
         if tc.intent_source == "llm" and inp.intent_vectors is not None:
             intents = IntentSampler("llm", inp.intent_vectors, None, device)
         elif tc.intent_source != "llm" and inp.categories is not None:
@@ -802,8 +786,8 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr)
     ema = EMA(model, tc.ema) if tc.ema > 0 else None
-    window = int(getattr(model, "window", 0))
-    chunked = bool(getattr(model, "chunked", False))
+    window = model.window or 0
+    chunked = model.chunked
     per_epoch = n_batches(b, mode, tc.batch_size, window, chunked)
     total = tc.epochs * per_epoch if not tc.max_steps else min(tc.max_steps, tc.epochs * per_epoch)
     eval_every = tc.eval_every or per_epoch
@@ -895,7 +879,7 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
     # hold ~5 targets each, 128 long ones ~L), which would weigh the targets of short histories up. Scaling
     # each batch's loss by its targets / the pass's mean per batch restores one weight per target.
     per_batch_targets = 0.0
-    if tc.length_pool > 0 and mode == "sequence":
+    if tc.length_pool and mode == "sequence":
         units = _units(b, mode, tc.batch_size, window, chunked)[0]
         per_batch_targets = float(_unit_lengths(b, mode, units).sum()) / max(per_epoch, 1)
 
@@ -917,7 +901,7 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
             (loss * (batch["target_seq"] > 0).sum() / per_batch_targets).backward()
         else:
             loss.backward()
-        if tc.grad_clip > 0:
+        if tc.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
         if ema is not None:
@@ -988,7 +972,9 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
             return valid_metrics(model, {"w": w}, label)
 
         mcfg, guidance, best = select_guidance(model, mcfg, tc.guidance_grid, best, sweep, model_name, log)
-    _save_model(out_dir, model_name, mcfg, inp, best_state, config)
+    dim = None if inp.item_vectors is None else int(inp.item_vectors.shape[1])
+    save_checkpoint(out_dir, model_name, mcfg, inp.ds.n_items, dim, best_state, inp.fingerprints, inp.text_info,
+                    config)
     with atomic_path(out_dir / "log.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(e) + "\n" for e in st["log"]))
     write_json(out_dir / "valid.json", best)
@@ -1004,7 +990,7 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
 
 
 def check_guidance(model: Recommender, mcfg: Any, model_name: str) -> None:
-    if not hasattr(mcfg, "w") or "w" not in inspect.signature(model.score_all).parameters:
+    if not hasattr(mcfg, "w") or "w" not in model.sampler_params:
         raise ConfigError(f"train.guidance_grid: model {model_name} has no guidance weight w; leave it empty")
 
 
@@ -1032,47 +1018,5 @@ def select_guidance(model: Recommender, mcfg: Any, grid: list[float], best: dict
     return dataclasses.replace(mcfg, w=chosen), record, {**best, "valid": results[chosen], "w": chosen}
 
 
-def _save_model(out_dir: Path, model_name: str, mcfg: Any, inp: TrainInputs, state: dict, config: dict) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    with atomic_path(out_dir / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp))
-    write_json(out_dir / "config.json", {
-        "model": model_name, "model_config": dataclasses.asdict(mcfg), "n_items": inp.ds.n_items,
-        "dim": None if inp.item_vectors is None else int(inp.item_vectors.shape[1]),
-        "inputs": inp.fingerprints, "text": inp.text_info, "train": config["train"], "seed": config["seed"],
-    })
-
-
-def load_trained(run_dir: Path, model_name: str, device: str | torch.device = "cpu"
-                 ) -> tuple[Recommender, dict[str, Any], Any]:
-    """(model in eval mode, its config.json, the train manifest) from `<run_dir>/train/<model>/`."""
-    from safetensors.torch import load_file
-
-    m = require_stage(run_dir, f"train/{model_name}", hint=f"recpipe train --model {model_name}")
-    d = run_dir / "train" / model_name
-    conf = read_json(d / "config.json")
-    item_vectors = None
-    if needs_text(model_name):
-        iv, _, _, wfp = load_text_vectors(run_dir)
-        if conf["inputs"].get("whiten") != wfp:
-            raise ArtifactError(f"{d}: trained on other text vectors than {run_dir / 'whiten'} holds now "
-                                f"(another TEM or whitening); re-run `recpipe train --model {model_name}`")
-        item_vectors = iv
-    try:
-        state = load_file(str(d / "model.safetensors"))
-    except Exception as e:
-        raise ArtifactError(f"{d / 'model.safetensors'}: unreadable checkpoint ({type(e).__name__}); "
-                            f"re-run `recpipe train --model {model_name} --force`") from None
-    model = make_model(model_name, conf["model_config"], conf["n_items"], item_vectors)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise ArtifactError(f"{d / 'model.safetensors'}: does not match its config ({first})") from None
-    return model.to(device).eval(), conf, m
-
-
-__all__ = ["Batcher", "iterate_training", "evaluate_split", "run", "load_trained", "gather_inputs", "EMA",
-           "lr_at", "make_model", "needs_text", "load_text_vectors", "resolve_device"]
+__all__ = ["Batcher", "iterate_training", "evaluate_split", "run", "gather_inputs", "EMA", "lr_at",
+           "load_text_vectors", "resolve_device"]

@@ -40,6 +40,7 @@ Outputs (`<run_dir>/whiten/`):
 from __future__ import annotations
 
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -354,9 +355,26 @@ def run(cfg: Config, force: bool = False, log=print) -> StageResult:
 
 
 # ----------------------------------------------------------------------------------------- downstream
-def load_whitening(run_dir: str | Path) -> tuple[Whitening, np.ndarray, dict[str, Any]]:
-    """(the fitted map, item_vectors float32 (n_items + 1, d) with row 0 zeros, the manifest info)."""
-    m = require_stage(run_dir, STAGE, hint="recpipe whiten")
+@dataclass
+class Whitened:
+    """A finished whiten stage, read once: the fitted map, the whitened item table (float32 (n_items + 1, d),
+    row 0 zeros), the manifest info (with the TEM identity under "embed") and the stage's fingerprint."""
+
+    whitening: Whitening
+    items: np.ndarray
+    info: dict[str, Any]
+    fingerprint: str
+    run_dir: Path
+
+    def intent_vectors(self, mmap: bool = False) -> np.ndarray | None:
+        """The whitened intention table, or None when the embed stage wrote no intentions."""
+        return load_intent_vectors(self.run_dir, mmap=mmap)
+
+
+def load(run_dir: str | Path, hint: str = "recpipe whiten") -> Whitened:
+    """The whiten stage's files, verified against its manifest; `hint` is the command the error names when
+    the stage has not run."""
+    m = require_stage(run_dir, STAGE, hint=hint)
     stage_dir = Path(run_dir) / STAGE
     w = Whitening.load(stage_dir / "whitening.npz")
     path = stage_dir / "item_vectors.npy"
@@ -366,7 +384,13 @@ def load_whitening(run_dir: str | Path) -> tuple[Whitening, np.ndarray, dict[str
         raise ArtifactError(f"{path}: corrupt ({type(e).__name__}); re-run `recpipe whiten --force`") from None
     if items.ndim != 2 or items.shape[1] != w.dim or items.dtype != np.float32:
         raise ArtifactError(f"{path}: {items.dtype} {items.shape} does not match the whitening (dim {w.dim})")
-    return w, items, dict(m.info)
+    return Whitened(w, items, dict(m.info), m.fingerprint, Path(run_dir))
+
+
+def load_whitening(run_dir: str | Path) -> tuple[Whitening, np.ndarray, dict[str, Any]]:
+    """(the fitted map, item_vectors float32 (n_items + 1, d) with row 0 zeros, the manifest info)."""
+    got = load(run_dir)
+    return got.whitening, got.items, got.info
 
 
 def load_intent_vectors(run_dir: str | Path, mmap: bool = False) -> np.ndarray | None:
@@ -392,4 +416,5 @@ def check_tem(info: dict[str, Any], tem: str | None = None, model: str | None = 
             )
 
 
-__all__ = ["Whitening", "run", "load_whitening", "load_intent_vectors", "check_tem", "whitened_stats", "METHODS"]
+__all__ = ["Whitening", "Whitened", "run", "load", "load_whitening", "load_intent_vectors", "check_tem",
+           "whitened_stats", "METHODS"]
