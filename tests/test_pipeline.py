@@ -285,6 +285,8 @@ def test_select_guidance_keeps_the_trained_w_on_a_tie():
     from recpipe.models.idreamrec import IDreamRecConfig
 
     class M:
+        sampler_params = ("w",)  # the model contract: score_all takes a guidance weight w
+
         def score_all(self, batch, w=None):
             pass
 

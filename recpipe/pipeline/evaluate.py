@@ -27,6 +27,7 @@ from recpipe.config import Config, to_dict
 from recpipe.models.base import Recommender
 from recpipe.pipeline import bundle as bundle_mod
 from recpipe.pipeline import data as data_stage
+from recpipe.pipeline import readers
 from recpipe.pipeline import train as train_stage
 
 
@@ -93,12 +94,11 @@ def build_intentions(cfg: Config, kind: str, ds: data_stage.Dataset, targets: np
         return Intentions(raw, text.whitening.transform(raw).astype(np.float32), texts)
     # llm: the describe stage's intention of the target item
     require_stage(run_dir, "embed", hint="recpipe embed")
-    raw_path = run_dir / "embed" / "intent_embeddings.npy"
     wh = text.intent_vectors()
-    if wh is None or not raw_path.exists():
+    raw_all = readers.embed_vectors(run_dir, "intents") if wh is not None else None
+    if raw_all is None:
         log("evaluate: no LLM intentions (describe.intents off?); llm rows skipped")
         return None
-    raw_all = np.load(raw_path)
     return Intentions(raw_all[targets], wh[targets], None)
 
 
@@ -180,7 +180,7 @@ def evaluate_model(cfg: Config, model_name: str, log=print, progress: bool = Fal
         kinds = []
     if kinds:
         _, targets = ds.split(split)
-        emb_raw = np.load(cfg.run_dir / "embed" / "item_embeddings.npy")
+        emb_raw = readers.embed_vectors(cfg.run_dir, "items")
         search = VectorSearch(emb_raw).to(device)
         for kind in kinds:
             it = build_intentions(cfg, kind, ds, targets, log, bundle=run)

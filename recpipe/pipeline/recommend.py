@@ -50,27 +50,23 @@ def training_intentions(cfg: Config, conf: dict, ds, encode, dim: int, whitened=
     the describe stage's, the category texts, or both): unit TEM vectors (n, d), whitened vectors (n, d) and
     texts (None where unknown); n = 0 when it trained with none. `encode(texts)` is the items' TEM;
     `whitened`: the whiten stage already read (`whiten.load`), else it is read here."""
-    from recpipe.pipeline import whiten
-    from recpipe.pipeline.whiten import INTENT_FILE
+    from recpipe.pipeline import readers, whiten
 
     src = conf.get("train", {}).get("intent_source", "llm")
     raws, whites, texts = [], [], []
     if src in ("llm", "mixed"):
         whitened = whitened or whiten.load(cfg.run_dir)
         white = whitened.intent_vectors(mmap=True)  # only the distinct rows are read in
-        path = cfg.run_dir / "embed" / INTENT_FILE
-        if white is not None and path.exists():
-            try:
-                raw = np.load(path, allow_pickle=False, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise ArtifactError(f"{path}: unreadable ({e}); re-run `recpipe embed --force`") from None
+        raw = readers.embed_vectors(cfg.run_dir, "intents", mmap=True) if white is not None else None
+        if raw is not None:
             if raw.shape != white.shape:
-                raise ArtifactError(f"{path}: shape {raw.shape} differs from the whitened intentions' "
-                                    f"{white.shape}; re-run `recpipe train`")
+                raise ArtifactError(f"the embed stage's intent embeddings {raw.shape} differ in shape from the "
+                                    f"whitened intentions' {white.shape}; re-run `recpipe train`")
             step = 1 << 16  # zero rows (items without an intention) left out, a block of rows at a time
             keep = np.concatenate([np.flatnonzero(np.asarray(raw[i:i + step]).any(axis=1)) + i
                                    for i in range(1, len(raw), step)] or [np.zeros(0, np.int64)])
-            kept_texts = _intent_texts(cfg.run_dir, len(raw) - 1, keep)
+            all_texts = readers.intent_texts(cfg.run_dir, len(raw) - 1)
+            kept_texts = [None] * len(keep) if all_texts is None else [all_texts[i - 1] for i in keep]
             first = _distinct(kept_texts, raw, keep)
             raws.append(np.asarray(raw[keep[first]], dtype=np.float32))
             whites.append(np.asarray(white[keep[first]], dtype=np.float32))
@@ -100,22 +96,6 @@ def _distinct(texts: list[str | None], vectors: np.ndarray, rows: np.ndarray) ->
         return np.zeros(0, dtype=np.int64)
     _, first = np.unique(np.round(np.asarray(vectors[rows], dtype=np.float32), 4), axis=0, return_index=True)
     return np.sort(first)
-
-
-def _intent_texts(run_dir, n_items: int, rows: np.ndarray) -> list[str | None]:
-    """The describe stage's intention texts of item rows `rows` (1-based), or Nones where its table is
-    missing or does not line up with the embed stage's rows."""
-    import pandas as pd
-
-    path = run_dir / "describe" / "intents.parquet"
-    try:
-        df = pd.read_parquet(path, columns=["item", "text"])
-    except Exception:  # noqa: BLE001 - the texts only explain the anchoring; the vectors come from embed
-        return [None] * len(rows)
-    if len(df) != n_items or not (df["item"].to_numpy() == np.arange(1, n_items + 1)).all():
-        return [None] * len(rows)
-    t = df["text"].to_numpy()
-    return [str(t[i - 1]) for i in rows]
 
 
 @dataclass

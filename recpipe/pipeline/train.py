@@ -49,7 +49,7 @@ from recpipe.errors import ArtifactError, ConfigError, Stopped
 from recpipe.models.base import Recommender
 from recpipe.models.metrics import RankAccumulator, history_mask
 from recpipe.pipeline import data as data_stage
-from recpipe.pipeline import whiten
+from recpipe.pipeline import readers, whiten
 from recpipe.pipeline.bundle import WHITEN_HINT, make_model, needs_text, save_checkpoint
 
 
@@ -625,7 +625,7 @@ class TrainInputs:
 def gather_inputs(cfg: Config, model_name: str) -> TrainInputs:
     run_dir = cfg.run_dir
     dm = require_stage(run_dir, "data", hint="recpipe data")
-    ds = data_stage.load(run_dir / "data")
+    ds = readers.dataset(run_dir)
     fps = {"data": dm.fingerprint}
     iv = itv = cats = None
     info: dict[str, Any] = {}
@@ -634,7 +634,7 @@ def gather_inputs(cfg: Config, model_name: str) -> TrainInputs:
         fps["whiten"] = wfp
         if iv.shape[0] != ds.n_items + 1:
             raise ArtifactError(
-                f"{run_dir / 'whiten'}: vectors for {iv.shape[0] - 1} items but the data stage has {ds.n_items}; "
+                f"the whiten stage: vectors for {iv.shape[0] - 1} items but the data stage has {ds.n_items}; "
                 "re-run `recpipe embed` and `recpipe train`"
             )
         if cfg.train.intent_source == "mixed" and itv is None:  # before loading the TEM for the categories

@@ -49,13 +49,12 @@ import numpy as np
 from recpipe.artifacts import StageResult, atomic_path, require_stage, run_stage
 from recpipe.config import Config, to_dict
 from recpipe.errors import ArtifactError, ConfigError
+from recpipe.pipeline import readers
 
 STAGE = "whiten"
-EMBED_STAGE = "embed"
+EMBED_STAGE = readers.EMBED_STAGE
 METHODS = ("whiten", "scale", "none")
 FORMAT_VERSION = 1
-ITEM_FILE = "item_embeddings.npy"
-INTENT_FILE = "intent_embeddings.npy"
 CHUNK = 16384  # rows per float64 block when fitting / transforming big tables
 # embed-manifest info keys that describe the run, not the TEM; the rest (tem, model, dim, normalized,
 # max_input_chars, base_url, ...) is copied to info["embed"], enough for `embed.load_tem` to embed queries
@@ -270,20 +269,6 @@ class Whitening:
 
 
 # ---------------------------------------------------------------------------------------------- stage
-def _load_table(path: Path, what: str) -> np.ndarray:
-    try:
-        E = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: missing; re-run `recpipe embed --force`") from None
-    except (OSError, ValueError, EOFError) as e:
-        raise ArtifactError(f"{path}: corrupt ({type(e).__name__}); re-run `recpipe embed --force`") from None
-    if E.ndim != 2 or E.shape[0] < 3 or not np.issubdtype(E.dtype, np.floating):
-        raise ArtifactError(
-            f"{path}: expected a float (n_items + 1, dim) {what} table with n_items >= 2, got {E.dtype} {E.shape}"
-        )
-    return E
-
-
 def whitened_stats(Y: np.ndarray, w: Whitening | None = None) -> dict[str, float]:
     """Largest |mean| and largest |cov - target| of whitened item vectors (ddof = 1).
 
@@ -305,15 +290,15 @@ def whitened_stats(Y: np.ndarray, w: Whitening | None = None) -> dict[str, float
 
 def run(cfg: Config, force: bool = False, log=print) -> StageResult:
     emb = require_stage(cfg.run_dir, EMBED_STAGE, hint="recpipe embed")
-    emb_dir = Path(cfg.run_dir) / EMBED_STAGE
     inputs = {EMBED_STAGE: emb.fingerprint}
     config = {"whiten": to_dict(cfg.whiten)}
 
     def build(out_dir: Path) -> dict[str, Any]:
-        E = _load_table(emb_dir / ITEM_FILE, "item embedding")
+        E = readers.embed_vectors(cfg.run_dir, "items")
         n, d = E.shape[0] - 1, E.shape[1]
         if "dim" in emb.info and emb.info["dim"] != d:
-            raise ArtifactError(f"{emb_dir / ITEM_FILE}: dimension {d} but the embed manifest says {emb.info['dim']}")
+            raise ArtifactError(f"embed stage: item embeddings of dimension {d} but its manifest says "
+                                f"{emb.info['dim']}; re-run `recpipe embed --force`")
         w = Whitening(cfg.whiten.method, cfg.whiten.eps).fit(E[1:])
         items = w.transform_table(E)
         w.save(out_dir / "whitening.npz")
@@ -327,14 +312,14 @@ def run(cfg: Config, force: bool = False, log=print) -> StageResult:
             info.update(whitened_stats(items[1:], w))
         else:
             info["avg_var"] = float(items[1:].astype(np.float64).var(axis=0, ddof=1).mean())
-        if (emb_dir / INTENT_FILE).exists():
-            intents = _load_table(emb_dir / INTENT_FILE, "intent embedding")
+        intents = readers.embed_vectors(cfg.run_dir, "intents")
+        if intents is not None:
             if intents.shape != E.shape:
-                raise ArtifactError(
-                    f"{emb_dir / INTENT_FILE}: shape {intents.shape} differs from the item embeddings' {E.shape}"
-                )
+                raise ArtifactError(f"embed stage: intent embeddings of shape {intents.shape} differ from the item "
+                                    f"embeddings' {E.shape}; re-run `recpipe embed --force`")
             if not np.isfinite(intents).all():
-                raise ArtifactError(f"{emb_dir / INTENT_FILE}: contains NaN or inf; re-run `recpipe embed --force`")
+                raise ArtifactError("embed stage: its intent embeddings contain NaN or inf; re-run "
+                                    "`recpipe embed --force`")
             np.save(out_dir / "intent_vectors.npy", w.transform_table(intents, keep_zero_rows=True))
             info["intents"] = True
             info["intents_missing"] = int((~intents[1:].any(axis=1)).sum())
