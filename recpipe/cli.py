@@ -331,6 +331,29 @@ def _recommend(cfg, user: str, intent: str | None, k: int | None, w=None, rho=No
     console.print(t)
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="address to bind (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    workers: Annotated[int, typer.Option(help="processes, each with its own copy of the run")] = 1,
+    batch_window_ms: Annotated[float, typer.Option(help="under load, wait this long to fill a batch")] = 2.0,
+    cors: Annotated[Optional[list[str]], typer.Option(help="allow this origin (repeatable; CORS off if none)")] = None,
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    cache_dir: CacheOpt = None,
+    run_dir: RunDirOpt = None,
+    sets: SetOpt = None,
+):
+    """Serve recommendations over HTTP: POST /recommend, a web page at /, the API at /docs."""
+    from recpipe.serve.app import ServeSettings, run
+
+    cfg = _config(config, dataset, data_dir, cache_dir, run_dir, sets=sets, **{"train.model": model})
+    run(ServeSettings(cfg, model, host=host, port=port, workers=workers, batch_window_ms=batch_window_ms,
+                      cors_origins=tuple(cors or ())))
+
+
 # ---------------------------------------------------------------------------------------------- run
 @app.command("run")
 def run_all(

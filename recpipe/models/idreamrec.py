@@ -341,8 +341,10 @@ class IDreamRec(Recommender):
         rho: float | None = None,
         generator: torch.Generator | None = None,
         dtype: torch.dtype | None = None,
+        x_T: Tensor | None = None,
     ) -> Tensor:
-        """The guided oracle vector (B, d) in float32: DDIM from x_T ~ N(0, I) (drawn with `generator`).
+        """The guided oracle vector (B, d) in float32: DDIM from x_T ~ N(0, I) (drawn with `generator`, unless
+        given: a service batching requests gives each row the noise its request would draw alone).
 
         steps / w / rho default to the config's; steps = T with eta = 1 is ancestral DDPM sampling.
         dtype = torch.bfloat16 runs the denoiser's matmuls under bf16 autocast (~1.6x faster on CPUs with
@@ -371,6 +373,7 @@ class IDreamRec(Recommender):
             prediction_type="x0",
             generator=generator,
             device=dev,
+            x_T=x_T,
         )
 
     @torch.no_grad()
