@@ -152,11 +152,11 @@ def main() -> None:
 
 def sweep(cfg, eval_users: int) -> str:
     """NDCG@10 (masked) over w x rho on the validation split with category-level intentions."""
-    from recpipe.pipeline import bundle, data, evaluate, train
+    from recpipe.pipeline import batches, bundle, data, evaluate, scoring
 
     model, conf, _ = bundle.load_model(cfg.run_dir, "idreamrec")
     ds = data.load(cfg.run_dir / "data")
-    b = train.Batcher(ds, model.history_len)
+    b = batches.Batcher(ds, model.history_len)
     rng = np.random.default_rng(0)
     users = np.sort(rng.choice(ds.n_users, min(eval_users, ds.n_users), replace=False))
     _, targets = ds.split("valid")
@@ -169,8 +169,8 @@ def sweep(cfg, eval_users: int) -> str:
     for w in ws:
         vals = []
         for rho in rhos:
-            res = train.evaluate_split(model, b, "valid", [10], users=users, score_kwargs={"w": w, "rho": rho},
-                                       intent_fn=it.fn("whitened"), seed=cfg.run.seed)
+            res = scoring.evaluate_split(model, b, "valid", [10], users=users, score_kwargs={"w": w, "rho": rho},
+                                         intent_fn=it.fn("whitened"), seed=cfg.run.seed)
             vals.append(res["masked"]["NDCG@10"])
         lines.append(f"| {w:g} | " + " | ".join(f"{v:.4f}" for v in vals) + " |")
         log(lines[-1])
@@ -180,20 +180,21 @@ def sweep(cfg, eval_users: int) -> str:
 def speed(cfg) -> str:
     import torch
 
-    from recpipe.pipeline import bundle, data, train
+    from recpipe.pipeline import batches, bundle, data
     from recpipe.pipeline.recommend import RecommendService
+    from recpipe.pipeline.scoring import evaluate_split
 
     # batch scoring: every test user, one step, history guidance (w), full ranking + metrics, as evaluate does
     model, _, _ = bundle.load_model(cfg.run_dir, "idreamrec")
     ds = data.load(cfg.run_dir / "data")
-    b = train.Batcher(ds, model.history_len)
+    b = batches.Batcher(ds, model.history_len)
     scoring, quality = {}, {}
     for name, dt in (("float32", None), ("bfloat16", torch.bfloat16)):  # evaluate.dtype
-        train.evaluate_split(model, b, "test", [10], users=np.arange(min(1024, ds.n_users)),
-                             score_kwargs={"dtype": dt})  # warm-up: each precision has its own kernels
+        evaluate_split(model, b, "test", [10], users=np.arange(min(1024, ds.n_users)),
+                       score_kwargs={"dtype": dt})  # warm-up: each precision has its own kernels
         t0 = time.perf_counter()
-        res = train.evaluate_split(model, b, "test", [10], batch_size=cfg.evaluate.batch_size,
-                                   score_kwargs={"dtype": dt}, seed=cfg.run.seed)
+        res = evaluate_split(model, b, "test", [10], batch_size=cfg.evaluate.batch_size,
+                             score_kwargs={"dtype": dt}, seed=cfg.run.seed)
         scoring[name] = ds.n_users / (time.perf_counter() - t0)
         quality[name] = (res["masked"]["NDCG@10"], res["unmasked"]["NDCG@10"])
 

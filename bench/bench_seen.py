@@ -55,10 +55,10 @@ def main() -> None:
         print(f"skip: no trained {a.model} in {run}")
         return
 
-    from recpipe.pipeline import bundle, data, train
+    from recpipe.pipeline import batches, bundle, data
 
     model, _, _ = bundle.load_model(run, a.model)
-    b = train.Batcher(data.load(run / "data"), getattr(model, "history_len", None))
+    b = batches.Batcher(data.load(run / "data"), getattr(model, "history_len", None))
     kw = {}
     if a.w is not None:
         if "w" not in inspect.signature(model.score_all).parameters:

@@ -239,16 +239,16 @@ def train(
 def _train(cfg, model_name: str, force: bool):
     from recpipe.pipeline import train as stage
 
-    if stage.needs_text(model_name):
-        from recpipe.pipeline import whiten
+    res = stage.run(cfg, model_name, force=force, log=_log)  # text models: it whitens first
+    _print_train(model_name, res)
+    return res
 
-        whiten.run(cfg, force=False, log=_log)
-    res = stage.run(cfg, model_name, force=force, log=_log)
+
+def _print_train(model_name: str, res) -> None:
     info = res.manifest.info
     v = info["valid"]
     _log(f"train/{model_name}: best validation NDCG@10 {v['masked']['NDCG@10']:.4f} masked, "
          f"{v['unmasked']['NDCG@10']:.4f} unmasked (step {info['best_step']}) -> {res.stage_dir}")
-    return res
 
 
 @app.command()
@@ -275,6 +275,13 @@ def _evaluate(cfg, model_name: str, force: bool):
     from recpipe.pipeline import evaluate as stage
 
     res = stage.run(cfg, model_name, force=force, log=_log)
+    _print_evaluate(cfg, model_name, res)
+    return res
+
+
+def _print_evaluate(cfg, model_name: str, res) -> None:
+    from recpipe.pipeline import evaluate as stage
+
     stage.print_table(res.manifest.info["rows"], cfg.evaluate.ks,
                       title=f"{model_name} on {cfg.run.dataset}, {res.manifest.info['split']} split, "
                             f"{res.manifest.info['users']:,} users")
@@ -282,7 +289,6 @@ def _evaluate(cfg, model_name: str, force: bool):
         for w in res.manifest.info.get("warnings", []):
             _log(f"evaluate: warning: {w}")
     console.print(f"written: {res.stage_dir / 'metrics.json'}", highlight=False)
-    return res
 
 
 @app.command()
@@ -371,23 +377,24 @@ def run_all(
 ):
     """The whole pipeline: data, describe, embed, whiten + train, evaluate, and a sample recommendation.
     Each stage is skipped when its inputs and config did not change."""
-    from recpipe.pipeline import data as data_stage
-    from recpipe.pipeline import describe as describe_stage
-    from recpipe.pipeline import embed as embed_stage
+    from recpipe.pipeline import bundle, readers, stages
 
     cfg = _config(config, dataset, data_dir, cache_dir, run_dir, seed, sets, **{"train.model": model})
-    res = data_stage.run(cfg, force=force, log=_log)
-    _print_kv(f"data: {cfg.run.dataset}", data_stage.format_summary(res.manifest.info["summary"]))
-    from recpipe.pipeline import train as train_stage
-
-    if train_stage.needs_text(cfg.train.model):
-        _print_info("describe", describe_stage.run(cfg, force=force, log=_log))
-        _print_info("embed", embed_stage.run(cfg, force=force, log=_log))
-    _train(cfg, cfg.train.model, force)
-    _evaluate(cfg, cfg.train.model, force)
+    show = {"data": lambda res: _print_kv(f"data: {cfg.run.dataset}", _data_summary(res)),
+            "describe": lambda res: _print_info("describe", res), "embed": lambda res: _print_info("embed", res),
+            "train": lambda res: _print_train(cfg.train.model, res),
+            "evaluate": lambda res: _print_evaluate(cfg, cfg.train.model, res)}
+    for stage in stages.walk([cfg.train.model]):
+        show[stage.name](stage.run(cfg, cfg.train.model, force=force, log=_log))
     if user is None:
-        user = str(data_stage.load(cfg.run_dir / "data").users["user_id"].iloc[0])
-    _recommend(cfg, user, intent if train_stage.needs_text(cfg.train.model) else None, None)
+        user = str(readers.dataset(cfg.run_dir).users["user_id"].iloc[0])
+    _recommend(cfg, user, intent if bundle.needs_text(cfg.train.model) else None, None)
+
+
+def _data_summary(res) -> list[tuple[str, str]]:
+    from recpipe.pipeline import data as data_stage
+
+    return data_stage.format_summary(res.manifest.info["summary"])
 
 
 @app.command()
@@ -420,7 +427,7 @@ def _ensure_data(cfg) -> None:
     from recpipe.artifacts import load_manifest
     from recpipe.pipeline import data as data_stage
 
-    if load_manifest(cfg.run_dir / "data") is None:
+    if load_manifest(cfg.run_dir / data_stage.STAGE) is None:
         data_stage.run(cfg, log=_log)
 
 

@@ -11,7 +11,7 @@ from recpipe.models.base import build_model
 from recpipe.models.dit import CausalDiT
 from recpipe.models.idreamrec import IDreamRecConfig
 from recpipe.pipeline import data as D
-from recpipe.pipeline.train import Batcher, iterate_training, n_batches
+from recpipe.pipeline.batches import Batcher, iterate_training, n_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -648,7 +648,7 @@ def test_cpu_bf16_override_takes_another_kind_of_cpus_choices(monkeypatch):
     the local model's requantisation and torch's `auto` precision, whatever this CPU is."""
     import torch
 
-    from recpipe.pipeline.train import resolve_dtype
+    from recpipe.pipeline.scoring import resolve_dtype
 
     d = load_config(None, {"describe.llm": "local"}).describe
     for flag, quant, dtype in (("0", "q8_0", torch.float32), ("1", "bf16", torch.bfloat16)):

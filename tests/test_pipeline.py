@@ -15,12 +15,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from recpipe import progress
 from recpipe.artifacts import run_stage
 from recpipe.config import load_config
 from recpipe.errors import ArtifactError, ConfigError, DataError
+from recpipe.pipeline import batches as B
 from recpipe.pipeline import bundle
 from recpipe.pipeline import data as D
 from recpipe.pipeline import evaluate as E
+from recpipe.pipeline import intents as I
+from recpipe.pipeline import scoring as S
 from recpipe.pipeline import train as T
 
 N_ITEMS = 40
@@ -160,15 +164,15 @@ def test_evaluation_batches_users_of_similar_length(tmp_path):
             s[torch.arange(len(h)), h[:, -1] % self.n_items + 1] = 1.0
             return s
 
-    b = T.Batcher(ds, 20)
+    b = B.Batcher(ds, 20)
     m = LastItem()
-    res = T.evaluate_split(m, b, "test", [5, 10], batch_size=8)
+    res = S.evaluate_split(m, b, "test", [5, 10], batch_size=8)
     lens = np.minimum(b.eval_lengths(np.arange(ds.n_users), "test"), 20)
     assert res["users"] == ds.n_users and 0.3 < res["masked"]["NDCG@10"] < 0.9
     assert all(w == longest for w, longest in m.widths), "a batch is as wide as its longest history"
     assert [w for w, _ in m.widths] == sorted(w for w, _ in m.widths)
     assert sum(w for w, _ in m.widths) < sum(int(lens[i: i + 8].max()) for i in range(0, ds.n_users, 8))
-    one = T.evaluate_split(LastItem(), b, "test", [5, 10], batch_size=ds.n_users)
+    one = S.evaluate_split(LastItem(), b, "test", [5, 10], batch_size=ds.n_users)
     assert res == one
 
 
@@ -270,9 +274,9 @@ def test_guidance_weight_selected_on_validation(tmp_path):
     assert conf["model_config"]["w"] == model.config.w == g["w"]  # evaluate and recommend use the chosen w
     assert res.manifest.info["valid"]["masked"]["NDCG@10"] == max(g["valid_ndcg10_masked"].values())
     # the recorded figures are what the saved model scores at each w on the validation split
-    b = T.Batcher(D.load(cfg.run_dir / "data"), model.history_len)
+    b = B.Batcher(D.load(cfg.run_dir / "data"), model.history_len)
     for w in (1.0, 5.0):
-        r = T.evaluate_split(model, b, "valid", [10], score_kwargs={"w": w}, seed=cfg.run.seed)
+        r = S.evaluate_split(model, b, "valid", [10], score_kwargs={"w": w}, seed=cfg.run.seed)
         assert r["masked"]["NDCG@10"] == pytest.approx(g["valid_ndcg10_masked"][f"{w:g}"], abs=1e-6)
     # a model without a guidance weight is refused before it trains
     cfg2 = _cfg(tmp_path, **{"train.model": "sasrec", "train.guidance_grid": "1,2", "model.sasrec.history_len": 5})
@@ -367,13 +371,13 @@ class _HashTEM:
 
 
 def test_category_text_agrees_its_article_and_refuses_bad_templates():
-    assert T.category_text("a {category} movie", "action") == "an action movie"
-    assert T.category_text("A {category} film", "Animation") == "An Animation film"
-    assert T.category_text("a {category} movie", "comedy") == "a comedy movie"
-    assert T.category_text("a game about {category}, a epic one", "action") == "a game about action, a epic one"
-    assert T.category_text("{category}", "") == ""
+    assert I.category_text("a {category} movie", "action") == "an action movie"
+    assert I.category_text("A {category} film", "Animation") == "An Animation film"
+    assert I.category_text("a {category} movie", "comedy") == "a comedy movie"
+    assert I.category_text("a game about {category}, a epic one", "action") == "a game about action, a epic one"
+    assert I.category_text("{category}", "") == ""
     with pytest.raises(ConfigError, match="category_template"):
-        T.category_text("a {genre} movie", "action")
+        I.category_text("a {genre} movie", "action")
 
 
 def test_category_training_intentions(tmp_path, monkeypatch):
@@ -389,16 +393,16 @@ def test_category_training_intentions(tmp_path, monkeypatch):
     whiten.run(cfg, log=lambda m: None)
     monkeypatch.setattr(embed, "load_tem", lambda info: _HashTEM())
     ds = D.load(cfg.run_dir / "data")
-    cats = T.category_intents(cfg, ds)
+    cats = I.category_intents(cfg, ds)
     assert cats.texts == ["an action movie", "a comedy movie", "a drama movie", "a horror movie"]
     assert cats.vectors.shape == (4, 16) and cats.items.shape == (ds.n_items + 1, 2)
     assert (cats.items[0] == -1).all()  # padding has none
     for i in range(1, ds.n_items + 1):
-        want = {T.category_text("a {category} movie", g.lower()) for g in ds.items["genres"].iloc[i - 1].split("|")}
+        want = {I.category_text("a {category} movie", g.lower()) for g in ds.items["genres"].iloc[i - 1].split("|")}
         assert {cats.texts[c] for c in cats.items[i] if c >= 0} == want
 
     # the sampler draws only the target's own categories, each about equally often
-    s = T.IntentSampler("category", None, cats, torch.device("cpu"))
+    s = I.IntentSampler("category", None, cats, torch.device("cpu"))
     comedy_drama = 1 + int(np.flatnonzero(ds.items["genres"].to_numpy() == "Comedy|Drama")[0])
     tgt = torch.full((4000,), comedy_drama)
     tgt[:10] = 0
@@ -408,7 +412,7 @@ def test_category_training_intentions(tmp_path, monkeypatch):
     assert hits[0] == hits[3] == 0 and abs(hits[1] - 0.5) < 0.05 and abs(hits[1] + hits[2] - 1) < 1e-6
 
     llm = np.full((ds.n_items + 1, 16), 7.0, np.float32)
-    vec, ok = T.IntentSampler("mixed", llm, cats, torch.device("cpu"))(tgt, torch.Generator().manual_seed(1))
+    vec, ok = I.IntentSampler("mixed", llm, cats, torch.device("cpu"))(tgt, torch.Generator().manual_seed(1))
     assert abs((vec[10:, 0] == 7.0).float().mean().item() - 0.5) < 0.05 and ok[10:].all()
 
     # a training run records where its intentions came from, and the default keeps old fingerprints
@@ -425,7 +429,7 @@ def test_anchor_intent_weights_the_nearest_training_intentions():
     raw = rng.standard_normal((6, 8)).astype(np.float32)
     raw /= np.linalg.norm(raw, axis=1, keepdims=True)
     white = rng.standard_normal((6, 8)).astype(np.float32) * 5
-    from recpipe.pipeline.recommend import anchor_intent
+    from recpipe.pipeline.intents import anchor_intent
 
     vec, top, p = anchor_intent(raw[2], raw, white, 1, 0.05)  # the query is a training intention: its vector
     np.testing.assert_allclose(vec, white[2], rtol=1e-6) and top.tolist() == [2]
@@ -438,7 +442,7 @@ def test_anchor_intent_weights_the_nearest_training_intentions():
     with pytest.raises(ValueError, match="empty"):
         anchor_intent(raw[0], raw[:0], white[:0], 8, 0.05)
     # distinct intentions: by text where every text is known, else by vector to 1e-4
-    from recpipe.pipeline.recommend import _distinct
+    from recpipe.pipeline.intents import _distinct
 
     vecs = np.stack([raw[0], raw[1], raw[0] + 1e-6, raw[2]])
     assert _distinct(["a", "b", "a", "c"], vecs, np.arange(4)).tolist() == [0, 1, 3]
@@ -454,7 +458,8 @@ def test_typed_intent_is_anchored_to_the_trained_intentions(tmp_path):
 
     from recpipe.pipeline import describe as DS
     from recpipe.pipeline import embed, whiten
-    from recpipe.pipeline.recommend import RecommendService, anchor_intent
+    from recpipe.pipeline.intents import anchor_intent
+    from recpipe.pipeline.recommend import RecommendService
 
     make_dataset(tmp_path / "ds")
     cfg = load_config(None, {"run.dataset": str(tmp_path / "ds"), "run.cache_dir": str(tmp_path / "cache"),
@@ -519,7 +524,7 @@ def test_training_off_a_terminal_prints_plain_progress_lines(tmp_path, capsys, m
     cfg = _cfg(tmp_path, **{"train.model": "sasrec", "train.epochs": 2, "model.sasrec.history_len": 12,
                             "evaluate.batch_size": 16})  # several batches of users, so lines between them
     D.run(cfg, log=lambda m: None)
-    monkeypatch.setattr(T, "PLAIN_EVERY_S", 0.0)
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)
     capsys.readouterr()
     res = T.run(cfg, log=lambda m: None, progress=True)
     total = res.manifest.info["steps"]
@@ -564,7 +569,7 @@ def test_bench_seen_share_splits_window_and_older_items(tmp_path):
             s.scatter_(1, h, self.sign)  # +1 / -1 on the window's items (padding column 0 is excluded anyway)
             return s
 
-    b = T.Batcher(ds, 3)
+    b = B.Batcher(ds, 3)
     assert bench.seen_share(Fake(1.0), b, "test", 3, {}) == (1.0, 0.0)
     inside, older = bench.seen_share(Fake(-1.0), b, "test", 3, {})
     assert inside == 0.0 and 0.0 < older < 1.0  # ties among the rest: some are older seen items, some unseen

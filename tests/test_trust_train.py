@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from recpipe import progress
 from recpipe.config import load_config
 from recpipe.pipeline import data as D
 from recpipe.pipeline import train as T
@@ -282,7 +283,7 @@ def test_progress_after_the_last_validation_shows_its_best_and_the_guidance_swee
     _build(tmp_path)
     cfg = _cfg(tmp_path, **{"train.epochs": 1, "train.guidance_grid": "1,3", **MODELS["dreamrec"],
                             "train.model": "dreamrec"})  # one validation, after the last step; then the sweep
-    monkeypatch.setattr(T, "PLAIN_EVERY_S", 0.0)  # off a terminal: a plain line at every update
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)  # off a terminal: a plain line at every update
     capsys.readouterr()
     res = T.run(cfg, log=lambda m: None, progress=True)
     out = capsys.readouterr().out

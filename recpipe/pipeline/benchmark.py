@@ -14,6 +14,7 @@ from recpipe.artifacts import atomic_path, write_json
 from recpipe.config import Config
 from recpipe.errors import ArtifactError, ConfigError
 from recpipe.models.base import model_names
+from recpipe.pipeline.bundle import train_stage_name
 
 DEFAULT_MODELS = ["sasrec", "dreamrec", "diffurec", "diffrec", "idreamrec"]
 
@@ -23,7 +24,7 @@ def run(cfg: Config, models: list[str] | None, force: bool = False, log=print, r
     """reuse=True trains nothing: the table collects the models already trained and evaluated in the run
     directory, each as it was trained (its own steps and settings, recorded in the table). models=None: the
     default models, or with reuse every model the run directory holds (the others are named as missing)."""
-    from recpipe.pipeline import data, describe, embed, evaluate, train, whiten
+    from recpipe.pipeline import stages
 
     known = model_names()
     unknown = [m for m in models or [] if m not in known]
@@ -35,16 +36,12 @@ def run(cfg: Config, models: list[str] | None, force: bool = False, log=print, r
         rows = _reused_rows(cfg, models, log)
     else:
         models = models or DEFAULT_MODELS
-        data.run(cfg, log=log)
-        if any(train.needs_text(m) for m in models):
-            describe.run(cfg, log=log)
-            embed.run(cfg, log=log)
-            whiten.run(cfg, log=log)
+        for stage in stages.shared(models):  # once for all models; --force redoes the models, not these
+            stage.run(cfg, log=log)
         rows = []
         for name in models:
             t0 = time.perf_counter()
-            trm = train.run(cfg, name, force=force, log=log).manifest
-            evm = evaluate.run(cfg, name, force=force, log=log).manifest
+            trm, evm = (stage.run(cfg, name, force=force, log=log).manifest for stage in stages.per_model())
             rows += _rows(name, trm, evm)
             log(f"benchmark: {name} done in {time.perf_counter() - t0:.0f} s")
     out = cfg.run_dir / "benchmark"
@@ -62,7 +59,7 @@ def _reused(cfg: Config, name: str):
     its data and with each other; ArtifactError naming what to run otherwise."""
     from recpipe.artifacts import require_stage
 
-    trm = require_stage(cfg.run_dir, f"train/{name}", hint=f"recpipe train --model {name}", current=True)
+    trm = require_stage(cfg.run_dir, train_stage_name(name), hint=f"recpipe train --model {name}", current=True)
     evm = require_stage(cfg.run_dir, f"evaluate/{name}", hint=f"recpipe evaluate --model {name}")
     if evm.inputs.get("train") != trm.fingerprint:
         raise ArtifactError(f"evaluate/{name} scored an earlier train/{name}; run `recpipe evaluate --model {name}`")
@@ -85,7 +82,7 @@ def _reused_rows(cfg: Config, models: list[str] | None, log) -> list[dict[str, A
     order = DEFAULT_MODELS + sorted(m for m in known if m not in DEFAULT_MODELS)
     rows, missing = [], []
     for name in order:
-        if not (cfg.run_dir / "train" / name).exists() and name not in DEFAULT_MODELS:
+        if not (cfg.run_dir / train_stage_name(name)).exists() and name not in DEFAULT_MODELS:
             continue  # a model nobody asked for and nobody trained: not worth a line
         try:
             trm, evm = _reused(cfg, name)

@@ -170,7 +170,7 @@ class Bundle:
         and texts (None where unknown); n = 0 when it trained with none. Built on first use, then kept.
         `encode` (default: this run's TEM) embeds category texts."""
         if self._bank is None:
-            from recpipe.pipeline.recommend import training_intentions
+            from recpipe.pipeline.intents import training_intentions
 
             enc = encode or (lambda t: self.tem().encode(t))
             self._bank = training_intentions(self.cfg, self.conf, self.ds, enc, self.text.whitening.dim,

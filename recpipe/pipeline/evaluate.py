@@ -1,6 +1,6 @@
 """Evaluate stage: full-ranking HR@K / NDCG@K on the test split, for any trained model.
 
-Rows (all scored by the same code, `train.evaluate_split`, over every test user):
+Rows (all scored by the same code, `scoring.evaluate_split`, over every test user):
 - the model as trained (for generative models: one row per DDIM step count in `evaluate.steps`);
 - with `evaluate.intent` = category | llm | all, for models that take an intention, three rows per kind:
   "intention alone" (the intention's TEM vector searched directly against the item TEM vectors, no model),
@@ -28,7 +28,9 @@ from recpipe.models.base import Recommender
 from recpipe.pipeline import bundle as bundle_mod
 from recpipe.pipeline import data as data_stage
 from recpipe.pipeline import readers
-from recpipe.pipeline import train as train_stage
+from recpipe.pipeline.batches import Batcher
+from recpipe.pipeline.intents import anchor_intent, category_text, training_intentions
+from recpipe.pipeline.scoring import evaluate_split, resolve_device, resolve_dtype
 
 
 class VectorSearch(Recommender):
@@ -58,7 +60,7 @@ def category_texts(ds: data_stage.Dataset, targets: np.ndarray, column: str, tem
         parts = cats[t - 1]
         if not parts:
             return None
-        out.append(train_stage.category_text(template, parts[rng.integers(len(parts))].lower()))
+        out.append(category_text(template, parts[rng.integers(len(parts))].lower()))
     return out
 
 
@@ -138,10 +140,10 @@ def run(cfg: Config, model_name: str | None = None, force: bool = False, log=pri
 
 def evaluate_model(cfg: Config, model_name: str, log=print, progress: bool = False) -> dict[str, Any]:
     ec = cfg.evaluate
-    device = train_stage.resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device)
     run = bundle_mod.load(cfg, model_name, device, log=log)
     model, ds = run.model, run.ds
-    b = train_stage.Batcher(ds, model.history_len)
+    b = Batcher(ds, model.history_len)
     split = ec.split
     rows: list[dict[str, Any]] = []
     warnings = degenerate_warnings(ds, split, ec.ks)
@@ -150,7 +152,7 @@ def evaluate_model(cfg: Config, model_name: str, log=print, progress: bool = Fal
 
     def row(name: str, m: Recommender, score_kwargs: dict | None = None, intent_fn=None) -> dict[str, Any]:
         t0 = time.perf_counter()
-        res = train_stage.evaluate_split(m, b, split, ec.ks, batch_size=ec.batch_size, device=device,
+        res = evaluate_split(m, b, split, ec.ks, batch_size=ec.batch_size, device=device,
                                          score_kwargs=score_kwargs, intent_fn=intent_fn, seed=cfg.run.seed,
                                          progress=name if progress else "")
         dt = time.perf_counter() - t0
@@ -164,7 +166,7 @@ def evaluate_model(cfg: Config, model_name: str, log=print, progress: bool = Fal
     low = {}  # the denoiser's precision (models whose score_all takes a dtype; scores stay float32)
     if ec.dtype != "float32":
         if "dtype" in _score_params(model):
-            low = {"dtype": train_stage.resolve_dtype(ec.dtype, device)}
+            low = {"dtype": resolve_dtype(ec.dtype, device)}
         else:
             log(f"evaluate: {model_name} scores in float32 (evaluate.dtype={ec.dtype} applies to iDreamRec)")
     steps_kw = lambda s: {**low, "steps": s} if s else dict(low)  # 0: the model's own sampler (iDreamRec: 1)
@@ -234,7 +236,6 @@ def anchored_intentions(cfg: Config, conf: dict, ds: data_stage.Dataset, it: Int
     """`it` (category texts) with each text's whitened vector replaced by its anchor over the model's training
     intentions (recommend.anchor_intent), or None when the model trained with none. `bundle`: the trained
     run already loaded (its intention bank is built once), else the bank is built here."""
-    from recpipe.pipeline.recommend import anchor_intent, training_intentions
 
     if bundle is not None:
         R, Wt, _ = bundle.intention_bank()

@@ -20,82 +20,11 @@ import torch
 from recpipe.config import Config
 from recpipe.errors import ArtifactError, ConfigError, DataError
 from recpipe.pipeline import bundle as bundle_mod
-from recpipe.pipeline import train as train_stage
 from recpipe.pipeline.embed import torch_threads
+from recpipe.pipeline.intents import anchor_intent
+from recpipe.pipeline.scoring import resolve_dtype
 
 INTENT_CACHE = 4096  # distinct intents whose vectors a warm service keeps (1.5 KB each at 384-d)
-
-
-def anchor_intent(query: np.ndarray, bank_raw: np.ndarray, bank_white: np.ndarray, k: int, temperature: float
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A typed intention as the denoiser knows intentions: the softmax(cosine / temperature)-weighted mean of
-    the whitened vectors (bank_white, (n, d)) of the k training intentions whose unit TEM vectors (bank_raw)
-    are nearest to the query's unit TEM vector (d,). Returns the (d,) vector, the k bank rows used (nearest
-    first) and their weights."""
-    k = min(k, len(bank_raw))
-    if k < 1:
-        raise ValueError("an empty intention bank")
-    cos = bank_raw @ query  # (n,)
-    top = np.argpartition(-cos, k - 1)[:k]
-    top = top[np.argsort(-cos[top], kind="stable")]
-    z = (cos[top] - cos[top[0]]) / temperature
-    p = np.exp(z.astype(np.float64))
-    p /= p.sum()
-    return (p @ bank_white[top].astype(np.float64)).astype(np.float32), top, p
-
-
-def training_intentions(cfg: Config, conf: dict, ds, encode, dim: int, whitened=None
-                        ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
-    """The distinct intentions a model (its checkpoint config `conf`) was trained with (train.intent_source:
-    the describe stage's, the category texts, or both): unit TEM vectors (n, d), whitened vectors (n, d) and
-    texts (None where unknown); n = 0 when it trained with none. `encode(texts)` is the items' TEM;
-    `whitened`: the whiten stage already read (`whiten.load`), else it is read here."""
-    from recpipe.pipeline import readers, whiten
-
-    src = conf.get("train", {}).get("intent_source", "llm")
-    raws, whites, texts = [], [], []
-    if src in ("llm", "mixed"):
-        whitened = whitened or whiten.load(cfg.run_dir)
-        white = whitened.intent_vectors(mmap=True)  # only the distinct rows are read in
-        raw = readers.embed_vectors(cfg.run_dir, "intents", mmap=True) if white is not None else None
-        if raw is not None:
-            if raw.shape != white.shape:
-                raise ArtifactError(f"the embed stage's intent embeddings {raw.shape} differ in shape from the "
-                                    f"whitened intentions' {white.shape}; re-run `recpipe train`")
-            step = 1 << 16  # zero rows (items without an intention) left out, a block of rows at a time
-            keep = np.concatenate([np.flatnonzero(np.asarray(raw[i:i + step]).any(axis=1)) + i
-                                   for i in range(1, len(raw), step)] or [np.zeros(0, np.int64)])
-            all_texts = readers.intent_texts(cfg.run_dir, len(raw) - 1)
-            kept_texts = [None] * len(keep) if all_texts is None else [all_texts[i - 1] for i in keep]
-            first = _distinct(kept_texts, raw, keep)
-            raws.append(np.asarray(raw[keep[first]], dtype=np.float32))
-            whites.append(np.asarray(white[keep[first]], dtype=np.float32))
-            texts += [kept_texts[i] for i in first]
-    if src in ("category", "mixed"):
-        whitened = whitened or whiten.load(cfg.run_dir)
-        cats = train_stage.category_intents(cfg, ds, whitened.whitening, encode)
-        raws.append(np.asarray(cats.raw, dtype=np.float32))
-        whites.append(cats.vectors.astype(np.float32))
-        texts += cats.texts
-    R = np.concatenate(raws) if raws else np.zeros((0, dim), np.float32)
-    Wt = np.concatenate(whites) if whites else np.zeros((0, dim), np.float32)
-    R /= np.maximum(np.linalg.norm(R, axis=1, keepdims=True), 1e-12)
-    first = _distinct(texts, R, np.arange(len(R)))
-    return R[first], Wt[first], [texts[i] for i in first]
-
-
-def _distinct(texts: list[str | None], vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Positions (into `rows`, ascending) of the first row of each distinct intention: by text where every
-    text is known, else by vector rounded to 1e-4 (one text's rows differ in the last bits across batches)."""
-    if texts and all(t is not None for t in texts):
-        seen: dict[str, int] = {}
-        for i, t in enumerate(texts):
-            seen.setdefault(t, i)
-        return np.array(sorted(seen.values()), dtype=np.int64)
-    if not len(rows):
-        return np.zeros(0, dtype=np.int64)
-    _, first = np.unique(np.round(np.asarray(vectors[rows], dtype=np.float32), 4), axis=0, return_index=True)
-    return np.sort(first)
 
 
 @dataclass
@@ -119,7 +48,7 @@ class RecommendService:
         self.ds, self.model, self.conf = self.bundle.ds, self.bundle.model, self.bundle.conf
         # the precision of the intent's TEM forward (the one-step generation stays float32: at batch 1, bf16
         # autocast re-casts the weights on every call and is slower)
-        self.dtype = train_stage.resolve_dtype(cfg.recommend.dtype, "cpu")
+        self.dtype = resolve_dtype(cfg.recommend.dtype, "cpu")
         self.titles = self.ds.items["title"].to_numpy()
         self.item_ids = self.ds.items["item_id"].to_numpy()
         self._tem = None
