@@ -128,6 +128,12 @@ def got(resp):
     return [(it["id"], it["title"], it["score"]) for it in resp.json()["items"]]
 
 
+def close_to(g, want) -> bool:
+    """The same items, scores within float32 batching drift: for answers that may share a batch with others."""
+    return [x[:2] for x in g] == [x[:2] for x in want] and bool(
+        np.allclose([x[2] for x in g], [x[2] for x in want], rtol=1e-4, atol=1e-5))
+
+
 def users(ref, n=6):
     ids = ref.ds.users["user_id"].tolist()
     return [u for u in ids if u != "u0"][:n]  # u0 has seen every item
@@ -380,14 +386,15 @@ def test_clients_that_disconnect_and_a_slow_client(server, reference):
         for i in range(0, len(body), 5):
             s.sendall(body[i:i + 5])
             if i + 5 < len(body):  # still sending: the server answers others meanwhile
-                assert got(server.client.post("/recommend", json={"user": u})) == expected(reference, u)
+                # (the abandoned requests above may still share its batch: batching drift, not equality)
+                assert close_to(got(server.client.post("/recommend", json={"user": u})), expected(reference, u))
                 time.sleep(0.02)
         out = b""
         while chunk := s.recv(65536):
             out += chunk
     assert out.startswith(b"HTTP/1.1 200"), out[:200]
     assert expected(reference, u, "a funny comedy")[0][0].encode() in out
-    assert got(server.client.post("/recommend", json={"user": u})) == expected(reference, u)
+    assert close_to(got(server.client.post("/recommend", json={"user": u})), expected(reference, u))
 
 
 def test_a_10_mb_body_is_refused_and_the_server_goes_on(server, reference):
@@ -406,7 +413,7 @@ def test_a_10_mb_body_is_refused_and_the_server_goes_on(server, reference):
     r = server.client.post("/recommend", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and "over" in r.json()["error"]
     u = users(reference)[0]
-    assert got(server.client.post("/recommend", json={"user": u})) == expected(reference, u)
+    assert close_to(got(server.client.post("/recommend", json={"user": u})), expected(reference, u))
 
 
 def test_reload_under_load_drops_nothing(run_cfg, reference, tmp_path):
