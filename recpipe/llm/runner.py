@@ -11,7 +11,6 @@ fallback.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -62,36 +61,26 @@ def _seed(key: str) -> int:
 
 
 class Progress:
-    """tqdm on a terminal (rate and ETA); on a log, a line every 30 s."""
+    """recpipe's one progress bar (recpipe.progress) over the prompts: a bar on a terminal, a plain line every
+    PLAIN_EVERY_S seconds off one; retries and cache hits in its info column."""
 
     def __init__(self, total: int, desc: str, log: Callable[[str], None]):
-        self.total, self.desc, self.log = total, desc, log
-        self.done = 0
-        self.t0 = self.last = time.perf_counter()
-        self.bar = None
-        if total and sys.stderr.isatty():
-            from tqdm import tqdm
+        from recpipe.progress import progress_bar
 
-            self.bar = tqdm(total=total, desc=desc, unit="prompt", file=sys.stderr, dynamic_ncols=True,
-                            mininterval=0.3, smoothing=0.1)
+        self.bar = None
+        if total:
+            self.bar = progress_bar(f"{desc}", "prompts {task.fields[info]}")
+            self.task = self.bar.add_task(desc, total=total, info="")
+            self.bar.start()
 
     def update(self, n: int = 1, **postfix: Any) -> None:
-        self.done += n
         if self.bar is not None:
-            self.bar.update(n)
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
-            return
-        now = time.perf_counter()
-        if now - self.last >= 30 and self.done < self.total:
-            self.last = now
-            rate = self.done / (now - self.t0)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            self.log(f"{self.desc}: {self.done}/{self.total} prompts, {rate:.2f}/s, ETA {eta:.0f} s")
+            info = ", ".join(f"{k} {v}" for k, v in postfix.items())
+            self.bar.update(self.task, advance=n, info=f"({info})" if info else "")
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            self.bar.stop()
 
 
 def answer_all(prompts: list[Prompt], backend: Backend, cache, dcfg: DescribeConfig, stats: Stats,

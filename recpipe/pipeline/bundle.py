@@ -34,7 +34,7 @@ from recpipe.config import Config
 from recpipe.errors import ArtifactError, ConfigError
 from recpipe.models.base import Recommender, build_model
 from recpipe.pipeline import data as data_stage
-from recpipe.pipeline import readers, whiten
+from recpipe.pipeline import embed, whiten
 
 TRAIN_STAGE = "train"
 WEIGHTS_FILE = "model.safetensors"
@@ -147,7 +147,7 @@ class Bundle:
         if self._tem_info is None:
             if self.text is None:
                 raise ConfigError(f"model {self.model_name} reads no text vectors; it has no TEM")
-            emb = require_stage(self.run_dir, readers.EMBED_STAGE, hint="recpipe embed")
+            emb = require_stage(self.run_dir, embed.STAGE, hint="recpipe embed")
             dim = self.text.whitening.dim
             if emb.info.get("dim") != dim:
                 raise ArtifactError(f"the embed stage: TEM dimension {emb.info.get('dim')} differs from "
@@ -185,7 +185,7 @@ def load(cfg: Config, model_name: str | None = None, device: str | torch.device 
     run_dir = cfg.run_dir
     model_name = model_name or cfg.train.model
     require_stage(run_dir, data_stage.STAGE, hint="recpipe data")
-    ds = readers.dataset(run_dir)
+    ds = data_stage.load_run(run_dir)
     model, conf, m, text = _load_model(run_dir, model_name, device, None)
     # the checkpoint matches its manifest; the model must also come from the data (and vectors) the run
     # directory holds now, or its item ids would name other items

@@ -479,6 +479,20 @@ def load(stage_dir: Path, task: str = "description") -> pd.DataFrame:
         raise ArtifactError(f"{p}: corrupt ({type(e).__name__}); run `recpipe describe --force`") from None
 
 
+def load_intents(run_dir: str | Path, n_items: int) -> list[str] | None:
+    """The intention text of every item (index i - 1 for item i), or None when the table is missing,
+    unreadable or does not line up with the items 1..n_items."""
+    try:
+        df = load(Path(run_dir) / STAGE, "intent")
+    except ArtifactError:
+        return None
+    if "item" not in df or "text" not in df:
+        return None
+    if len(df) != n_items or not (df["item"].to_numpy() == np.arange(1, n_items + 1)).all():
+        return None
+    return [str(t) for t in df["text"].to_numpy()]
+
+
 __all__ = ["run", "load", "describe_items", "stage_config", "Report", "COLUMNS", "TEMPLATES", "metadata_text",
            "metadata_texts", "metadata_description", "metadata_intent", "check_output", "intent_problem",
            "names_item", "title_forms", "title_core", "is_looping"]

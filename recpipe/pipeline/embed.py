@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Callable
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -537,9 +537,9 @@ def run(cfg: Config, force: bool = False, log: Callable[[str], None] = print) ->
         V = tem.encode(distinct, batch_size=e.batch_size, show_progress=sys.stderr.isatty())
         encode_s = time.perf_counter() - t1
         row = {t: i for i, t in enumerate(distinct)}
-        save_npy(out_dir / "item_embeddings.npy", with_padding(V[[row[t] for t in texts]]))
+        save_npy(out_dir / FILES["items"], with_padding(V[[row[t] for t in texts]]))
         if intents is not None:
-            save_npy(out_dir / "intent_embeddings.npy", with_padding(V[[row[t] for t in intents]]))
+            save_npy(out_dir / FILES["intents"], with_padding(V[[row[t] for t in intents]]))
         elapsed = time.perf_counter() - t0
         report = {"texts": len(every), "distinct_texts": len(distinct),
                   "distinct_intents": len(set(intents)) if intents is not None else None,
@@ -559,15 +559,28 @@ def run(cfg: Config, force: bool = False, log: Callable[[str], None] = print) ->
     return run_stage(cfg.run_dir, STAGE, config, inputs, build, force=force, log=log)
 
 
-def load_embeddings(stage_dir: str | os.PathLike, name: str = "item_embeddings.npy") -> np.ndarray:
-    p = Path(stage_dir) / name
+FILES = {"items": "item_embeddings.npy", "intents": "intent_embeddings.npy"}  # float32 (n_items + 1, d)
+
+
+def load_vectors(run_dir: str | os.PathLike, which: Literal["items", "intents"] = "items", mmap: bool = False
+                 ) -> np.ndarray | None:
+    """The stage's item or intention table (float (n_items + 1, d), n_items >= 2, row 0 = padding); None when
+    it wrote no intentions. `mmap`: a read-only memory map (a caller that reads a few rows of a large table)."""
+    path = Path(run_dir) / STAGE / FILES[which]
+    if which == "intents" and not path.exists():
+        return None
     try:
-        return np.load(p)
+        E = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except FileNotFoundError:
-        raise ArtifactError(f"{p}: missing; run `recpipe embed` first") from None
-    except (ValueError, OSError) as e:
-        raise ArtifactError(f"{p}: corrupt ({e}); run `recpipe embed --force`") from None
+        raise ArtifactError(f"{path}: missing; re-run `recpipe embed --force`") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise ArtifactError(f"{path}: corrupt ({type(e).__name__}); re-run `recpipe embed --force`") from None
+    if E.ndim != 2 or E.shape[0] < 3 or not np.issubdtype(E.dtype, np.floating):
+        what = "item" if which == "items" else "intent"
+        raise ArtifactError(f"{path}: expected a float (n_items + 1, dim) {what} embedding table with n_items >= 2, "
+                            f"got {E.dtype} {E.shape}")
+    return E
 
 
-__all__ = ["run", "TEM", "LocalTEM", "OpenAITEM", "load_tem", "load_embeddings", "prepare_text", "tem_identity",
+__all__ = ["run", "TEM", "LocalTEM", "OpenAITEM", "load_tem", "load_vectors", "prepare_text", "tem_identity",
            "with_padding", "local_model_path"]

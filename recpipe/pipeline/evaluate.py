@@ -27,7 +27,7 @@ from recpipe.config import Config, to_dict
 from recpipe.models.base import Recommender
 from recpipe.pipeline import bundle as bundle_mod
 from recpipe.pipeline import data as data_stage
-from recpipe.pipeline import readers
+from recpipe.pipeline import embed
 from recpipe.pipeline.batches import Batcher
 from recpipe.pipeline.intents import anchor_intent, category_text, training_intentions
 from recpipe.pipeline.scoring import evaluate_split, resolve_device, resolve_dtype
@@ -97,7 +97,7 @@ def build_intentions(cfg: Config, kind: str, ds: data_stage.Dataset, targets: np
     # llm: the describe stage's intention of the target item
     require_stage(run_dir, "embed", hint="recpipe embed")
     wh = text.intent_vectors()
-    raw_all = readers.embed_vectors(run_dir, "intents") if wh is not None else None
+    raw_all = embed.load_vectors(run_dir, "intents") if wh is not None else None
     if raw_all is None:
         log("evaluate: no LLM intentions (describe.intents off?); llm rows skipped")
         return None
@@ -182,7 +182,7 @@ def evaluate_model(cfg: Config, model_name: str, log=print, progress: bool = Fal
         kinds = []
     if kinds:
         _, targets = ds.split(split)
-        emb_raw = readers.embed_vectors(cfg.run_dir, "items")
+        emb_raw = embed.load_vectors(cfg.run_dir, "items")
         search = VectorSearch(emb_raw).to(device)
         for kind in kinds:
             it = build_intentions(cfg, kind, ds, targets, log, bundle=run)

@@ -126,14 +126,14 @@ def training_intentions(cfg: Config, conf: dict, ds, encode, dim: int, whitened=
     the describe stage's, the category texts, or both): unit TEM vectors (n, d), whitened vectors (n, d) and
     texts (None where unknown); n = 0 when it trained with none. `encode(texts)` is the items' TEM;
     `whitened`: the whiten stage already read (`whiten.load`), else it is read here."""
-    from recpipe.pipeline import readers, whiten
+    from recpipe.pipeline import describe, embed, whiten
 
     src = conf.get("train", {}).get("intent_source", "llm")
     raws, whites, texts = [], [], []
     if src in ("llm", "mixed"):
         whitened = whitened or whiten.load(cfg.run_dir)
         white = whitened.intent_vectors(mmap=True)  # only the distinct rows are read in
-        raw = readers.embed_vectors(cfg.run_dir, "intents", mmap=True) if white is not None else None
+        raw = embed.load_vectors(cfg.run_dir, "intents", mmap=True) if white is not None else None
         if raw is not None:
             if raw.shape != white.shape:
                 raise ArtifactError(f"the embed stage's intent embeddings {raw.shape} differ in shape from the "
@@ -141,7 +141,7 @@ def training_intentions(cfg: Config, conf: dict, ds, encode, dim: int, whitened=
             step = 1 << 16  # zero rows (items without an intention) left out, a block of rows at a time
             keep = np.concatenate([np.flatnonzero(np.asarray(raw[i:i + step]).any(axis=1)) + i
                                    for i in range(1, len(raw), step)] or [np.zeros(0, np.int64)])
-            all_texts = readers.intent_texts(cfg.run_dir, len(raw) - 1)
+            all_texts = describe.load_intents(cfg.run_dir, len(raw) - 1)
             kept_texts = [None] * len(keep) if all_texts is None else [all_texts[i - 1] for i in keep]
             first = _distinct(kept_texts, raw, keep)
             raws.append(np.asarray(raw[keep[first]], dtype=np.float32))

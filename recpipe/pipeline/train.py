@@ -39,7 +39,7 @@ from recpipe.config import Config, TrainConfig, check_model_name, to_dict
 from recpipe.errors import ArtifactError, ConfigError, Stopped
 from recpipe.models.base import Recommender
 from recpipe.pipeline import data as data_stage
-from recpipe.pipeline import readers, whiten
+from recpipe.pipeline import whiten
 from recpipe.pipeline.batches import Batcher, iterate_training, n_batches, targets_per_batch
 from recpipe.pipeline.bundle import WHITEN_HINT, make_model, needs_text, save_checkpoint
 from recpipe.pipeline.intents import CategoryIntents, IntentSampler, category_intents
@@ -103,7 +103,7 @@ class TrainInputs:
 def gather_inputs(cfg: Config, model_name: str) -> TrainInputs:
     run_dir = cfg.run_dir
     dm = require_stage(run_dir, "data", hint="recpipe data")
-    ds = readers.dataset(run_dir)
+    ds = data_stage.load_run(run_dir)
     fps = {"data": dm.fingerprint}
     iv = itv = cats = None
     info: dict[str, Any] = {}

@@ -49,10 +49,10 @@ import numpy as np
 from recpipe.artifacts import StageResult, atomic_path, require_stage, run_stage
 from recpipe.config import Config, to_dict
 from recpipe.errors import ArtifactError, ConfigError
-from recpipe.pipeline import readers
+from recpipe.pipeline import embed
 
 STAGE = "whiten"
-EMBED_STAGE = readers.EMBED_STAGE
+EMBED_STAGE = embed.STAGE
 METHODS = ("whiten", "scale", "none")
 FORMAT_VERSION = 1
 CHUNK = 16384  # rows per float64 block when fitting / transforming big tables
@@ -294,7 +294,7 @@ def run(cfg: Config, force: bool = False, log=print) -> StageResult:
     config = {"whiten": to_dict(cfg.whiten)}
 
     def build(out_dir: Path) -> dict[str, Any]:
-        E = readers.embed_vectors(cfg.run_dir, "items")
+        E = embed.load_vectors(cfg.run_dir, "items")
         n, d = E.shape[0] - 1, E.shape[1]
         if "dim" in emb.info and emb.info["dim"] != d:
             raise ArtifactError(f"embed stage: item embeddings of dimension {d} but its manifest says "
@@ -312,7 +312,7 @@ def run(cfg: Config, force: bool = False, log=print) -> StageResult:
             info.update(whitened_stats(items[1:], w))
         else:
             info["avg_var"] = float(items[1:].astype(np.float64).var(axis=0, ddof=1).mean())
-        intents = readers.embed_vectors(cfg.run_dir, "intents")
+        intents = embed.load_vectors(cfg.run_dir, "intents")
         if intents is not None:
             if intents.shape != E.shape:
                 raise ArtifactError(f"embed stage: intent embeddings of shape {intents.shape} differ from the item "
