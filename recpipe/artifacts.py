@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -361,6 +360,3 @@ def _normalise(config: dict[str, Any]) -> dict[str, Any]:
     """Config as it round-trips through JSON (tuples become lists, paths strings) so comparisons hold."""
     return json.loads(json.dumps(config, sort_keys=True, default=_json_default))
 
-
-def eprint(msg: str) -> None:
-    print(msg, file=sys.stderr)

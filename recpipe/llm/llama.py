@@ -206,8 +206,8 @@ class LocalBackend(Backend):
     def _load(self):
         with self._lock:
             if self._llm is None:
-                # OpenMP's default wait policy (spin, then sleep) is kept: OMP_WAIT_POLICY=PASSIVE made
-                # generation 6x slower on 2 idle cores (measured); set it yourself on an oversubscribed machine
+                # OpenMP's default wait policy (spin, then sleep) is kept: PASSIVE makes generation several
+                # times slower on idle cores; set OMP_WAIT_POLICY yourself on an oversubscribed machine
                 from llama_cpp import Llama
 
                 self.path = self.model_file()

@@ -431,10 +431,6 @@ class Dataset:
             tgt[u] = s[len(s) - cut]
         return hist, tgt
 
-    def train_sequences(self) -> list[np.ndarray]:
-        """Each user's training items (everything before the validation target)."""
-        return [self.sequence(u)[:-2] for u in range(self.n_users)]
-
     def item_categories(self, column: str) -> list[list[str]] | None:
         """Each item's categories from a "|" (or ",") separated column, in item order; None without it."""
         if column not in self.items.columns:

@@ -132,12 +132,13 @@ def train_config_dict(cfg: Config, model_name: str) -> dict[str, Any]:
     tc.pop("device")  # where it runs does not change what it computes (within float tolerance)
     tc.pop("save_every_s")  # nor does how often its resume state is saved
     out = {"model": model_name, "model_config": dataclasses.asdict(mcfg), "train": tc, "seed": cfg.run.seed}
+    # an option left at its default is left out, so adding an option never re-runs the runs that do not use it
     if not tc["guidance_grid"]:
-        tc.pop("guidance_grid")  # off by default, and before it existed: old runs stay valid
+        tc.pop("guidance_grid")
     if not tc["length_pool"]:
-        tc.pop("length_pool")  # off by default, and before it existed: old runs stay valid
+        tc.pop("length_pool")
     if tc["intent_source"] == "llm":
-        tc.pop("intent_source")  # the default (and the only behaviour before it existed): old runs stay valid
+        tc.pop("intent_source")
     elif needs_text(model_name):
         out["intent_categories"] = {"column": cfg.evaluate.category_column,
                                     "template": cfg.evaluate.category_template}
