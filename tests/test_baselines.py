@@ -460,3 +460,27 @@ def test_dreamrec_target_stop_gradient():
         model.loss(batch, generator=torch.Generator().manual_seed(0)).backward()
         g = model.item_emb.weight.grad[only_target].abs().sum().item()
         assert (g > 0) == flag
+
+
+@pytest.mark.parametrize("name, options", [("diffurecsys", {}), ("diffurec", {"reverse_variance": "posterior"})])
+def test_diffurec_stacked_seeds_equal_one_run_at_a_time(name, options):
+    """score_all runs every seed of an ensemble in one stack (one approximator call per reverse step for all
+    users and seeds); each run must be the run its seed makes alone. In float64 the stack's only difference is
+    matmul blocking, ~1e-15, so 1e-9 separates it from any difference in the noise drawn (O(1) in the scores)."""
+    model = build(name, **options).double()
+    fit(model, name, 5, 1e-3)
+    model.eval()
+    hist = chains(7, torch.Generator().manual_seed(15))
+    hist[0] = 0  # an empty history stays in the stack
+    seeds = [4, 9, 2]
+    alone = [model.score_all({"history": hist}, seeds=[s])[:, 1:] for s in seeds]
+    for a, b in zip(alone, alone[1:]):
+        assert (a - b).abs().max() > 1e-3  # the seeds really draw different noise
+    stacked = model.score_all({"history": hist}, seeds=seeds)
+    expect = torch.logsumexp(torch.stack(alone), dim=0) - math.log(len(seeds))
+    torch.testing.assert_close(stacked[:, 1:], expect, rtol=1e-9, atol=1e-9)
+    assert torch.isneginf(stacked[:, 0]).all()
+    # the stacked reverse returns each seed's own run, in seed order
+    runs = model.reverse(hist, [torch.Generator().manual_seed(s) for s in seeds]).view(3, 7, -1)
+    for j, s in enumerate(seeds):
+        torch.testing.assert_close(runs[j], model.reverse(hist, torch.Generator().manual_seed(s)), rtol=1e-9, atol=1e-9)

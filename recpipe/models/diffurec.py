@@ -50,6 +50,23 @@ from recpipe.models.sasrec import (
 
 LN_EPS = 1e-12  # DiffuRec's TF-style LayerNorm epsilon
 
+#: a noise source: None, one generator, or one generator per run of a stack of equal-sized runs
+Noise = torch.Generator | list[torch.Generator] | None
+
+
+def stacked_randn(shape: tuple[int, ...], generator: Noise, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """N(0, I) of `shape`; for a list of k generators, k blocks of shape[0] / k rows, block j from generator j.
+
+    Each run of a stack then draws exactly what it would draw alone, so stacking changes no result.
+    """
+    if not isinstance(generator, list):
+        return D.randn(shape, generator, device, dtype)
+    k = len(generator)
+    if shape[0] % k:
+        raise ValueError(f"{shape[0]} rows do not split into {k} stacked runs")
+    rows = (shape[0] // k, *shape[1:])
+    return torch.cat([D.randn(rows, g, device, dtype) for g in generator])
+
 
 @dataclass
 class DiffuRecConfig:
@@ -152,15 +169,19 @@ class DiffuRec(Recommender):
         mask: torch.Tensor,
         x_t: torch.Tensor,
         t: torch.Tensor,
-        generator: torch.Generator | None = None,
+        generator: Noise = None,
     ) -> torch.Tensor:
-        """x0_hat (B, D) from the history representation and the noisy target x_t at step t."""
+        """x0_hat (B, D) from the history representation and the noisy target x_t at step t.
+
+        generator: one torch.Generator (or None), or a list of k generators when the batch is k stacked
+        runs of B / k rows each: run j's draws then come from generator j alone.
+        """
         c = self.config
         tt = t.float() * (1000.0 / c.T) if c.rescale_timesteps else t.float()
         z = x_t + self.time_mlp(D.timestep_embedding(tt, c.hidden).to(x_t.dtype))
         # drawn for the full history_len and right-aligned, so extra left padding never changes the draws
         B, L, d = rep.shape
-        std = D.randn((B, self.history_len, d), generator, rep.device, rep.dtype)
+        std = stacked_randn((B, self.history_len, d), generator, rep.device, rep.dtype)
         lam = c.lambda_uncertainty * (1.0 + std[:, self.history_len - L :])
         query = lam * z[:, None, :]
         if c.cross_attention:
@@ -189,34 +210,44 @@ class DiffuRec(Recommender):
         return F.cross_entropy(logits, target - 1)
 
     @torch.no_grad()
-    def reverse(self, history: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One reverse run: T ancestral steps from N(0, I) -> x0 (B, D)."""
-        c = self.config
+    def reverse(self, history: torch.Tensor, generator: Noise = None) -> torch.Tensor:
+        """Reverse runs: T ancestral steps from N(0, I) -> x0.
+
+        One generator (or None): one run, (B, D). A list of k generators: k runs stacked along the batch,
+        (k * B, D), run j in rows [j * B, (j + 1) * B) drawing only from generator j, so each run is the one
+        `reverse(history, generators[j])` makes alone; the stack costs one approximator call per step.
+        """
         rep, mask = self.history_rep(history)
+        k = len(generator) if isinstance(generator, list) else 1
+        if k > 1:  # the history representation is deterministic in eval: computed once, shared by every run
+            rep, mask = rep.repeat(k, 1, 1), mask.repeat(k, 1, 1, 1)
+        return self._reverse_from(rep, mask, generator)
+
+    def _reverse_from(self, rep: torch.Tensor, mask: torch.Tensor, generator: Noise) -> torch.Tensor:
+        c = self.config
         B, dev = rep.shape[0], rep.device
         s = self.schedule(dev)
-
-        def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.approximate(rep, mask, x, t, generator)
-
         if c.reverse_variance == "posterior":
-            return D.ddpm_sample(fn, s, (B, c.hidden), prediction_type="x0", generator=generator, device=dev)
-        # DiffuRec's p_sample: posterior mean, variance beta_t (posterior variance at the first step), no noise at t=0
-        log_var = torch.log(torch.cat([s.posterior_variance[1:2], s.betas[1:]])).to(rep.dtype)
-        x = D.randn((B, c.hidden), generator, dev, rep.dtype)
+            log_var = s.posterior_log_variance_clipped
+        else:  # DiffuRec's p_sample: variance beta_t (the posterior variance at the first step)
+            log_var = torch.log(torch.cat([s.posterior_variance[1:2], s.betas[1:]]))
+        log_var = log_var.to(rep.dtype)
+        # the posterior mean, no noise at t = 0; draws in the order D.ddpm_sample makes them
+        x = stacked_randn((B, c.hidden), generator, dev, rep.dtype)
         for i in reversed(range(c.T)):
             t = torch.full((B,), i, device=dev, dtype=torch.long)
-            mean = D.q_posterior(s, fn(x, t), x, t)[0]
+            mean = D.q_posterior(s, self.approximate(rep, mask, x, t, generator), x, t)[0]
             if i > 0:
-                noise = D.randn(x.shape, generator, dev, x.dtype)
-                x = mean + torch.exp(0.5 * log_var[i]) * noise
+                x = mean + torch.exp(0.5 * log_var[i]) * stacked_randn(x.shape, generator, dev, x.dtype)
             else:
                 x = mean
         return x
 
-    def _log_probs(self, history: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _log_probs(self, history: torch.Tensor, generator: Noise) -> torch.Tensor:
+        """log_softmax over items of each run: (B, n_items), or (k, B, n_items) for k generators."""
         x0 = self.reverse(history, generator)
-        return F.log_softmax(x0 @ self.item_emb.weight[1:].T, dim=-1)
+        logp = F.log_softmax(x0 @ self.item_emb.weight[1:].T, dim=-1)
+        return logp.view(len(generator), history.shape[0], -1) if isinstance(generator, list) else logp
 
     @torch.no_grad()
     def score_all(
@@ -242,9 +273,9 @@ class DiffuRec(Recommender):
             seeds = torch.randint(0, 2**62, (k,), generator=generator, device=generator.device).tolist()
         if seeds is None:
             logp = self._log_probs(history, generator)
-        else:
-            runs = [self._log_probs(history, torch.Generator(device=dev).manual_seed(int(sd))) for sd in seeds]
-            logp = torch.logsumexp(torch.stack(runs), dim=0) - math.log(len(runs))
+        else:  # every seed's run at once, stacked along the batch (one approximator call per reverse step)
+            gens = [torch.Generator(device=dev).manual_seed(int(sd)) for sd in seeds]
+            logp = torch.logsumexp(self._log_probs(history, gens), dim=0) - math.log(len(gens))
         pad = torch.full((logp.shape[0], 1), float("-inf"), device=dev, dtype=logp.dtype)
         return torch.cat([pad, logp], dim=1)
 
