@@ -130,26 +130,10 @@ def markdown(result: dict[str, Any]) -> str:
 
 def print_table(result: dict[str, Any], title: str = "") -> None:
     """The console's view of table.md: the same columns, one table per column kind so it fits a terminal."""
-    from rich.console import Console
-    from rich.table import Table
+    from recpipe.pipeline.evaluate import print_table as two_tables
 
-    ks = result["ks"]
-    console = Console()
-    if title:
-        console.print(title, highlight=False)
-    for col in ("masked", "unmasked"):
-        label = "seen items masked (default)" if col == "masked" else "unmasked (published protocol)"
-        t = Table(title=label, title_justify="left")
-        t.add_column("model")
-        for m in ("HR", "NDCG"):
-            for k in ks:
-                t.add_column(f"{m}@{k}", justify="right")
-        for c in EXTRA_COLUMNS:
-            t.add_column(c, justify="right")
-        for r in result["rows"]:
-            t.add_row(r["name"], *[f"{r[col][f'{m}@{k}']:.4f}" for m in ("HR", "NDCG") for k in ks],
-                      *extra_values(r))
-        console.print(t)
+    extra = {c: (lambda r, i=i: extra_values(r)[i]) for i, c in enumerate(EXTRA_COLUMNS)}
+    two_tables(result["rows"], result["ks"], title=title, first="model", extra=extra)
 
 
 def chart(result: dict[str, Any], path: Path) -> None:

@@ -265,23 +265,27 @@ def markdown_table(rows: list[dict[str, Any]], ks: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_table(rows: list[dict[str, Any]], ks: list[int], title: str = "") -> None:
-    """Two tables (seen-masked, unmasked) with the same rows, so they fit a terminal."""
+def print_table(rows: list[dict[str, Any]], ks: list[int], title: str = "", first: str = "row",
+                extra: dict[str, Any] | None = None) -> None:
+    """Two tables (seen-masked, unmasked) with the same rows, so they fit a terminal. `extra`: column name ->
+    row -> its text, after the metrics (default: users/s)."""
     from rich.console import Console
     from rich.table import Table
 
+    extra = extra if extra is not None else {"users/s": lambda r: f"{r['users_per_s']:,.0f}"}
     console = Console()
     if title:
         console.print(title, highlight=False)
     for col in ("masked", "unmasked"):
         label = "seen items masked (default)" if col == "masked" else "unmasked (published protocol)"
         t = Table(title=label, title_justify="left")
-        t.add_column("row")
+        t.add_column(first)
         for m in ("HR", "NDCG"):
             for k in ks:
                 t.add_column(f"{m}@{k}", justify="right")
-        t.add_column("users/s", justify="right")
+        for c in extra:
+            t.add_column(c, justify="right")
         for r in rows:
             vals = [f"{r[col][f'{m}@{k}']:.4f}" for m in ("HR", "NDCG") for k in ks]
-            t.add_row(r["name"], *vals, f"{r['users_per_s']:,.0f}")
+            t.add_row(r["name"], *vals, *[fmt(r) for fmt in extra.values()])
         console.print(t)
