@@ -25,7 +25,9 @@ DiffuRecSys options (all off for "diffurec", on for "diffurecsys"):
   N(offset * c, I); the reference adds a full second Gaussian instead); inference starts from N(0, I);
 - `ensemble_seeds`: multi-seed inference (its Algorithm 3): the softmax score distributions of that many
   seeded reverse runs are averaged. Scores are log-probabilities (log of the mean distribution), so one seed
-  gives exactly the single run's log-softmax.
+  gives exactly the single run's log-softmax. The runs go stacked along the batch, one approximator call per
+  reverse step for every user and seed, each run drawing only from its own seed's generator (what it draws
+  alone); this saves per-call overhead at small batches, not arithmetic.
 """
 
 from __future__ import annotations
