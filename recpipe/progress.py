@@ -46,6 +46,9 @@ def progress_bar(title: str, info: str, disable: bool = False, transient: bool =
             tail = Text.from_markup(info.format(task=task)).plain
             done = f"{task.completed:,.0f}/{task.total:,.0f}" if task.total else f"{task.completed:,.0f}"
             rate, left = task.speed, task.time_remaining
+            if rate is None and task.elapsed and task.completed:  # too few recent updates: the mean rate
+                rate = task.completed / task.elapsed
+                left = (task.total - task.completed) / rate if task.total else None
             rest = f"{rate:,.1f}/s" if rate else "rate pending"
             if left is not None:
                 rest += f", {hms(left)} left"
