@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from toy_data import N_ITEMS, build_toy, next_item
 
 from recpipe import progress
 from recpipe.artifacts import run_stage
@@ -27,29 +28,13 @@ from recpipe.pipeline import intents as I
 from recpipe.pipeline import scoring as S
 from recpipe.pipeline import train as T
 
-N_ITEMS = 40
-
 
 def _next(i: int) -> int:
-    return (i + 7) % N_ITEMS  # a single cycle through all items: no repeats within a sequence
+    return next_item(i)
 
 
 def _build(tmp_path: Path, n_users: int = 200, length: int = 12, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for u in range(n_users):
-        i = int(rng.integers(N_ITEMS))
-        for j in range(length):
-            rows.append((u, 100 + i, 1000 + j))
-            i = _next(i) if rng.random() < 0.9 else int(rng.integers(N_ITEMS))
-    d = tmp_path / "data" / "toy"
-    d.mkdir(parents=True)
-    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).drop_duplicates(["user_id", "item_id"]).to_csv(
-        d / "interactions.csv", index=False)
-    pd.DataFrame({"item_id": 100 + np.arange(N_ITEMS), "title": [f"item {i}" for i in range(N_ITEMS)],
-                  "genres": ["Comedy|Drama", "Horror", "Comedy", "Action"] * (N_ITEMS // 4)}).to_csv(
-        d / "items.csv", index=False)
-    return tmp_path / "data"
+    return build_toy(tmp_path, n_users, length, seed)
 
 
 def _cfg(tmp_path: Path, **over):

@@ -15,32 +15,18 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
+from toy_data import build_toy
 
 from recpipe import progress
 from recpipe.config import load_config
 from recpipe.pipeline import data as D
 from recpipe.pipeline import train as T
 
-N_ITEMS = 40
-
 
 def _build(tmp_path: Path, n_users: int = 120, length: int = 12, seed: int = 0) -> Path:
-    """A catalog with a learnable rule (the next item is the last one + 7, 90% of the time)."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for u in range(n_users):
-        i = int(rng.integers(N_ITEMS))
-        for j in range(length):
-            rows.append((u, 100 + i, 1000 + j))
-            i = (i + 7) % N_ITEMS if rng.random() < 0.9 else int(rng.integers(N_ITEMS))
-    d = tmp_path / "data" / "toy"
-    d.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).drop_duplicates(["user_id", "item_id"]).to_csv(
-        d / "interactions.csv", index=False)
-    return tmp_path / "data"
+    """The toy catalog without items.csv (training reads no titles)."""
+    return build_toy(tmp_path, n_users, length, seed, items=False)
 
 
 def _settings(tmp_path: Path, cache: str = "cache", **over) -> dict:
