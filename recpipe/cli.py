@@ -219,6 +219,8 @@ def train(
     model: ModelOpt = None,
     epochs: Annotated[Optional[int], typer.Option(help="upper bound on epochs")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="stop after N steps (0 = no limit)")] = None,
+    minutes: Annotated[Optional[float], typer.Option(
+        help="training wall-clock budget in minutes (validation not counted), then validate and stop")] = None,
     lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="training batch size")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda")] = None,
@@ -231,7 +233,8 @@ def train(
 ):
     """Train a model (text models: whiten the item vectors first). Resumes an interrupted run."""
     cfg = _config(config, dataset, data_dir, cache_dir, run_dir, seed, sets, **{
-        "train.model": model, "train.epochs": epochs, "train.max_steps": max_steps, "train.lr": lr,
+        "train.model": model, "train.epochs": epochs, "train.max_steps": max_steps, "train.max_minutes": minutes,
+        "train.lr": lr,
         "train.batch_size": batch_size, "train.device": device})
     _train(cfg, cfg.train.model, force)
 

@@ -130,6 +130,9 @@ class TrainConfig:
     patience: int = 3  # stop after this many validations without a better NDCG@10
     eval_users: int | None = None  # validate on at most N users (None = all); speeds up selection on big data
     max_steps: int = 0  # stop after N optimizer steps (0 = no limit); for smoke runs
+    # stop once this many minutes of training (validation not counted) have run, then validate: models
+    # compared at equal wall-clock (`recpipe benchmark --minutes`, bench/bench_budget.py). None = no budget
+    max_minutes: float | None = None
     # save the resume state (weights, optimizer, counters, random states) at least this often as well as at
     # each validation, so a killed run loses minutes, not an epoch; a save writes about three copies of the
     # weights, small next to minutes of training. 0 = after every step
@@ -475,6 +478,8 @@ def _validate_train(tc: TrainConfig, need) -> None:
     need(0 <= tc.ema < 1, f"train.ema must be >= 0 (0 = off) and < 1, not {tc.ema}")
     need(0 <= tc.intent_prob <= 1, f"train.intent_prob must be between 0 and 1, not {tc.intent_prob}")
     need(tc.max_steps >= 0, f"train.max_steps must be >= 0 (0 = no limit), not {tc.max_steps}")
+    need(tc.max_minutes is None or (finite(tc.max_minutes) and tc.max_minutes > 0),
+         f"train.max_minutes must be > 0, not {tc.max_minutes}; none (the default) sets no budget")
     need(tc.patience >= 1, f"train.patience must be >= 1, not {tc.patience}")
     need(tc.warmup_steps >= 0, f"train.warmup_steps must be >= 0, not {tc.warmup_steps}")
     _need_count(need, "train.eval_every", tc.eval_every, "none (the default) validates once per epoch")

@@ -282,6 +282,31 @@ def test_progress_after_the_last_validation_shows_its_best_and_the_guidance_swee
         assert re.search(rf"^evaluate guidance w={w} \({i}/2\): [\d,]+/\d+ users", out, flags=re.M), out[-1500:]
 
 
+# ------------------------------------------------------------------------------ 5b. a wall-clock budget
+def test_minutes_budget_stops_training_validates_and_keeps_the_default_fingerprint(tmp_path, monkeypatch):
+    """train.max_minutes counts training time only: a fake clock that moves 1 s per reading and a 0.1-minute
+    budget stop the run after a few steps, with the last step validated and saved."""
+    import types
+
+    clock = {"t": 0.0}
+
+    def tick() -> float:
+        clock["t"] += 1.0
+        return clock["t"]
+
+    monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=tick, monotonic=tick))
+    full = 3 * 8  # 3 epochs of 8 steps
+    _build(tmp_path)
+    cfg = _cfg(tmp_path, **{"train.max_minutes": 0.1, "train.save_every_s": 1e9})
+    _, log = _trained(cfg)
+    last = log[-1]
+    assert 1 <= last["step"] < full, log
+    assert 6.0 <= last["train_time_s"] < 6.0 + 3 * full, last  # stopped on the first step past 6 s
+    assert "max_minutes" in T.train_config_dict(cfg, "sasrec")["train"]
+    assert "max_minutes" not in T.train_config_dict(_cfg(tmp_path), "sasrec")["train"], \
+        "an unbudgeted run keeps the fingerprint it had before the option existed"
+
+
 # ------------------------------------------------------------------------------ 6. bad train settings, one line
 @pytest.mark.parametrize("args, message", [
     (["--lr", "nan"], "error: train.lr must be a number > 0, not nan"),
@@ -289,6 +314,7 @@ def test_progress_after_the_last_validation_shows_its_best_and_the_guidance_swee
     (["--max-steps", "-5"], "error: train.max_steps must be >= 0 (0 = no limit), not -5"),
     (["--set", "train.ema=1"], "error: train.ema must be >= 0 (0 = off) and < 1, not 1.0"),
     (["--set", "train.patience=0"], "error: train.patience must be >= 1, not 0"),
+    (["--minutes", "0"], "error: train.max_minutes must be > 0, not 0.0"),
     (["--set", "train.save_every_s=-1"], "error: train.save_every_s must be >= 0 seconds"),
 ])
 def test_bad_train_settings_are_one_line_errors(tmp_path, args, message):

@@ -137,6 +137,8 @@ def train_config_dict(cfg: Config, model_name: str) -> dict[str, Any]:
         tc.pop("guidance_grid")
     if not tc["length_pool"]:
         tc.pop("length_pool")
+    if tc["max_minutes"] is None:
+        tc.pop("max_minutes")
     if tc["intent_source"] == "llm":
         tc.pop("intent_source")
     elif needs_text(model_name):
@@ -332,7 +334,9 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
                     with guard.hold():
                         train_step(batch)
                         bar.update(task, advance=1, info=status())
-                    stop_now = bool(tc.max_steps) and st["step"] >= tc.max_steps
+                    stop_now = (bool(tc.max_steps) and st["step"] >= tc.max_steps) or (
+                        tc.max_minutes is not None
+                        and st["train_time"] + time.perf_counter() - t_epoch >= 60.0 * tc.max_minutes)
                     if st["step"] % eval_every == 0 or stop_now:
                         st["train_time"] += time.perf_counter() - t_epoch  # training time excludes validation
                         check(stop_now)
