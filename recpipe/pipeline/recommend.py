@@ -73,20 +73,36 @@ class RecommendService:
 
     def _intent_entry(self, intent: str) -> tuple[np.ndarray, tuple | None]:
         """The LRU entry of an intent: its (d,) vector and its anchor_intent result (None when not anchored)."""
+        entry = self.cached_intent(intent)
+        return entry if entry is not None else self.embed_intents([intent])[0]
+
+    def cached_intent(self, intent: str) -> tuple[np.ndarray, tuple | None] | None:
+        """The cached entry of an intent (marked recently used), or None when it is not cached."""
         entry = self._intents.get(intent)
         if entry is not None:
             self._intents.move_to_end(intent)
-            return entry
-        raw = self.tem().encode([intent], dtype=str(self.dtype).removeprefix("torch."))
+        return entry
+
+    def embed_intents(self, intents: list[str]) -> list[tuple[np.ndarray, tuple | None]]:
+        """Entries of intents not yet cached, through the TEM in one call, then anchored and cached. A TEM
+        failure raises the TEM's RecpipeError; a TEM of another width than the items' raises ArtifactError."""
+        raw = self.tem().encode(list(intents), dtype=str(self.dtype).removeprefix("torch."))
         if raw.shape[1] != self.whitening.dim:
             raise ArtifactError(f"the TEM gives {raw.shape[1]}-d vectors but the items are {self.whitening.dim}-d")
-        anchored = self._anchor(raw[0])
-        vec = anchored[0] if anchored else self.whitening.transform(raw)[0].astype(np.float32)
-        vec.setflags(write=False)
-        self._intents[intent] = entry = (vec, anchored)
-        if len(self._intents) > INTENT_CACHE:
-            self._intents.popitem(last=False)
-        return entry
+        out = []
+        for text, r in zip(intents, raw):
+            anchored = self._anchor(r)
+            vec = anchored[0] if anchored else self.whitening.transform(r[None])[0].astype(np.float32)
+            vec.setflags(write=False)
+            self._intents[text] = entry = (vec, anchored)
+            if len(self._intents) > INTENT_CACHE:
+                self._intents.popitem(last=False)
+            out.append(entry)
+        return out
+
+    def bank_text(self, j: int) -> str | None:
+        """The text of training intention j (an anchor), where the describe stage's table has it."""
+        return self._bank_texts[j] if 0 <= j < len(self._bank_texts) else None
 
     def intent_bank(self) -> tuple[np.ndarray, np.ndarray]:
         """training_intentions of this model: (n, d) unit TEM and whitened vectors."""
@@ -102,7 +118,7 @@ class RecommendService:
         if anchored is None:
             return []
         _, top, p = anchored
-        return [(self._bank_texts[i], float(w)) for i, w in zip(top[:n], p[:n])]
+        return [(self.bank_text(int(i)), float(w)) for i, w in zip(top[:n], p[:n])]
 
     def _anchor(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """anchor_intent of a typed intent's TEM vector (d,) over the training intentions, or None when

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from recpipe.config import Config
-from recpipe.errors import RecpipeError
+from recpipe.errors import ArtifactError, RecpipeError
 from recpipe.pipeline.embed import torch_threads
-from recpipe.pipeline.recommend import INTENT_CACHE, RecommendService
+from recpipe.pipeline.recommend import RecommendService
 
 ANCHOR_CHARS = 200  # an anchoring intention's text in an answer: enough to read, bounded whatever the LLM wrote
 
@@ -198,18 +198,16 @@ class Engine:
 
     def _intents(self, queries: list[Query], out: list) -> dict[str, tuple]:
         """Cache entries (vector, anchoring) of the batch's intents; the uncached ones through the TEM in one
-        call, then anchored and cached as `RecommendService._intent_entry` does one at a time."""
+        call (`RecommendService.embed_intents`)."""
         svc = self.svc
         entries: dict[str, tuple] = {}
         missing: list[str] = []
         for q in queries:
             if q.intent is None or q.intent in entries:
                 continue
-            e = svc._intents.get(q.intent)
+            e = svc.cached_intent(q.intent)
             if e is not None:
-                svc._intents.move_to_end(q.intent)
                 entries[q.intent] = e
-                q.cache_hit = True
             elif q.intent not in missing:
                 missing.append(q.intent)
         for q in queries:
@@ -217,23 +215,14 @@ class Engine:
         if not missing:
             return entries
         try:
-            raw = svc.tem().encode(missing, dtype=str(svc.dtype).removeprefix("torch."))
+            entries.update(zip(missing, svc.embed_intents(missing)))
+        except ArtifactError as e:  # the run's TEM does not fit its items: every request fails alike
+            raise RequestError(500, str(e).splitlines()[0]) from None
         except RecpipeError as e:
             err = RequestError(503, f"the TEM failed: {str(e).splitlines()[0]}")
             for i, q in enumerate(queries):
                 if q.intent in missing:
                     out[i] = err
-            return entries
-        if raw.shape[1] != svc.whitening.dim:
-            raise RequestError(500, f"the TEM gives {raw.shape[1]}-d vectors but the items are "
-                                    f"{svc.whitening.dim}-d")
-        for text, r in zip(missing, raw):
-            anchored = svc._anchor(r)
-            vec = anchored[0] if anchored else svc.whitening.transform(r[None])[0].astype(np.float32)
-            vec.setflags(write=False)
-            entries[text] = svc._intents[text] = (vec, anchored)
-            if len(svc._intents) > INTENT_CACHE:
-                svc._intents.popitem(last=False)
         return entries
 
     def _answer_group(self, qs: list[Query], ents: list[tuple | None], rows: list[int], out: list) -> None:
@@ -310,8 +299,6 @@ class Engine:
         anchored = []
         if entry is not None and entry[1] is not None:
             _, top, p = entry[1]
-            texts = self.svc._bank_texts
-            anchored = [{"intention": texts[j][:ANCHOR_CHARS] if j < len(texts) and texts[j] else None,
-                         "weight": float(wt)}
+            anchored = [{"intention": (self.svc.bank_text(int(j)) or "")[:ANCHOR_CHARS] or None, "weight": float(wt)}
                         for j, wt in zip(top[:3], p[:3])]
         return Answer(items=items, anchored=anchored, intent=q.intent)
