@@ -43,6 +43,12 @@ def right_aligned_positions(width: int, device: torch.device | None = None) -> t
     return torch.arange(width - 1, -1, -1, device=device)
 
 
+def oldest_first_positions(seq: torch.Tensor) -> torch.Tensor:
+    """(B, L) position ids counted from each row's oldest real item (0), whatever the left padding; padding
+    columns get 0 (their outputs are never read)."""
+    return ((seq > 0).long().cumsum(1) - 1).clamp(min=0)
+
+
 def attention_mask(valid: torch.Tensor, causal: bool = True) -> torch.Tensor:
     """Boolean (B, 1, L, L) mask for F.scaled_dot_product_attention (True = may attend).
 
@@ -119,6 +125,25 @@ class PreLNBlock(nn.Module):
         return x + self.drop(self.ffn(self.ln2(x)))
 
 
+class PostLNBlock(nn.Module):
+    """LN(x + Dropout(Attn(x))), then LN(x + Dropout(FFN(x))) -- the BERT / RecBole TransformerLayer block."""
+
+    def __init__(self, d: int, n_heads: int, dropout: float, ffn_inner: int, activation: str, ln_eps: float = 1e-12):
+        super().__init__()
+        self.attn = MultiHeadAttention(d, n_heads, dropout)
+        self.ln1 = nn.LayerNorm(d, eps=ln_eps)
+        self.ffn = FeedForward(d, ffn_inner, dropout, activation)
+        self.ln2 = nn.LayerNorm(d, eps=ln_eps)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        q = x
+        if last_only:
+            q, mask = x[:, -1:], mask[:, :, -1:]
+        x = self.ln1(q + self.drop(self.attn(q, x, mask)))
+        return self.ln2(x + self.drop(self.ffn(x)))
+
+
 def rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """U[0, 1) drawn on the generator's device (as recpipe.models.diffusion.randn), returned on `device`."""
     on = generator.device if generator is not None else device
@@ -153,6 +178,16 @@ class SASRecConfig:
     # CE: ML-1M, 30 epochs, test NDCG@10 0.1713 vs 0.1638 seen-masked (sparse catalogs may want the original's 0.5)
     dropout: float = 0.1  # see above
     scale_embeddings: bool = True  # original code multiplies item embeddings by sqrt(d) before adding positions
+    # pre: the SASRec paper's pre-LN blocks and a final LN; post: RecBole's (BERT's) post-LN blocks with a LN on
+    # the embeddings and none at the end, to compare with RecBole's SASRec on equal terms
+    norm: Literal["pre", "post"] = "pre"
+    # newest: position 0 is the most recent item (the query at test time always sits there, but a training
+    # target at chunk column t sees its query at position L-1-t); oldest: position 0 is the oldest item read, so
+    # every training target sees its prefix exactly as a test query sees a history of that length (RecBole's
+    # left-aligned positions)
+    positions: Literal["newest", "oldest"] = "newest"
+    # xavier: Xavier-normal matrices (pmixer/SASRec.pytorch); normal: N(0, 0.02) for every matrix (RecBole, BERT)
+    init: Literal["xavier", "normal"] = "xavier"
     # train on every training transition, long histories cut into chunks of history_len (the original reads
     # only each user's last history_len items: at 100 that leaves out 55% of ML-1M's training transitions)
     whole_history: bool = True
@@ -170,17 +205,22 @@ class SASRec(Recommender):
         self.item_emb = nn.Embedding(n_items + 1, c.hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(c.history_len, c.hidden)
         self.emb_drop = nn.Dropout(c.dropout)
+        block = PreLNBlock if c.norm == "pre" else PostLNBlock
         self.blocks = nn.ModuleList(
-            PreLNBlock(c.hidden, c.n_heads, c.dropout, c.ffn_mult * c.hidden, c.activation) for _ in range(c.n_blocks)
+            block(c.hidden, c.n_heads, c.dropout, c.ffn_mult * c.hidden, c.activation) for _ in range(c.n_blocks)
         )
-        self.final_ln = nn.LayerNorm(c.hidden)
+        # pre-LN blocks leave the residual stream unnormalised: a final LN; post-LN normalises the input instead
+        self.final_ln = nn.LayerNorm(c.hidden) if c.norm == "pre" else nn.Identity()
+        self.emb_ln = nn.LayerNorm(c.hidden, eps=1e-12) if c.norm == "post" else nn.Identity()
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # Xavier-normal for every matrix, as in pmixer/SASRec.pytorch (the strong public PyTorch port)
         for name, p in self.named_parameters():
             if p.dim() > 1:
-                nn.init.xavier_normal_(p)
+                if self.config.init == "xavier":  # pmixer/SASRec.pytorch, the strong public PyTorch port
+                    nn.init.xavier_normal_(p)
+                else:
+                    nn.init.normal_(p, std=0.02)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
         with torch.no_grad():
@@ -192,8 +232,12 @@ class SASRec(Recommender):
         x = self.item_emb(seq)
         if self.config.scale_embeddings:
             x = x * math.sqrt(self.config.hidden)
-        x = x + self.pos_emb(right_aligned_positions(seq.shape[1], seq.device))
-        x = self.emb_drop(x)
+        if self.config.positions == "newest":
+            pos = right_aligned_positions(seq.shape[1], seq.device)
+        else:
+            pos = oldest_first_positions(seq)
+        x = x + self.pos_emb(pos)
+        x = self.emb_drop(self.emb_ln(x))
         mask = attention_mask(seq > 0, causal=True)
         for block in self.blocks:
             x = block(x, mask)
