@@ -50,6 +50,10 @@ REF_HP = {
                     "diffusion_steps": 32, "lambda_uncertainty": 0.001, "noise_schedule": "trunc_lin",
                     "schedule_sampler_name": "lossaware"},
 }
+# DreamRec: its README's YooChoose command (T 500, lr 1e-3, exp, w 2, adamw, mlp1), argparse defaults for the rest
+REF_HP["dreamrec"] = {"seq_size": 10, "batch_size": 256, "hidden_factor": 64, "timesteps": 500, "lr": 1e-3,
+                      "beta_sche": "exp", "w": 2.0, "p": 0.1, "dropout_rate": 0.1, "l2_decay": 0.0,
+                      "optimizer": "adamw", "diffuser_type": "mlp1", "beta_start": 1e-4, "beta_end": 0.02}
 KS = [5, 10, 20]
 
 
@@ -83,6 +87,36 @@ def diffurec_pickle(work: Path) -> Path:
     return out
 
 
+def dreamrec_frames(work: Path, seq_size: int) -> Path:
+    """DreamRec's data directory: data_statis.df (seq_size, item_num), train_data.df / val_data.df with
+    columns seq (the last seq_size items, RIGHT-padded with item_num), len_seq, next; items 0..n-1
+    (recpipe id - 1). Training rows: every position of each user's training part with a non-empty history
+    (recpipe's training positions); validation rows: each user's training part -> its second-to-last item."""
+    import pandas as pd
+
+    out = work / f"ml-100k-dreamrec-{seq_size}"
+    if (out / "val_data.df").exists():
+        return out
+    ds = load_dataset()
+    n = ds.n_items
+
+    def row(hist: list[int], nxt: int) -> dict:
+        h = hist[-seq_size:]
+        return {"seq": h + [n] * (seq_size - len(h)), "len_seq": len(h), "next": nxt}
+
+    train, val = [], []
+    for u in range(ds.n_users):
+        s = [int(x) - 1 for x in ds.sequence(u)]
+        tr = s[:-2]
+        train += [row(tr[:i], tr[i]) for i in range(1, len(tr))]
+        val.append(row(tr, s[-2]))
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"seq_size": [seq_size], "item_num": [n]}).to_pickle(out / "data_statis.df")
+    pd.DataFrame(train).to_pickle(out / "train_data.df")
+    pd.DataFrame(val).to_pickle(out / "val_data.df")
+    return out
+
+
 # ------------------------------------------------------------------------------------------- metrics
 def their_metrics(score_batches, label_batches, ref_metric) -> dict[str, float]:
     """The reference's evaluation: its metric function per loader batch, then the mean of batch means."""
@@ -91,6 +125,33 @@ def their_metrics(score_batches, label_batches, ref_metric) -> dict[str, float]:
         for k, v in ref_metric(s, y.view(-1, 1), KS).items():
             acc.setdefault(k, []).append(v)
     return {k: float(np.mean(v)) for k, v in acc.items()}
+
+
+def dreamrec_their_metrics(scores, labels, calculate_hit, batch: int = 100) -> dict[str, float]:
+    """DreamRec's `evaluate`: batches of 100 (the last partial one dropped), top-100 by torch.topk over every
+    column (its padding row included), its `calculate_hit`; NDCG = 1 / log2(rank + 1) with rank from 1."""
+    hit, ndcg, total = [0.0] * len(KS), [0.0] * len(KS), 0
+    for i in range(len(labels) // batch):
+        s, y = scores[i * batch: (i + 1) * batch], labels[i * batch: (i + 1) * batch]
+        top = np.flip(s.topk(100, dim=1, largest=True, sorted=True)[1].numpy(), axis=1)
+        calculate_hit(top, KS, list(y.numpy()), hit, ndcg)
+        total += batch
+    out = {}
+    for i, k in enumerate(KS):
+        out[f"HR@{k}"] = hit[i] / total
+        out[f"NDCG@{k}"] = float(np.asarray(ndcg[i]).reshape(-1)[0]) / total
+    return out
+
+
+def dreamrec_calculate_hit(sorted_list, topk, true_items, hit_purchase, ndcg_purchase):
+    """DreamRec's utility.calculate_hit, restated so recpipe's side never imports reference code."""
+    for i in range(len(topk)):
+        rec_list = sorted_list[:, -topk[i]:]
+        for j in range(len(true_items)):
+            if true_items[j] in rec_list[j]:
+                rank = topk[i] - np.argwhere(rec_list[j] == true_items[j])
+                hit_purchase[i] += 1.0
+                ndcg_purchase[i] += 1.0 / np.log2(rank + 1)
 
 
 def recpipe_metrics(score_batches, label_batches, seen_batches) -> dict[str, dict[str, float]]:
@@ -171,6 +232,126 @@ def worker_ref(a) -> dict:
         rows.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "last_loss": losses[-1],
                      "theirs": their_metrics(scores, labels, train_mod.hrs_and_ndcgs_k),
                      "recpipe": recpipe_metrics(scores, labels, seen_b),
+                     "train_s": t_train, "eval_s": time.time() - t0 - t_train})
+        print(json.dumps({"progress": rows[-1]}), file=sys.stderr, flush=True)
+    return {"rows": rows}
+
+
+def worker_ref_dreamrec(a) -> dict:
+    """DreamRec's own Tenc / diffusion classes and its training loop (DreamRec.py's __main__), validation
+    after every epoch with its `predict` (in train mode: it never calls model.eval())."""
+    import pandas as pd
+    import torch
+
+    hp = json.loads(a.hp)
+    argv = ["DreamRec.py", "--random_seed", str(a.seed)]
+    for k in ("batch_size", "hidden_factor", "timesteps", "lr", "beta_sche", "w", "p", "dropout_rate",
+              "l2_decay", "optimizer", "diffuser_type", "beta_start", "beta_end"):
+        argv += [f"--{k}", str(hp[k])]
+    sys.argv = argv  # DreamRec.py parses its arguments (and seeds) when imported
+    sys.path.insert(0, str(a.ref_dir))
+    import DreamRec as R  # noqa: N813 -- the reference's own module
+    import utility
+
+    device = torch.device("cpu")
+    R.device = device  # a global of its __main__ block that `diffusion.sample` reads
+    data = Path(a.data)
+    statis = pd.read_pickle(data / "data_statis.df")
+    seq_size, item_num = int(statis["seq_size"][0]), int(statis["item_num"][0])
+    args = R.args
+    model = R.Tenc(args.hidden_factor, item_num, seq_size, args.dropout_rate, args.diffuser_type, device)
+    diff = R.diffusion(args.timesteps, args.beta_start, args.beta_end, args.w)
+    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[args.optimizer]
+    optimizer = opt_cls(model.parameters(), lr=args.lr, eps=1e-8, weight_decay=args.l2_decay)
+    train_data = pd.read_pickle(data / "train_data.df")
+    val = pd.read_pickle(data / "val_data.df")
+    vseq, vlen, vnext = list(val["seq"].values), list(val["len_seq"].values), list(val["next"].values)
+    ds = load_dataset()  # the seen-masked column masks each user's whole training part (recpipe ids)
+    seen = [ds.sequence(u)[:-2] for u in range(ds.n_users)]
+    num_batches = int(train_data.shape[0] / args.batch_size)
+    rows = []
+    for epoch in range(a.epochs):
+        t0 = time.time()
+        losses = []
+        for j in range(num_batches):
+            if a.max_batches and j >= a.max_batches:
+                break
+            batch = train_data.sample(n=args.batch_size).to_dict()
+            seq = torch.LongTensor(list(batch["seq"].values()))
+            len_seq = torch.LongTensor(list(batch["len_seq"].values()))
+            target = torch.LongTensor(list(batch["next"].values()))
+            optimizer.zero_grad()
+            x_start = model.cacu_x(target)
+            h = model.cacu_h(seq, len_seq, args.p)
+            n = torch.randint(0, args.timesteps, (args.batch_size,), device=device).long()
+            loss, _ = diff.p_losses(model, x_start, h, n, loss_type="l2")
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        t_train = time.time() - t0
+        scores = []
+        with torch.no_grad():
+            for i in range(0, len(vseq), 100):
+                states = torch.LongTensor(np.array(vseq[i: i + 100]))
+                scores.append(model.predict(states, np.array(vlen[i: i + 100]), diff))
+        sc = torch.cat(scores)
+        y = torch.as_tensor(vnext)
+        theirs = dreamrec_their_metrics(sc, y, utility.calculate_hit)
+        # recpipe's layout: column 0 = padding (their row item_num), items 1..n
+        sc_r = torch.cat([sc[:, item_num:], sc[:, :item_num]], dim=1)
+        mine = recpipe_metrics([sc_r], [y + 1], [seen])
+        rows.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "last_loss": losses[-1],
+                     "theirs": theirs, "recpipe": mine, "train_s": t_train, "eval_s": time.time() - t0 - t_train})
+        print(json.dumps({"progress": rows[-1]}), file=sys.stderr, flush=True)
+    return {"rows": rows}
+
+
+def worker_ours_dreamrec(a) -> dict:
+    """recpipe's DreamRec with the reference's settings on recpipe's batches; validation in eval mode."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from recpipe.models.base import build_model, get_model_config_cls
+    from recpipe.pipeline.batches import Batcher, iterate_training
+
+    hp = json.loads(a.hp)
+    ds = load_dataset()
+    torch.manual_seed(a.seed)
+    cfg = get_model_config_cls("dreamrec")(
+        history_len=hp["seq_size"], hidden=hp["hidden_factor"], dropout=hp["dropout_rate"], T=hp["timesteps"],
+        schedule=hp["beta_sche"], beta_start=hp["beta_start"], beta_end=hp["beta_end"], p_uncond=hp["p"],
+        w=hp["w"])
+    model = build_model("dreamrec", cfg, ds.n_items)
+    b = Batcher(ds, model.history_len)
+    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[hp["optimizer"]]
+    opt = opt_cls(model.parameters(), lr=hp["lr"], eps=1e-8, weight_decay=hp["l2_decay"])
+    gen = torch.Generator().manual_seed(a.seed)
+    users = np.arange(ds.n_users)
+    rows = []
+    for epoch in range(a.epochs):
+        t0 = time.time()
+        model.train()
+        losses = []
+        for bi, batch in enumerate(iterate_training(b, model.train_mode, hp["batch_size"], epoch, a.seed)):
+            if a.max_batches and bi >= a.max_batches:
+                break
+            batch.pop("_pos", None)
+            opt.zero_grad()
+            loss = model.loss(batch, generator=gen)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        t_train = time.time() - t0
+        model.eval()
+        eg = torch.Generator().manual_seed(a.seed * 1000 + epoch)
+        batch, seen = b.eval_batch(users, "valid")
+        with torch.no_grad():
+            sc = model.score_all(batch, generator=eg)
+        y = batch["target"]
+        # their metric on their layout: items 0..n-1, padding last (here never rankable)
+        theirs = dreamrec_their_metrics(torch.cat([sc[:, 1:], sc[:, :1]], dim=1), y - 1, dreamrec_calculate_hit)
+        rows.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "last_loss": losses[-1],
+                     "theirs": theirs, "recpipe": recpipe_metrics([sc], [y], [seen]),
                      "train_s": t_train, "eval_s": time.time() - t0 - t_train})
         print(json.dumps({"progress": rows[-1]}), file=sys.stderr, flush=True)
     return {"rows": rows}
@@ -323,7 +504,10 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        out = (worker_ref if a._worker == "ref" else worker_ours)(a)
+        if a.model == "dreamrec":
+            out = (worker_ref_dreamrec if a._worker == "ref" else worker_ours_dreamrec)(a)
+        else:
+            out = (worker_ref if a._worker == "ref" else worker_ours)(a)
         print(json.dumps(out))
         return
 
@@ -331,15 +515,13 @@ def main() -> None:
         sys.exit(f"error: --ref-dir {a.ref_dir}: not a directory")
     if not DATASET.is_dir():
         sys.exit(f"error: {DATASET}: ml-100k is not there")
-    if a.model == "dreamrec":
-        sys.exit("error: dreamrec is not wired into this bench yet")
     hp = dict(REF_HP[a.model])
     for kv in a.set:
         key, _, val = kv.partition("=")
         if key not in hp:
             sys.exit(f"error: --set {kv}: unknown key (known: {', '.join(hp)})")
         hp[key] = type(hp[key])(val)
-    data = diffurec_pickle(a.work_dir)
+    data = dreamrec_frames(a.work_dir, hp["seq_size"]) if a.model == "dreamrec" else diffurec_pickle(a.work_dir)
     print(f"{a.model}: {json.dumps(hp)}; ml-100k -> {data}; threads {a.threads}")
     results, worst = {}, []
     for seed in a.seeds:
