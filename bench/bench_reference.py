@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -155,8 +156,8 @@ def dreamrec_calculate_hit(sorted_list, topk, true_items, hit_purchase, ndcg_pur
 
 
 def recpipe_metrics(score_batches, label_batches, seen_batches) -> dict[str, dict[str, float]]:
-    """recpipe's protocol: padding never rankable, per-user mean, unmasked and seen-masked."""
-
+    """recpipe's protocol: padding never rankable, per-user mean, unmasked and seen-masked; "se@K" is the
+    standard error of NDCG@K over users (the noise a difference has to clear)."""
     from recpipe.models.metrics import RankAccumulator, history_mask
 
     acc = RankAccumulator()
@@ -165,6 +166,11 @@ def recpipe_metrics(score_batches, label_batches, seen_batches) -> dict[str, dic
         s[:, 0] = -float("inf")
         acc.add(s, y.view(-1).long(), history_mask(seen, s.shape[1] - 1))
     r = acc.result(KS)
+    for col, ranks in (("unmasked", acc.unmasked), ("masked", acc.masked)):
+        rk = np.concatenate(ranks).astype(np.float64)
+        for k in KS:
+            nd = np.where(rk < k, 1.0 / np.log2(rk + 2.0), 0.0)
+            r[col][f"se@{k}"] = float(nd.std(ddof=1) / np.sqrt(len(nd)))
     return {"unmasked": r["unmasked"], "masked": r["masked"]}
 
 
@@ -461,27 +467,74 @@ def rel(ours: float, ref: float) -> str:
     return "  n/a" if ref == 0 else f"{100 * (ours - ref) / ref:+5.0f}%"
 
 
-def print_table(model: str, seed: int, ref: dict, ours: dict, k: int) -> list[float]:
+def _cols(row: dict, nd: str) -> tuple[float, float, float]:
+    return row["theirs"][nd], row["recpipe"]["unmasked"][nd], row["recpipe"]["masked"][nd]
+
+
+def _se(row: dict, k: int) -> tuple[float, float]:
+    """(unmasked, masked) standard errors of NDCG@k over users; nan for rows written without them."""
+    return tuple(row["recpipe"][c].get(f"se@{k}", float("nan")) for c in ("unmasked", "masked"))
+
+
+def print_table(title: str, ref_rows: list[dict], our_rows: list[dict], k: int) -> list[tuple[float, float]]:
+    """One table; returns per epoch and eval (relative difference, difference in combined standard errors)."""
     nd = f"NDCG@{k}"
-    print(f"\n{model}  seed {seed}  (valid {nd}; loss = mean over the epoch's batches)")
+    print(f"\n{title}  (valid {nd}; loss = mean over the epoch's batches; se = standard error over users)")
     print(f"{'ep':>3} | {'loss ref':>8} {'ours':>8} | {'their eval ref':>14} {'ours':>7} {'d':>6} | "
-          f"{'recpipe unmasked ref':>20} {'ours':>7} {'d':>6} | {'masked ref':>10} {'ours':>7} {'d':>6}")
-    worst = []
-    for r, o in zip(ref["rows"], ours["rows"]):
-        te = (r["theirs"][nd], o["theirs"][nd])
-        ru = (r["recpipe"]["unmasked"][nd], o["recpipe"]["unmasked"][nd])
-        rm = (r["recpipe"]["masked"][nd], o["recpipe"]["masked"][nd])
-        print(f"{r['epoch']:>3} | {r['loss']:8.4f} {o['loss']:8.4f} | {te[0]:14.4f} {te[1]:7.4f} {rel(te[1], te[0])} | "
-              f"{ru[0]:20.4f} {ru[1]:7.4f} {rel(ru[1], ru[0])} | {rm[0]:10.4f} {rm[1]:7.4f} {rel(rm[1], rm[0])}")
-        worst.append(min((o_ - r_) / r_ if r_ else 0.0 for r_, o_ in (te, ru, rm)))
-    print(f"    time: ref {ref['wall_s']:.0f} s, ours {ours['wall_s']:.0f} s (train + eval, {len(ref['rows'])} epochs)")
-    return worst
+          f"{'recpipe unmasked ref':>20} {'ours':>7} {'d':>6} | {'masked ref':>10} {'ours':>7} {'d':>6} | "
+          f"{'se ref':>6} {'ours':>6}")
+    out = []
+    for r, o in zip(ref_rows, our_rows):
+        rc, oc = _cols(r, nd), _cols(o, nd)
+        rs, os_ = _se(r, k), _se(o, k)
+        print(f"{r['epoch']:>3} | {r['loss']:8.4f} {o['loss']:8.4f} | {rc[0]:14.4f} {oc[0]:7.4f} {rel(oc[0], rc[0])} | "
+              f"{rc[1]:20.4f} {oc[1]:7.4f} {rel(oc[1], rc[1])} | {rc[2]:10.4f} {oc[2]:7.4f} {rel(oc[2], rc[2])} | "
+              f"{rs[0]:6.4f} {os_[0]:6.4f}")
+        for i, (a_, b_) in enumerate(zip(rc, oc)):
+            j = (0, 0, 1)[i]  # their eval (unmasked) is judged with the unmasked column's error
+            se = math.hypot(rs[j], os_[j])
+            out.append(((b_ - a_) / a_ if a_ else 0.0, (b_ - a_) / se if se > 0 else float("nan")))
+    return out
+
+
+def mean_rows(runs: list[list[dict]], k: int) -> list[dict]:
+    """Per epoch, the mean over seeds of every shown figure (standard errors combined as of a mean)."""
+    nd, se = f"NDCG@{k}", f"se@{k}"
+    rows = []
+    for ep in zip(*runs):
+        n = len(ep)
+        def mean(f, ep=ep) -> float:
+            return float(np.mean([f(r) for r in ep]))
+
+        rows.append({
+            "epoch": ep[0]["epoch"], "loss": mean(lambda r: r["loss"]),
+            "theirs": {nd: mean(lambda r: r["theirs"][nd])},
+            "recpipe": {c: {nd: mean(lambda r, c=c: r["recpipe"][c][nd]),
+                            se: math.sqrt(sum(r["recpipe"][c].get(se, float("nan")) ** 2 for r in ep)) / n}
+                        for c in ("unmasked", "masked")}})
+    return rows
+
+
+def report(model: str, results: dict, k: int) -> None:
+    for seed, res in results.items():
+        print_table(f"{model}  seed {seed}", res["ref"]["rows"], res["ours"]["rows"], k)
+        print(f"    time: ref {res['ref']['wall_s']:.0f} s, ours {res['ours']['wall_s']:.0f} s "
+              f"(train + eval, {len(res['ref']['rows'])} epochs, other jobs running)")
+    runs = list(results.values())
+    diffs = print_table(f"{model}  mean over seeds {', '.join(map(str, results))}",
+                        mean_rows([r["ref"]["rows"] for r in runs], k), mean_rows([r["ours"]["rows"] for r in runs], k),
+                        k)
+    worst = min(d for d, _ in diffs)
+    zs = [z for _, z in diffs if not math.isnan(z)]
+    print(f"\nmean over seeds, every epoch and eval: worst relative NDCG@{k} of ours vs ref {100 * worst:+.1f}% "
+          f"({'within' if worst >= -0.10 else 'outside'} 10%); largest shortfall "
+          f"{-min(zs) if zs else float('nan'):.1f} standard errors")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ref-dir", type=Path, required=True, help="a checkout of the reference repository")
-    ap.add_argument("--model", choices=["diffurec", "diffurecsys", "dreamrec"], required=True)
+    ap.add_argument("--ref-dir", type=Path, help="a checkout of the reference repository")
+    ap.add_argument("--model", choices=["diffurec", "diffurecsys", "dreamrec"])
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--threads", type=int, default=1)
@@ -493,6 +546,7 @@ def main() -> None:
     ap.add_argument("--max-batches", type=int, default=0, help="train at most N batches an epoch (smoke runs)")
     ap.add_argument("--k", type=int, default=10, help="the cut-off shown in the table")
     ap.add_argument("--json", type=Path, help="also write every figure here")
+    ap.add_argument("--from-json", type=Path, help="reprint the tables of a --json file (no training)")
     # internal: one side of one seed, in its own process (the references' module names collide)
     ap.add_argument("--_worker", choices=["ref", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -511,8 +565,15 @@ def main() -> None:
         print(json.dumps(out))
         return
 
-    if not a.ref_dir.is_dir():
-        sys.exit(f"error: --ref-dir {a.ref_dir}: not a directory")
+    if a.from_json:  # reprint the tables of an earlier run
+        saved = json.loads(a.from_json.read_text())
+        print(f"{saved['model']}: {json.dumps(saved['hp'])}")
+        report(saved["model"], saved["results"], a.k)
+        return
+    if not a.model:
+        sys.exit("error: --model is required (diffurec, diffurecsys or dreamrec)")
+    if not a.ref_dir or not a.ref_dir.is_dir():
+        sys.exit(f"error: --ref-dir {a.ref_dir}: not a directory (a checkout of the reference)")
     if not DATASET.is_dir():
         sys.exit(f"error: {DATASET}: ml-100k is not there")
     hp = dict(REF_HP[a.model])
@@ -523,14 +584,11 @@ def main() -> None:
         hp[key] = type(hp[key])(val)
     data = dreamrec_frames(a.work_dir, hp["seq_size"]) if a.model == "dreamrec" else diffurec_pickle(a.work_dir)
     print(f"{a.model}: {json.dumps(hp)}; ml-100k -> {data}; threads {a.threads}")
-    results, worst = {}, []
+    results = {}
     for seed in a.seeds:
-        ref = run_worker("ref", a, hp, data, seed)
-        ours = run_worker("ours", a, hp, data, seed)
-        results[seed] = {"ref": ref, "ours": ours}
-        worst += print_table(a.model, seed, ref, ours, a.k)
-    print(f"\nworst relative NDCG@{a.k} of ours vs ref over every epoch, seed and eval: "
-          f"{100 * min(worst):+.1f}% ({'within' if min(worst) >= -0.10 else 'outside'} 10%)")
+        results[seed] = {"ref": run_worker("ref", a, hp, data, seed), "ours": run_worker("ours", a, hp, data, seed)}
+        print_table(f"{a.model}  seed {seed}", results[seed]["ref"]["rows"], results[seed]["ours"]["rows"], a.k)
+    report(a.model, results, a.k)
     if a.json:
         a.json.write_text(json.dumps({"model": a.model, "hp": hp, "results": results}, indent=1))
 
