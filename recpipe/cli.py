@@ -415,15 +415,23 @@ def benchmark(
     force: ForceOpt = False,
     reuse: Annotated[bool, typer.Option(help="train nothing: table the models already trained and evaluated "
                                              "in the run directory, each with its own settings")] = False,
+    minutes: Annotated[Optional[float], typer.Option(
+        help="equal wall-clock: train every model for M minutes (validation not counted), then validate and "
+             "stop (train.max_minutes); early stopping still applies")] = None,
 ):
-    """Train (or reuse) each model, evaluate all on the same split: one table (markdown, JSON, PNG chart)."""
+    """Train (or reuse) each model, evaluate all on the same split: one table (markdown, JSON, PNG charts)
+    naming the training budget and the CPU."""
+    from recpipe.errors import ConfigError
     from recpipe.pipeline import benchmark as stage
 
-    cfg = _config(config, dataset, data_dir, cache_dir, run_dir, seed, sets)
+    if reuse and minutes is not None:
+        raise ConfigError("--minutes sets how long each model trains, and --reuse trains nothing; give one")
+    cfg = _config(config, dataset, data_dir, cache_dir, run_dir, seed, sets, **{"train.max_minutes": minutes})
     names = None if models is None else [m.strip() for m in models.split(",") if m.strip()]
     result = stage.run(cfg, names, force=force, log=_log, reuse=reuse)
     stage.print_table(result, title=f"benchmark on {cfg.run.dataset} ({result['split']} split)")
-    console.print(f"written: {cfg.run_dir / 'benchmark'} (table.md, results.json, chart.png)", highlight=False)
+    console.print(f"written: {cfg.run_dir / 'benchmark'} (table.md, results.json, chart.png, curve.png)",
+                  highlight=False)
 
 
 def _ensure_data(cfg) -> None:

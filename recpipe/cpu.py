@@ -72,3 +72,45 @@ def cpuinfo_has_bf16() -> bool:
     except OSError:
         return False
     return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+# the features a benchmark table names: what decides how fast torch's and llama.cpp's CPU kernels run here
+FEATURES = {"AVX2": {"avx2"}, "AVX512": {"avx512f"}, "BF16": {"avx512_bf16", "amx_bf16"}, "AMX": {"amx_tile"}}
+
+
+def _cpuinfo_fields() -> tuple[str, set[str]]:
+    """(model name, flags) of the first processor in /proc/cpuinfo; ("", set()) where it cannot be read."""
+    name, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and not name:
+                    name = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+                if name and flags:
+                    break
+    except OSError:
+        pass
+    return name, flags
+
+
+def describe(threads: int | None = None) -> dict:
+    """The CPU a timing was taken on, for a benchmark table: model name, which of AVX2 / AVX512 / BF16 / AMX
+    the kernel lists (the hardware's, RECPIPE_CPU_BF16 does not change it), the threads used (default torch's)
+    and the logical CPUs present; `text` is the one-line form."""
+    import platform
+
+    name, flags = _cpuinfo_fields()
+    name = name or platform.processor() or platform.machine() or "unknown CPU"
+    features = [f for f, names in FEATURES.items() if names & flags]
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    cpus = os.cpu_count() or 0
+    text = (f"{name} ({', '.join(features) if features else 'none of ' + '/'.join(FEATURES)}), "
+            f"{threads} thread{'s' if threads != 1 else ''} of {cpus} CPUs")
+    return {"model": name, "features": features, "threads": int(threads), "cpus": cpus, "text": text}

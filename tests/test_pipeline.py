@@ -6,6 +6,7 @@ that carry the item's identity, so a working trainer must beat chance by a wide 
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -558,3 +559,36 @@ def test_bench_seen_share_splits_window_and_older_items(tmp_path):
     assert bench.seen_share(Fake(1.0), b, "test", 3, {}) == (1.0, 0.0)
     inside, older = bench.seen_share(Fake(-1.0), b, "test", 3, {})
     assert inside == 0.0 and 0.0 < older < 1.0  # ties among the rest: some are older seen items, some unseen
+
+
+def test_benchmark_minutes_budget_names_budget_cpu_and_curves(tmp_path):
+    from recpipe import cpu
+    from recpipe.pipeline import benchmark
+
+    _build(tmp_path, n_users=60)
+    # a budget far below one step's time: every model stops after its first step, then validates
+    cfg = _cfg(tmp_path, **{"train.max_minutes": 1e-6, "train.max_steps": 50, "train.eval_every": 5,
+                            "model.sasrec.history_len": 12})
+    res = benchmark.run(cfg, ["sasrec", "diffrec"], log=lambda m: None)
+    for r in res["rows"]:
+        assert r["budget_minutes"] == 1e-6 and r["steps"] < 50, "the budget, not max_steps, ended training"
+        assert r["curve"] and r["curve"][-1]["step"] == r["steps"] and r["epochs"] is not None
+    c = res["cpu"]
+    assert c["threads"] >= 1 and set(c["features"]) <= set(cpu.FEATURES) and c["model"]
+    out = cfg.run_dir / "benchmark"
+    table = (out / "table.md").read_text()
+    assert "Training budget: 1e-06 min of training per model" in table and f"CPU: {c['text']}." in table
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "results.json").read_text())["cpu"] == c
+    # models trained under different budgets say so, not one budget for all
+    mixed = {**res, "rows": [{**res["rows"][0], "budget_minutes": None}, res["rows"][-1]]}
+    assert benchmark.budget_line(mixed).startswith("Training budgets differ: sasrec none, diffrec 1e-06 min")
+
+
+def test_cli_benchmark_minutes_with_reuse_is_refused(tmp_path):
+    _build(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "recpipe.cli", "benchmark", "--dataset", "toy", "--data-dir",
+                        str(tmp_path / "data"), "--reuse", "--minutes", "5"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "--reuse trains nothing" in r.stderr
