@@ -13,7 +13,7 @@ of both columns, epochs reached, best epoch, training seconds, the CPU); written
 wall-clock, from each model's log.jsonl).
 
 Presets: iDreamRec `best` is the recipe of docs/results.md#r-idreamrec-w256-e8 (item residual, CE with
-lam 0.1, width 256, 8 heads), `paper` the model's defaults. SASRec takes the ML-1M recipe of
+lam 0.1, width 256, 8 heads, history guidance w = 1), `paper` the model's defaults. SASRec takes the ML-1M recipe of
 docs/results.md#r-sasrec-ml1m (batch 128, lr 2e-3, 50 warm-up steps) with history 50 (RecBole's max length).
 
 RecBole (issue #22 §5): with --recbole-python (an interpreter with recbole 1.2.1, e.g. a venv of its own;
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PRESETS: dict[str, dict[str, str]] = {
     "best": {"model.idreamrec.item_residual": "true", "model.idreamrec.loss": "ce", "model.idreamrec.lam": "0.1",
-             "model.idreamrec.width": "256", "model.idreamrec.heads": "8"},
+             "model.idreamrec.width": "256", "model.idreamrec.heads": "8", "model.idreamrec.w": "1"},
     "paper": {},
 }
 SASREC_SETTINGS = {"train.batch_size": "128", "train.lr": "0.002", "train.warmup_steps": "50",
