@@ -230,8 +230,16 @@ def train(
     seed: SeedOpt = None,
     sets: SetOpt = None,
     force: ForceOpt = False,
+    nproc: Annotated[Optional[int], typer.Option(
+        help="data-parallel processes on this machine: runs `torchrun --standalone --nproc_per_node N -m recpipe "
+             "train ...` (DDP; gloo on CPUs, NCCL on GPUs); the batch size stays the global batch")] = None,
 ):
     """Train a model (text models: whiten the item vectors first). Resumes an interrupted run."""
+    if nproc is not None and "WORLD_SIZE" not in os.environ:
+        from recpipe.pipeline import distributed
+
+        distributed.launch(nproc, _argv_without(sys.argv[1:], "--nproc"))
+        return
     cfg = _config(config, dataset, data_dir, cache_dir, run_dir, seed, sets, **{
         "train.model": model, "train.epochs": epochs, "train.max_steps": max_steps, "train.max_minutes": minutes,
         "train.lr": lr,
@@ -243,8 +251,22 @@ def _train(cfg, model_name: str, force: bool):
     from recpipe.pipeline import train as stage
 
     res = stage.run(cfg, model_name, force=force, log=_log)  # text models: it whitens first
-    _print_train(model_name, res)
+    if res is not None:  # None: a rank > 0 of a distributed run, which rank 0 reports for
+        _print_train(model_name, res)
     return res
+
+
+def _argv_without(argv: list[str], option: str) -> list[str]:
+    """argv less `option VALUE` / `option=VALUE`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
 
 
 def _print_train(model_name: str, res) -> None:
@@ -472,6 +494,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="recpipe")
     except RecpipeError as e:
+        for sig in old:  # a stop signal now (torchrun ends the other ranks of a failed run) must not cut the line
+            signal.signal(sig, signal.SIG_IGN)
         err_console.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except (Stopped, KeyboardInterrupt) as e:

@@ -170,12 +170,24 @@ def bucket_by_length(perm: np.ndarray, lengths: np.ndarray, batch_size: int, poo
     return np.concatenate([full.reshape(-1), perm[n_full * batch_size:]])
 
 
+def shard(units: np.ndarray, rank: int, world: int) -> tuple[np.ndarray, bool]:
+    """Rank `rank`'s contiguous share of one global batch's units, of `world` shares differing by at most one
+    unit: (units, real). A batch smaller than the world leaves some ranks nothing; they get its first unit with
+    real=False, to be weighed 0, because every rank must take part in the step's gradient all-reduce."""
+    part = np.array_split(units, world)[rank]
+    if len(part) == 0:
+        return units[:1], False
+    return part, True
+
+
 def iterate_training(b: Batcher, mode: str, batch_size: int, epoch: int, seed: int, skip: int = 0,
-                     window: int = 0, chunked: bool = False, length_pool: int | None = None
-                     ) -> Iterator[dict[str, torch.Tensor]]:
+                     window: int = 0, chunked: bool = False, length_pool: int | None = None,
+                     rank: int = 0, world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
     """One shuffled pass (epoch) over the training data; `skip` batches already done (resume).
     mode "window": windows of `window` targets, batch_size targets a batch. length_pool (a number): batches of
-    similar history length (`bucket_by_length`), which cuts padded compute on short-history catalogs."""
+    similar history length (`bucket_by_length`), which cuts padded compute on short-history catalogs.
+    world > 1 (data-parallel training): every rank draws the same pass and yields its `shard` of each batch;
+    a share that is only a placeholder carries the key "_void"."""
     rng = np.random.default_rng([seed, epoch])
     units, batch_size = _units(b, mode, batch_size, window, chunked)
     perm = units[rng.permutation(len(units))]
@@ -183,15 +195,31 @@ def iterate_training(b: Batcher, mode: str, batch_size: int, epoch: int, seed: i
     if lengths is not None:
         perm = bucket_by_length(perm, lengths, batch_size, length_pool, rng)
     for i in range(skip * batch_size, len(perm), batch_size):
-        chunk = perm[i: i + batch_size]
+        chunk, real = perm[i: i + batch_size], True
+        if world > 1:
+            chunk, real = shard(chunk, rank, world)
         if mode == "position":
-            yield b.positions(chunk)
+            batch = b.positions(chunk)
         elif mode == "window":
-            yield b.windows(chunk, window)
+            batch = b.windows(chunk, window)
         elif mode == "sequence":
-            yield b.sequences(chunk)
+            batch = b.sequences(chunk)
         else:
-            yield b.user_histories(chunk, cut=2)
+            batch = b.user_histories(chunk, cut=2)
+        if not real:
+            batch["_void"] = torch.ones(())
+        yield batch
+
+
+def batch_targets(batch: dict[str, torch.Tensor]) -> int:
+    """The training targets a batch holds, which a model's loss averages over: the non-padding entries of
+    target_seq (sequence rows) or target (windows; a position holds one), else one a row; 0 for a placeholder."""
+    if "_void" in batch:
+        return 0
+    for key in ("target_seq", "target"):
+        if key in batch:
+            return int((batch[key] > 0).sum())
+    return int(next(v for k, v in batch.items() if not k.startswith("_")).shape[0])
 
 
 def targets_per_batch(b: Batcher, mode: str, batch_size: int, window: int = 0, chunked: bool = False) -> float:
@@ -206,4 +234,5 @@ def n_batches(b: Batcher, mode: str, batch_size: int, window: int = 0, chunked: 
     return math.ceil(len(units) / batch_size)
 
 
-__all__ = ["Batcher", "iterate_training", "n_batches", "bucket_by_length", "targets_per_batch"]
+__all__ = ["Batcher", "iterate_training", "shard", "batch_targets", "n_batches", "bucket_by_length",
+           "targets_per_batch"]

@@ -39,8 +39,8 @@ from recpipe.config import Config, TrainConfig, check_model_name, to_dict
 from recpipe.errors import ArtifactError, ConfigError, Stopped
 from recpipe.models.base import Recommender
 from recpipe.pipeline import data as data_stage
-from recpipe.pipeline import whiten
-from recpipe.pipeline.batches import Batcher, iterate_training, n_batches, targets_per_batch
+from recpipe.pipeline import distributed, whiten
+from recpipe.pipeline.batches import Batcher, batch_targets, iterate_training, n_batches, targets_per_batch
 from recpipe.pipeline.bundle import WHITEN_HINT, make_model, needs_text, save_checkpoint
 from recpipe.pipeline.intents import CategoryIntents, IntentSampler, category_intents
 from recpipe.pipeline.resume import (
@@ -148,26 +148,67 @@ def train_config_dict(cfg: Config, model_name: str) -> dict[str, Any]:
 
 
 def run(cfg: Config, model_name: str | None = None, force: bool = False, log=print, progress: bool = True
-        ) -> StageResult:
+        ) -> StageResult | None:
+    """Train (or skip, when current) one model. Under torchrun (recpipe.pipeline.distributed) every process
+    calls this; rank 0 writes the stage and returns its result, the other ranks train silently and get None."""
     model_name = model_name or cfg.train.model
     check_model_name(model_name)
+    dist = distributed.setup(resolve_device(cfg.train.device))
+    if dist is not None and not dist.main:
+        log, progress = (lambda m: None), False
     if needs_text(model_name):  # the whitened item table this model is built on (skipped when current)
-        whiten.run(cfg, log=log)
+        if dist is None or dist.main:
+            whiten.run(cfg, log=log)
+        if dist is not None:
+            dist.barrier()  # the other ranks read what rank 0 wrote
     inputs = gather_inputs(cfg, model_name)
     config = train_config_dict(cfg, model_name)
 
     def build(out_dir: Path) -> dict[str, Any]:
-        return _train(cfg, model_name, inputs, config, out_dir, log=log, progress=progress)
+        if dist is not None:
+            dist.broadcast_int(1)  # rank 0 trains: so do the others
+        return _train(cfg, model_name, inputs, config, out_dir, log=log, progress=progress, dist=dist)
 
-    return run_stage(cfg.run_dir, f"train/{model_name}", config, inputs.fingerprints, build, force=force, log=log)
+    if dist is not None and not dist.main:
+        if dist.broadcast_int(0):  # rank 0's decision: 0 = its stage is up to date, nothing to train
+            _train(cfg, model_name, inputs, config, None, log=log, progress=False, dist=dist)
+        return None
+    res = run_stage(cfg.run_dir, f"train/{model_name}", config, inputs.fingerprints, build, force=force, log=log)
+    if dist is not None and res.skipped:
+        dist.broadcast_int(0)
+    return res
 
 
-def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir: Path, log, progress: bool
-           ) -> dict[str, Any]:
+class _Loss(torch.nn.Module):
+    """The model's training loss as a forward(), which is what DistributedDataParallel wraps."""
+
+    def __init__(self, model: Recommender):
+        super().__init__()
+        self.model = model
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        # a step may leave parameters out (no intention, a dropped history); their zero-weighted first entries
+        # put every parameter in the graph, so DDP's reducer needs no search for unused ones each step
+        loss = self.model.loss(batch, generator=generator)
+        return loss + sum(p.view(-1)[0] for p in self.trainable) * 0.0
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """The random stream of rank > 0 (rank 0 keeps the run's own): its noise and dropout draws differ from the
+    other ranks', and after a resume it restarts from where the run is."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir: Path | None, log,
+           progress: bool, dist: distributed.Dist | None = None) -> dict[str, Any]:
+    """out_dir None: a rank > 0 of a distributed run, which writes nothing."""
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
     device = resolve_device(tc.device)
+    if dist is not None:
+        device = dist.device_of()
     seed = cfg.run.seed
     torch.manual_seed(seed)
     mcfg = cfg.model_config(model_name)
@@ -221,11 +262,23 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
         log(f"train/{model_name}: ignoring {work / LEGACY_STATE_FILE} (a pickle, which recpipe never loads: "
             "unpickling can run code); starting from step 0")
 
+    ddp = None
+    if dist is not None:
+        if not dist.main:
+            gen.manual_seed(_rank_seed(seed, dist.rank, st["step"]))
+            torch.manual_seed(_rank_seed(seed, dist.rank, st["step"]) + 1)
+        # buffers (the frozen item table) are the same on every rank by construction: not re-sent every step
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            _Loss(model), device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+    checked_at = st["log"][-1]["step"] if st["log"] else -1
+
     guard = StopGuard()
     last_save = time.monotonic()
 
     def save_state() -> None:
         nonlocal last_save
+        if dist is not None and not dist.main:
+            return  # rank 0 alone keeps the state
         keep = max(eval_every, 50)  # the losses a validation entry and the progress line average over
         with guard.hold():
             write_resume_state(state_path, *pack_state(run_id, model, opt, ema, best_state, st, gen, losses[-keep:],
@@ -250,13 +303,21 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
 
     def check(final: bool) -> None:
         """Validate, keep the best EMA weights, decide on early stopping, save the resumable state. A stop
-        during validation saves the state with `check_due` set: the resumed run validates this step first."""
+        during validation saves the state with `check_due` set: the resumed run validates this step first.
+        Distributed: rank 0 does all of it, the others take its stop decision."""
+        nonlocal checked_at
+        checked_at = st["step"]
+        if dist is not None and not dist.main:
+            st["done"] = bool(dist.broadcast_int(0))
+            return
         st["check_due"] = final
         res = validate()
         with guard.hold():
             record(res, final)
             st["check_due"] = None
             save_state()
+        if dist is not None:
+            dist.broadcast_int(int(st["done"]))
 
     def record(res: dict[str, Any], final: bool) -> None:
         nonlocal best_state
@@ -287,7 +348,14 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
     if tc.length_pool and mode == "sequence":
         per_batch_targets = targets_per_batch(b, mode, tc.batch_size, window, chunked)
 
-    def train_step(batch: dict[str, torch.Tensor]) -> None:
+    def non_finite(value: float) -> ArtifactError:
+        return ArtifactError(f"train/{model_name}: loss became {value} at step {st['step']}; "
+                             "lower train.lr or check the input vectors")
+
+    def train_step(batch: dict[str, torch.Tensor], over_budget: bool = False) -> bool:
+        """One optimiser step; returns the distributed run's shared stop flag (rank 0's over_budget)."""
+        distributed.maybe_fault(dist, st["step"])
+        n_local = batch_targets(batch) if dist is not None else 0
         if intents is not None:
             tgt = batch["target"].to(device)
             batch["intent"], ok = intents(tgt, gen)
@@ -296,15 +364,33 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
         batch = {k: v.to(device) for k, v in batch.items() if not k.startswith("_")}
         for g in opt.param_groups:
             g["lr"] = lr_at(st["step"], total, tc)
-        loss = model.loss(batch, generator=gen)
-        if not torch.isfinite(loss):
-            raise ArtifactError(f"train/{model_name}: loss became {loss.item()} at step {st['step']}; "
-                                "lower train.lr or check the input vectors")
+        stop = False
         opt.zero_grad(set_to_none=True)
-        if per_batch_targets:
-            (loss * (batch["target_seq"] > 0).sum() / per_batch_targets).backward()
+        if dist is None:
+            loss = model.loss(batch, generator=gen)
+            if not torch.isfinite(loss):
+                raise non_finite(loss.item())
+            if per_batch_targets:
+                (loss * (batch["target_seq"] > 0).sum() / per_batch_targets).backward()
+            else:
+                loss.backward()
+            loss_value = loss.item()
         else:
-            loss.backward()
+            # DDP averages the ranks' gradients of loss x own targets; rescaled by world / all targets, that is
+            # the gradient of the mean over the global batch's targets, as one process computes it
+            loss = ddp(batch, gen)
+            distributed.guarded(dist, lambda: (loss * n_local).backward())
+            stats = dist.all_reduce_sum(torch.tensor([loss.item() * n_local, n_local, float(over_budget)],
+                                                     dtype=torch.float64))
+            n_all = max(float(stats[1]), 1.0)
+            loss_value = float(stats[0]) / n_all
+            if not math.isfinite(loss_value):
+                raise non_finite(loss_value)
+            scale = dist.world / (per_batch_targets or n_all)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+            stop = bool(stats[2] > 0)
         if tc.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
@@ -312,15 +398,24 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
             ema.update(model)
         st["step"] += 1
         st["batch_in_epoch"] += 1
-        losses.append(loss.item())
+        losses.append(loss_value)
+        return stop
 
     def status() -> str:
         loss = f"{np.mean(losses[-50:]):.4f}" if losses else "-"
         return f"loss {loss} best {max(st['best'], 0):.4f}"
 
+    def spent(t_epoch: float) -> bool:
+        """The wall-clock budget is used up (training time only: t_epoch is when the current stretch began)."""
+        return tc.max_minutes is not None and (
+            st["train_time"] + time.perf_counter() - t_epoch >= 60.0 * tc.max_minutes)
+
     n_params = model.num_parameters()
     log(f"train/{model_name}: {n_params:,} parameters, {mode} batches, {per_epoch} steps/epoch, up to {total} "
         f"steps on {device}")
+    if dist is not None:
+        log(f"train/{model_name}: {dist.world} processes ({dist.backend}); effective batch {tc.batch_size} "
+            f"(about {tc.batch_size / dist.world:g} a process), every sample once a pass")
     model.train()
     with guard, progress_bar("[bold]train[/] {task.description}", "{task.fields[info]}", disable=not progress) as bar:
         task = bar.add_task(model_name, total=total, completed=st["step"], info=status())
@@ -330,13 +425,14 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
             while not st["done"] and st["epoch"] < tc.epochs:
                 t_epoch = time.perf_counter()
                 for batch in iterate_training(b, mode, tc.batch_size, st["epoch"], seed, skip=st["batch_in_epoch"],
-                                              window=window, chunked=chunked, length_pool=tc.length_pool):
+                                              window=window, chunked=chunked, length_pool=tc.length_pool,
+                                              rank=dist.rank if dist else 0, world=dist.world if dist else 1):
                     with guard.hold():
-                        train_step(batch)
+                        # distributed: rank 0's clock, read before the step, decides for every rank
+                        shared_stop = train_step(batch, dist is not None and dist.main and spent(t_epoch))
                         bar.update(task, advance=1, info=status())
                     stop_now = (bool(tc.max_steps) and st["step"] >= tc.max_steps) or (
-                        tc.max_minutes is not None
-                        and st["train_time"] + time.perf_counter() - t_epoch >= 60.0 * tc.max_minutes)
+                        shared_stop if dist is not None else spent(t_epoch))
                     if st["step"] % eval_every == 0 or stop_now:
                         st["train_time"] += time.perf_counter() - t_epoch  # training time excludes validation
                         check(stop_now)
@@ -354,7 +450,7 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
                         st["batch_in_epoch"] = 0
                         st["train_time"] += time.perf_counter() - t_epoch
                     last_epoch = st["epoch"] >= tc.epochs
-                    if last_epoch and (not st["log"] or st["log"][-1]["step"] != st["step"]):
+                    if last_epoch and checked_at != st["step"]:
                         check(True)  # the steps after the last periodic validation must be validated too
                         bar.update(task, info=status())
                     else:
@@ -365,6 +461,8 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
                 "the same command resumes")
             raise
 
+    if dist is not None and not dist.main:
+        return {}
     if best_state is None:
         raise ArtifactError(f"train/{model_name}: no validation was run (0 training batches?)")
     best = next(e for e in st["log"] if e["step"] == st["best_step"])
