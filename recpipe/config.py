@@ -106,7 +106,9 @@ class WhitenConfig:
 
 @dataclass
 class IndexConfig:
-    kind: Literal["flat", "ivf", "hnsw"] = "flat"  # exact inner product; "ivf" / "hnsw" for catalogs of millions
+    # exact inner product; "ivf" / "hnsw" for catalogs of millions; "ivfpq" when their float32 vectors do not
+    # fit in memory (one byte per pq_m sub-vector, approximate scores)
+    kind: Literal["flat", "ivf", "ivfpq", "hnsw"] = "flat"
     # IVF cells; None -> 4*sqrt(n_items), at most n_items // 39 (FAISS's k-means minimum per cell)
     nlist: int | None = None  # see above
     nprobe: int = 16  # IVF cells searched per query
@@ -114,6 +116,9 @@ class IndexConfig:
     hnsw_ef_search: int = 64  # HNSW candidate list per query (FAISS's 16 loses recall on 384-d text vectors)
     hnsw_ef_construction: int = 80  # HNSW build effort (FAISS's 40 gives a poorer graph on 384-d vectors)
     device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: GPU when faiss reports one, else CPU
+    # ivfpq sub-quantizers (must divide d); None -> the largest divisor of d up to d // 8 (48 for 384-d: 8
+    # dimensions per one-byte code, FAISS's usual trade-off between recall and a 32x smaller index)
+    pq_m: int | None = None
 
 
 @dataclass

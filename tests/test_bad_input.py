@@ -219,7 +219,7 @@ CASES: list[Case] = [
     ("embed-before-describe", lambda c, t: _with_trained(c, t, "embed"), "stage 'describe' has not been run"),
     ("whiten-unknown-method", lambda c, t: ["whiten", "--method", "pca"], "whiten.method must be"),
     ("whiten-before-embed", lambda c, t: c.args("whiten"), "stage 'embed' has not been run"),
-    ("index-unknown-kind", lambda c, t: ["index", "--kind", "annoy"], "index.kind must be flat, ivf or hnsw"),
+    ("index-unknown-kind", lambda c, t: ["index", "--kind", "annoy"], "index.kind must be flat, ivf, ivfpq or hnsw"),
     ("index-before-whiten", lambda c, t: c.args("index"), "stage 'whiten' has not been run"),
     # ---- train
     ("train-unknown-model", lambda c, t: ["train", "--model", "sasrek"], "unknown model 'sasrek'"),

@@ -214,7 +214,7 @@ def test_a_mistyped_choice_lists_the_valid_ones(key, choices):
 def test_a_mistyped_choice_is_one_line_on_the_cli_and_names_the_file_in_toml(tmp_path):
     r = _recpipe("index", "--set", "index.kind=hnws", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "error: command line: index.kind must be flat, ivf or hnsw, not 'hnws'"]
+        "error: command line: index.kind must be flat, ivf, ivfpq or hnsw, not 'hnws'"]
     p = tmp_path / "c.toml"
     p.write_text("[model.idreamrec]\nlayout = 'causall'\n")
     with pytest.raises(ConfigError, match=r"c.toml: \[model.idreamrec\]: layout must be causal or full, not 'causall'"):
@@ -228,7 +228,7 @@ def test_a_choice_set_in_python_is_checked_too():
     cfg = load_config(None)
     assert literal_violation(cfg.index) is None
     cfg.index.kind = "annoy"
-    assert literal_violation(cfg.index, "index.") == "index.kind must be flat, ivf or hnsw, not 'annoy'"
+    assert literal_violation(cfg.index, "index.") == "index.kind must be flat, ivf, ivfpq or hnsw, not 'annoy'"
     with pytest.raises(ValueError, match="activation must be relu or gelu, not 'tanh'"):
         build_model("sasrec", {"activation": "tanh"}, n_items=5)  # a model config built from a dict
 

@@ -9,6 +9,13 @@ excluding each query's seen items. Kinds:
 - `ivf`: `IndexIVFFlat` with inner product; the coarse quantizer is trained by FAISS's seeded (spherical)
   k-means. nlist = None picks 4*sqrt(n), clamped to n // 39 so every centroid gets FAISS's minimum of 39
   training points; `nprobe` cells are scanned per query.
+- `ivfpq`: `IndexIVFPQ` with inner product: the same coarse cells as `ivf` (same nlist rule, seeded k-means),
+  each item stored as `pq_m` one-byte product-quantizer codes of its residual to its cell centre (8 bits: 256
+  centroids per sub-quantizer, also seeded). pq_m = None picks the largest divisor of d up to d // 8 (48 for
+  384-d: 48 bytes an item against 1,536 as float32). It needs at least 256 items (one training point per
+  codebook centroid; FAISS warns below 39 * 256 = 9,984 and the codes get coarser). Its scores are the
+  PQ-approximated inner products, and the exact completion of short rows searches the decoded vectors: the
+  index holds no exact copy. For catalogs whose float32 vectors do not fit in memory.
 - `hnsw`: `IndexHNSWFlat` with METRIC_INNER_PRODUCT; graph degree `hnsw_m`, `ef_construction` at build,
   `ef_search` (raised to the number of candidates asked for) at query time. FAISS has no GPU HNSW.
 
@@ -18,7 +25,9 @@ ConfigError, never a silent fallback. Indexes are built on the CPU (so IVF's k-m
 copied to the GPU; the CPU twin is kept for saving and for candidate lists longer than the GPU's k limit.
 
 Output (`<run_dir>/index/`): `items.faiss` (always a CPU index) and manifest info (kind, device, n, d,
-nlist, nprobe, build time). `recommend` (through `recpipe.pipeline.bundle`) serves the saved index whatever its
+nlist, nprobe, build time; for ivfpq also pq_m and `table_sha256`, the digest of the float32 vectors it was
+built from: its codes cannot be compared with a table bit for bit, so `load_matching` compares digests).
+`recommend` (through `recpipe.pipeline.bundle`) serves the saved index whatever its
 kind when it holds exactly the item table the model scores against (`load_matching`), and otherwise builds
 one in memory from the [index] settings and says so; `get_index` is the same for a caller that wants the
 index these settings describe (the saved one only when it was built with them).
@@ -26,6 +35,7 @@ index these settings describe (the saved one only when it was built with them).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -43,7 +53,9 @@ from recpipe.pipeline.whiten import load_whitening
 
 STAGE = "index"
 INDEX_FILE = "items.faiss"
-KINDS = ("flat", "ivf", "hnsw")
+KINDS = ("flat", "ivf", "ivfpq", "hnsw")
+IVF_KINDS = ("ivf", "ivfpq")  # kinds with coarse cells (nlist, nprobe)
+PQ_NBITS = 8  # bits per PQ code: one byte per sub-quantizer, the layout FAISS's fast CPU and GPU scanners use
 GPU_MAX_K = 2048  # FAISS GPU limit on k (and nprobe); longer candidate lists are searched on the CPU twin
 MIN_POINTS_PER_CENTROID = 39  # FAISS warns (and k-means degrades) below this many training points per cell
 
@@ -87,6 +99,29 @@ def resolve_nlist(n: int, nlist: int | None = None) -> int:
     return max(1, min(want, n // MIN_POINTS_PER_CENTROID, n))
 
 
+def resolve_pq_m(d: int, pq_m: int | None = None) -> int:
+    """PQ sub-quantizers for dimension d: `pq_m` when it divides d (ConfigError otherwise), else the largest
+    divisor of d up to d // 8 (8 dimensions a one-byte code: FAISS's usual accuracy / size trade-off)."""
+    if pq_m is None:
+        cap = max(1, d // 8)
+        return max(m for m in range(1, cap + 1) if d % m == 0)
+    m = int(pq_m)
+    if m < 1 or d % m:
+        divisors = [x for x in range(1, d + 1) if d % x == 0]
+        near = sorted(divisors, key=lambda x: (abs(x - m), x))[:3]
+        raise ConfigError(f"index.pq_m = {pq_m} must divide the vector dimension {d} (nearest divisors: "
+                          f"{', '.join(map(str, sorted(near)))}); or leave it unset for {resolve_pq_m(d)}")
+    return m
+
+
+def table_digest(vectors: np.ndarray) -> str:
+    """sha256 of rows 1..n of an (n_items + 1, d) table as contiguous float32: what an ivfpq index was built from."""
+    X = np.ascontiguousarray(np.asarray(vectors)[1:], dtype=np.float32)
+    h = hashlib.sha256(f"{X.shape[0]}x{X.shape[1]}".encode())
+    h.update(memoryview(X).cast("B"))
+    return h.hexdigest()
+
+
 class ItemIndex:
     """Top-k item retrieval by inner product over rows 1..n of an (n_items + 1, d) vector table.
 
@@ -112,6 +147,7 @@ class ItemIndex:
         seed: int = 2024,
         ef_search: int = 64,
         ef_construction: int = 80,
+        pq_m: int | None = None,
     ):
         if kind not in KINDS:
             raise ConfigError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -133,10 +169,21 @@ class ItemIndex:
         t0 = time.perf_counter()
         if kind == "flat":
             cpu = faiss.IndexFlatIP(d)
-        elif kind == "ivf":
+        elif kind in IVF_KINDS:
             nl = resolve_nlist(n, nlist)
             quantizer = faiss.IndexFlatIP(d)
-            cpu = faiss.IndexIVFFlat(quantizer, d, nl, faiss.METRIC_INNER_PRODUCT)
+            if kind == "ivf":
+                cpu = faiss.IndexIVFFlat(quantizer, d, nl, faiss.METRIC_INNER_PRODUCT)
+            else:
+                m = resolve_pq_m(d, pq_m)
+                if n < 2**PQ_NBITS:
+                    raise ConfigError(f"index.kind = ivfpq needs at least {2**PQ_NBITS} items to train its "
+                                      f"{PQ_NBITS}-bit codebooks, got {n}; use flat, ivf or hnsw")
+                cpu = faiss.IndexIVFPQ(quantizer, d, nl, m, PQ_NBITS, faiss.METRIC_INNER_PRODUCT)
+                cpu.pq.cp.seed = int(seed) % (2**31)  # seeded codebooks: the same codes on every build
+                # below 39 * 256 items FAISS prints its too-few-points warning once per sub-quantizer (48 lines
+                # for 384-d); the docstring says what fewer items cost, once
+                cpu.pq.cp.min_points_per_centroid = min(cpu.pq.cp.min_points_per_centroid, n // 2**PQ_NBITS)
             cpu.cp.seed = int(seed) % (2**31)  # seeded k-means: the same cells on every build
             cpu.train(X)
             cpu.nprobe = max(1, min(int(nprobe), nl))
@@ -146,6 +193,8 @@ class ItemIndex:
             cpu.hnsw.efSearch = int(ef_search)
         cpu.add(X)
         self._init(cpu, kind)
+        if kind == "ivfpq":
+            self.table_digest = table_digest(V)
         self.build_s = time.perf_counter() - t0
 
     # ---------------------------------------------------------------------------------------- internals
@@ -158,10 +207,17 @@ class ItemIndex:
         self.d = int(cpu.d)
         self._gpu = None
         self._res = None
+        # ivfpq's codes are no exact copy of the vectors: `holds` compares this digest (set at build, or from
+        # the index stage's manifest by `load_matching`); None = unknown, so such an index holds no table
+        self.table_digest: str | None = None
         if self.device == "gpu":
             try:
                 self._res = faiss.StandardGpuResources()
-                self._gpu = faiss.index_cpu_to_gpu(self._res, 0, cpu)
+                co = faiss.GpuClonerOptions()
+                # float16 PQ lookup tables: 48 sub-quantizers x 256 float32 entries is the GPU's whole 48 KiB of
+                # shared memory per block, which FAISS refuses; float16 halves it (scores stay approximate anyway)
+                co.useFloat16 = kind == "ivfpq"
+                self._gpu = faiss.index_cpu_to_gpu(self._res, 0, cpu, co)
             except (RuntimeError, AttributeError) as e:
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise BackendError(f"FAISS could not move the {kind} index to the GPU: {msg}") from None
@@ -176,11 +232,15 @@ class ItemIndex:
 
     @property
     def nlist(self) -> int:
-        return int(self._cpu.nlist) if self.kind == "ivf" else 0
+        return int(self._cpu.nlist) if self.kind in IVF_KINDS else 0
 
     @property
     def nprobe(self) -> int:
-        return int(self._cpu.nprobe) if self.kind == "ivf" else 0
+        return int(self._cpu.nprobe) if self.kind in IVF_KINDS else 0
+
+    @property
+    def pq_m(self) -> int:
+        return int(self._cpu.pq.M) if self.kind == "ivfpq" else 0
 
     def _raw_search(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         faiss = _faiss()
@@ -193,8 +253,9 @@ class ItemIndex:
         return self._cpu.search(Q, k)
 
     def _stored(self) -> np.ndarray:
-        """The (n, d) float32 item vectors the index holds (every kind stores them uncompressed)."""
-        if self.kind == "ivf":
+        """The (n, d) float32 item vectors the index holds: exact for flat, ivf and hnsw, which store them
+        uncompressed; ivfpq's decoded (approximate) vectors."""
+        if self.kind in IVF_KINDS:
             self._cpu.make_direct_map()
         return np.ascontiguousarray(self._cpu.reconstruct_n(0, self.n), dtype=np.float32)
 
@@ -212,6 +273,8 @@ class ItemIndex:
         V = np.asarray(vectors)
         if V.ndim != 2 or V.shape != (self.n + 1, self.d):
             return False
+        if self.kind == "ivfpq":
+            return self.table_digest is not None and self.table_digest == table_digest(V)
         return bool(np.array_equal(self._stored(), np.asarray(V[1:], dtype=np.float32)))
 
     # -------------------------------------------------------------------------------------------- search
@@ -303,13 +366,15 @@ class ItemIndex:
         except (RuntimeError, MemoryError, OSError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactError(f"{path}: corrupt FAISS index ({first[:160]}); {hint}") from None
-        kind = {"IndexFlatIP": "flat", "IndexIVFFlat": "ivf", "IndexHNSWFlat": "hnsw"}.get(type(index).__name__)
+        kind = {"IndexFlatIP": "flat", "IndexIVFFlat": "ivf", "IndexIVFPQ": "ivfpq",
+                "IndexHNSWFlat": "hnsw"}.get(type(index).__name__)
         if kind is None or index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ArtifactError(f"{path}: a {type(index).__name__} index is not a recpipe inner-product index; {hint}")
         return cls._wrap(index, kind, device)
 
     def __repr__(self) -> str:
-        extra = f", nlist={self.nlist}, nprobe={self.nprobe}" if self.kind == "ivf" else ""
+        extra = f", nlist={self.nlist}, nprobe={self.nprobe}" if self.kind in IVF_KINDS else ""
+        extra += f", pq_m={self.pq_m}" if self.kind == "ivfpq" else ""
         return f"ItemIndex(kind={self.kind!r}, device={self.device!r}, n={self.n}, d={self.d}{extra})"
 
 
@@ -328,12 +393,15 @@ def build_index(items: np.ndarray, icfg: IndexConfig, seed: int, device: str | N
     return ItemIndex(
         items, kind=icfg.kind, device=device or icfg.device, nlist=icfg.nlist, nprobe=icfg.nprobe,
         hnsw_m=icfg.hnsw_m, seed=seed, ef_search=icfg.hnsw_ef_search, ef_construction=icfg.hnsw_ef_construction,
+        pq_m=icfg.pq_m,
     )
 
 
 def _stage_key(cfg: Config) -> dict[str, Any]:
-    # The saved file is a CPU index whatever the device, so the device is not part of the cache key.
-    return {"index": {k: v for k, v in to_dict(cfg.index).items() if k != "device"}, "seed": cfg.run.seed}
+    # The saved file is a CPU index whatever the device, so the device is not part of the cache key; pq_m
+    # shapes only an ivfpq index, so other kinds' saved stages stay current whatever it says.
+    skip = {"device"} | ({"pq_m"} if cfg.index.kind != "ivfpq" else set())
+    return {"index": {k: v for k, v in to_dict(cfg.index).items() if k not in skip}, "seed": cfg.run.seed}
 
 
 def run(cfg: Config, force: bool = False, log=print) -> StageResult:
@@ -345,8 +413,11 @@ def run(cfg: Config, force: bool = False, log=print) -> StageResult:
         idx = build_index(items, cfg.index, cfg.run.seed)
         idx.save(out_dir / INDEX_FILE)
         log(f"index: {idx!r} built in {idx.build_s:.2f} s")
-        return {"kind": idx.kind, "device": idx.device, "n": idx.n, "d": idx.d, "nlist": idx.nlist,
+        info = {"kind": idx.kind, "device": idx.device, "n": idx.n, "d": idx.d, "nlist": idx.nlist,
                 "nprobe": idx.nprobe, "build_s": round(idx.build_s, 3)}
+        if idx.kind == "ivfpq":
+            info.update(pq_m=idx.pq_m, table_sha256=idx.table_digest)
+        return info
 
     return run_stage(cfg.run_dir, STAGE, _stage_key(cfg), inputs, build, force=force, log=log)
 
@@ -362,11 +433,14 @@ def load_matching(run_dir: str | Path, table: np.ndarray, device: str = "auto") 
     against), else (None, why not): no index stage, an unreadable one, or one over other vectors."""
     stage_dir = Path(run_dir) / STAGE
     try:
-        if load_manifest(stage_dir) is None:
+        m = load_manifest(stage_dir)
+        if m is None:
             return None, f"no index stage in {Path(run_dir)} (`recpipe index` saves one)"
         idx = load_index(run_dir, device=device)
     except ArtifactError as e:
         return None, str(e)
+    if idx.kind == "ivfpq":
+        idx.table_digest = (m.info or {}).get("table_sha256")
     if not idx.holds(table):
         return None, (f"{stage_dir / INDEX_FILE} holds other item vectors than the model scores against (made "
                       "before the whitening changed, or the model learns its own item table)")
@@ -389,4 +463,4 @@ def get_index(cfg: Config, log=print) -> ItemIndex:
 
 
 __all__ = ["ItemIndex", "run", "load_index", "load_matching", "get_index", "build_index", "resolve_device",
-           "resolve_nlist", "num_gpus", "KINDS"]
+           "resolve_nlist", "resolve_pq_m", "table_digest", "num_gpus", "KINDS"]
