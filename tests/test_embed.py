@@ -231,3 +231,28 @@ def test_small_batches_of_other_models_run_their_own_modules():
     full = tem.st.encode(QUERIES, normalize_embeddings=True)
     np.testing.assert_allclose(tem.encode(QUERIES), full, atol=1e-5)
     assert tem._leans["float32"] is None
+
+
+def test_write_tables_chunks_into_memmaps_like_one_call(tmp_path, monkeypatch):
+    """Chunked encoding into memory-mapped tables gives the rows one encode of every text and `with_padding`
+    gave, for repeated texts and for a second table (intentions) sharing the distinct texts."""
+    monkeypatch.setattr(E, "ENCODE_CHUNK", 7)
+    rng = np.random.default_rng(0)
+    distinct = [f"text {i}" for i in range(40)]
+    lookup = {t: rng.standard_normal(5).astype(np.float32) for t in distinct}
+    calls = []
+
+    def encode(chunk):
+        calls.append(len(chunk))
+        return np.stack([lookup[t] for t in chunk])
+
+    items = rng.integers(0, 40, 60)
+    intents = rng.integers(0, 40, 60)
+    tables = {tmp_path / "a.npy": items, tmp_path / "b.npy": intents}
+    _, dim = E.write_tables(encode, distinct, tables)
+    assert dim == 5 and calls == [7] * 5 + [5]
+    V = np.stack([lookup[t] for t in distinct])
+    for path, rows in tables.items():
+        got = np.load(path)
+        np.testing.assert_array_equal(got, E.with_padding(V[rows]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.npy"]  # no temporary files left

@@ -504,6 +504,39 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
         np.save(f, arr)
 
 
+ENCODE_CHUNK = 16_384  # distinct texts per TEM call: 24 MiB of 384-d float32 held at a time, whatever the catalog
+
+
+def write_tables(encode: Callable[[list[str]], np.ndarray], distinct: list[str],
+                 tables: dict[Path, np.ndarray]) -> tuple[float, int]:
+    """Encode `distinct` texts chunk by chunk into memory-mapped .npy tables: `tables[path][i]` is the row of
+    `distinct` whose vector becomes row i + 1 of that table (row 0 = zeros, the padding). One chunk of vectors
+    is in memory at a time, never a whole table (a 1M x 384 catalog is 1.5 GB as float32). Each file is
+    written atomically. Returns (seconds spent encoding, dimension)."""
+    order = {p: np.argsort(rows, kind="stable") for p, rows in tables.items()}
+    sorted_rows = {p: rows[order[p]] for p, rows in tables.items()}
+    encode_s, dim = 0.0, 0
+    with contextlib.ExitStack() as stack:
+        maps: dict[Path, np.ndarray] = {}
+        for start in range(0, len(distinct), ENCODE_CHUNK):
+            t = time.perf_counter()
+            V = np.asarray(encode(distinct[start: start + ENCODE_CHUNK]), dtype=np.float32)
+            encode_s += time.perf_counter() - t
+            if not maps:  # the dimension is known once the first chunk is encoded
+                dim = V.shape[1]
+                for p, rows in tables.items():
+                    tmp = stack.enter_context(atomic_path(p))
+                    maps[p] = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(rows) + 1, dim))
+            for p, rows in tables.items():  # the table rows whose text falls in this chunk
+                lo, hi = np.searchsorted(sorted_rows[p], [start, start + len(V)])
+                at = order[p][lo:hi]
+                maps[p][1 + at] = V[rows[at] - start]
+        for p in maps:  # open_memmap's w+ file starts as zeros: row 0 is the padding already
+            maps[p].flush()
+        maps.clear()  # unmapped before atomic_path renames the files
+    return encode_s, dim
+
+
 def run(cfg: Config, force: bool = False, log: Callable[[str], None] = print) -> StageResult:
     """The embed stage: `<run_dir>/embed/item_embeddings.npy` (+ intent_embeddings.npy), skipped when up to date."""
     from recpipe.pipeline import data as D
@@ -533,13 +566,13 @@ def run(cfg: Config, force: bool = False, log: Callable[[str], None] = print) ->
         # each distinct text once, descriptions and intentions together (identical texts share a vector)
         every = texts + (intents or [])
         distinct = list(dict.fromkeys(every))
-        t1 = time.perf_counter()
-        V = tem.encode(distinct, batch_size=e.batch_size, show_progress=sys.stderr.isatty())
-        encode_s = time.perf_counter() - t1
         row = {t: i for i, t in enumerate(distinct)}
-        save_npy(out_dir / FILES["items"], with_padding(V[[row[t] for t in texts]]))
+        targets = {"items": np.array([row[t] for t in texts], dtype=np.int64)}
         if intents is not None:
-            save_npy(out_dir / FILES["intents"], with_padding(V[[row[t] for t in intents]]))
+            targets["intents"] = np.array([row[t] for t in intents], dtype=np.int64)
+        encode_s, dim = write_tables(
+            lambda chunk: tem.encode(chunk, batch_size=e.batch_size, show_progress=sys.stderr.isatty()),
+            distinct, {out_dir / FILES[name]: rows for name, rows in targets.items()})
         elapsed = time.perf_counter() - t0
         report = {"texts": len(every), "distinct_texts": len(distinct),
                   "distinct_intents": len(set(intents)) if intents is not None else None,
@@ -550,7 +583,7 @@ def run(cfg: Config, force: bool = False, log: Callable[[str], None] = print) ->
         info = {**tem.info(), "source": e.source, "items": len(texts), "intents": intents is not None,
                 "items_per_s": round(len(texts) / elapsed, 1) if elapsed > 0 else None, "report": report}
         log(f"embed: {len(texts)} items{' + intentions' if intents is not None else ''} "
-            f"({len(distinct)} distinct texts of {len(every)}) with {tem.kind} {tem.model} -> {V.shape[1]}-d"
+            f"({len(distinct)} distinct texts of {len(every)}) with {tem.kind} {tem.model} -> {dim}-d"
             f"{' unit' if tem.normalize else ''} vectors; stage {elapsed:.1f} s (encoding {encode_s:.1f} s)"
             + (f" ({tem.stats['calls']} requests, {tem.stats['cache_hits']} cache hits, "
                f"{tem.stats['retries']} retries)" if isinstance(tem, OpenAITEM) else ""))
