@@ -486,7 +486,8 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
     info = {
         "model": model_name, "parameters": n_params, "steps": st["step"], "best_step": st["best_step"],
         "valid": best["valid"], "train_time_s": round(st["train_time"], 2), "steps_per_epoch": per_epoch,
-        "train_samples_per_epoch": samples, "device": str(device),
+        "train_samples_per_epoch": samples, "device": str(device), "batch_size": tc.batch_size,
+        "processes": dist.world if dist is not None else 1,  # of the sitting that finished the run
     }
     if guidance is not None:
         info["guidance"] = guidance
