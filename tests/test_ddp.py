@@ -129,7 +129,7 @@ def test_two_processes_match_one_with_the_same_global_batch_and_seed(runs):
     assert "Traceback" not in err
 
 
-def test_a_rank_that_dies_stops_the_others_with_one_line_and_the_run_resumes(runs):
+def test_a_rank_that_dies_stops_the_others_with_one_line_and_the_run_resumes_under_another_count(runs):
     tmp, out = runs
     # rank 1 ends abruptly (os._exit) when 9 steps are done; rank 0 saved its state after every step
     p = _train(tmp, "fault", nproc=2, env={"RECPIPE_FAULT_EXIT": "1:9"})
@@ -142,7 +142,7 @@ def test_a_rank_that_dies_stops_the_others_with_one_line_and_the_run_resumes(run
     assert re.search(r"^error: train --nproc 2: .*process 1 \(exit 17\).* failed", p.stderr, re.M), p.stderr[-3000:]
     assert not (tmp / "fault" / "toy" / "train" / "sasrec" / "manifest.json").exists()
 
-    again = _train(tmp, "fault", nproc=2)
+    again = _train(tmp, "fault")  # a state saved under 2 processes resumes under 1
     assert again.returncode == 0, again.stderr[-3000:]
     assert re.search(r"resuming at step 9\b", again.stderr), again.stderr[-3000:]
     resumed = _result(tmp, "fault")
