@@ -132,6 +132,9 @@ def describe(
     limit: Annotated[Optional[int], typer.Option(help="LLM-describe only the first N items (default: all)")] = None,
     intents: Annotated[
         Optional[bool], typer.Option("--intents/--no-intents", help="also write user intentions")] = None,
+    yes: Annotated[bool, typer.Option(
+        "--yes", help="go ahead when the estimated cost or call count is above describe.confirm_usd / "
+                      "confirm_calls (the estimate is printed before the first call)")] = False,
     config: ConfigOpt = None,
     cache_dir: CacheOpt = None,
     run_dir: RunDirOpt = None,
@@ -143,7 +146,8 @@ def describe(
 
     cfg = _config(config, dataset, data_dir, cache_dir, run_dir, sets=sets, **{
         "describe.llm": llm, "describe.model": model, "describe.base_url": base_url,
-        "describe.concurrency": concurrency, "describe.limit": limit, "describe.intents": intents})
+        "describe.concurrency": concurrency, "describe.limit": limit, "describe.intents": intents,
+        "describe.yes": True if yes else None})
     _ensure_data(cfg)
     res = stage.run(cfg, force=force, log=_log)
     _print_info("describe", res)

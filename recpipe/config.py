@@ -75,6 +75,12 @@ class DescribeConfig:
     threads: int | None = None  # llama.cpp threads for the local backend; None = every core
     local_ctx: int = 2048  # llama.cpp context for the local backend (prompt + answer); longer prompts are cut
     local_batch: int = 32  # prompts decoded at once: 2 cores gain little past 32 (24: -7%); 24 MB of KV each
+    # USD per 1M tokens for the cost said before a remote run (recpipe.llm.cost); None: the model's list price
+    price_input_per_m: float | None = None  # see above
+    price_output_per_m: float | None = None  # see above
+    confirm_usd: float = 5.0  # a remote run estimated above this stops before its first call unless `yes`
+    confirm_calls: int = 100_000  # same for the call count, which also guards endpoints of unknown price
+    yes: bool = False  # go past confirm_usd / confirm_calls (`recpipe describe --yes`)
     # auto: the bundled Q4_1 -> bf16 on CPUs with native BF16, else q8_0 (faster, same quality; q4_0: worse
     # answers); a GGUF of your own as given
     local_quant: Literal["auto", "none", "q8_0", "bf16", "q4_0", "f32"] = "auto"
@@ -438,6 +444,11 @@ def _validate(cfg: Config) -> None:
     _need_count(need, "describe.threads", cfg.describe.threads, "none (the default) uses every core")
     need(cfg.describe.local_batch >= 1, "describe.local_batch must be >= 1 (1 = one sequence at a time)")
     need(cfg.describe.local_ctx >= cfg.describe.max_tokens + 64, "describe.local_ctx must exceed max_tokens + 64")
+    for key in ("price_input_per_m", "price_output_per_m"):
+        v = getattr(cfg.describe, key)
+        need(v is None or (math.isfinite(v) and v >= 0), f"describe.{key} must be >= 0 USD per 1M tokens")
+    need(math.isfinite(cfg.describe.confirm_usd) and cfg.describe.confirm_usd >= 0, "describe.confirm_usd must be >= 0")
+    need(cfg.describe.confirm_calls >= 0, "describe.confirm_calls must be >= 0")
     need(cfg.embed.batch_size >= 1, "embed.batch_size must be >= 1")
     need(1 <= cfg.embed.api_batch <= 2048, "embed.api_batch must be in 1..2048 (the API's limit)")
     need(cfg.embed.max_input_chars >= 50, "embed.max_input_chars must be >= 50")

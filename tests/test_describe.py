@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -282,6 +283,55 @@ def test_dead_endpoint_one_line_error_naming_url(ds_cfg, key, monkeypatch):
     prompts = 2 * len(D.load(cfg.run_dir / "data").items)  # a description and an intention per item
     assert 0 < len(attempts) <= prompts * cfg.describe.max_retries
     assert not (cfg.run_dir / "describe").exists()
+
+
+def test_a_remote_run_says_its_cost_first_and_a_large_one_waits_for_yes(ds_cfg, key, capsys):
+    from recpipe import cli
+    from recpipe.llm import cost
+
+    with FakeOpenAI() as srv:
+        cfg = ds_cfg(**{"describe.llm": "openai", "describe.base_url": srv.base_url, "describe.confirm_usd": 0})
+        with pytest.raises(ConfigError) as e:  # gpt-4o-mini (the default) has a list price: any cost is > $0
+            DS.run(cfg, log=lambda m: None)
+        msg = str(e.value)
+        assert srv.total_calls == 0 and not (cfg.run_dir / "describe").exists()
+        assert "\n" not in msg and "nothing was sent" in msg and "--yes" in msg and "gpt-4o-mini list price" in msg
+        n_prompts = 2 * len(D.load(cfg.run_dir / "data").items)  # a description and an intention per item
+        calls, tokens_in, tokens_out, usd = re.search(
+            r"([\d,]+) calls to send, about ([\d,]+) input and at most ([\d,]+) output tokens: at most about "
+            r"\$([\d.]+)", msg).groups()
+        calls, tokens_in, tokens_out = (int(x.replace(",", "")) for x in (calls, tokens_in, tokens_out))
+        assert 0 < calls <= n_prompts and tokens_out == calls * cfg.describe.max_tokens
+        pin, pout = cost.LIST_PRICES["gpt-4o-mini"]
+        assert float(usd) == pytest.approx((tokens_in * pin + tokens_out * pout) / 1e6, abs=0.006)
+
+        # the same through the command line: one line, exit 2; then --yes goes ahead
+        args = ["describe", "--set", f"run.dataset={cfg.run.dataset}", "--set", f"run.cache_dir={cfg.run.cache_dir}",
+                "--set", "data.kcore=1", "--llm", "openai", "--base-url", srv.base_url,
+                "--set", "describe.confirm_usd=0"]
+        with pytest.raises(SystemExit) as ex:
+            cli.main(args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert ex.value.code == 2 and len(err) == 1 and err[0].startswith("error: describe: "), err
+        with pytest.raises(SystemExit) as ex:
+            cli.main([*args, "--yes"])
+        assert ex.value.code in (0, None) and srv.total_calls == calls
+        out = capsys.readouterr()
+        assert f"{calls:,} calls to send" in out.out + out.err
+        # a re-run sends nothing, so it costs nothing and asks nothing
+        logs: list[str] = []
+        assert DS.run(cfg, force=True, log=logs.append).manifest.info["report"]["calls"] == 0
+        assert not any("calls to send" in m for m in logs) and srv.total_calls == calls
+
+    # an endpoint whose price is unknown is gated on the call count
+    with FakeOpenAI() as srv:
+        cfg = ds_cfg(**{"describe.llm": "openai", "describe.base_url": srv.base_url, "describe.model": "my-vllm",
+                        "describe.confirm_calls": 3, "run.cache_dir": str(Path(cfg.run.cache_dir).parent / "c2")})
+        with pytest.raises(ConfigError, match=r"price unknown for 'my-vllm'.*describe.confirm_calls = 3 calls"):
+            DS.run(cfg, log=lambda m: None)
+        assert srv.total_calls == 0
+    with pytest.raises(ConfigError, match="describe.price_input_per_m must be >= 0"):
+        load_config(None, {"describe.price_input_per_m": "-1"})
 
 
 def test_endpoint_dying_midway_keeps_finished_items(ds_cfg, key):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from recpipe.errors import BackendError
+from recpipe.llm import cost
 from recpipe.llm.cache import cached_answer, refused_note
 from recpipe.llm.client import Backend, Transient, Unusable, retrying
 
@@ -104,6 +105,10 @@ def answer_all(prompts: list[Prompt], backend: Backend, cache, dcfg: DescribeCon
         log(note)
     if not todo:
         return results
+    if backend.name == "openai":  # a remote endpoint bills by the token: say what this costs, stop if large
+        est = cost.estimate([p.messages for p in todo], backend.model, dcfg)
+        cost.check(est, dcfg, what, backend.model)  # a stop says the estimate itself
+        log(est.line(what, backend.model))
     stats.sent.update(p.key for p in todo)
     t0 = time.perf_counter()
     try:
