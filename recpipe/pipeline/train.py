@@ -264,6 +264,14 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
 
     ddp = None
     if dist is not None:
+        # every process resumes from rank 0's state: a run directory that some node does not share would give
+        # its processes other optimiser moments and other batches, silently
+        step0 = dist.broadcast_int(st["step"])
+        off = int(dist.all_reduce_sum(torch.tensor([float(step0 != st["step"])], dtype=torch.float64))[0])
+        if off:
+            raise ConfigError(f"train/{model_name}: {off} of {dist.world} processes found another resume state "
+                              f"than process 0 (step {step0}) in {work}: every node must see the same run "
+                              "directory (a shared filesystem for --run-dir)")
         if not dist.main:
             gen.manual_seed(_rank_seed(seed, dist.rank, st["step"]))
             torch.manual_seed(_rank_seed(seed, dist.rank, st["step"]) + 1)
