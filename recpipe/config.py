@@ -54,6 +54,10 @@ class DataConfig:
     max_len: int = 200  # longest history kept per user (SASRec's ML-1M setting); models read a suffix of it
     dedup: Literal["first", "last", "none"] = "first"  # repeated (user, item) pairs: keep the first interaction
     min_rating: float = 0.0  # explicit ratings below this are dropped; 0 keeps all (implicit feedback)
+    # cold-item protocol: this share of the items, the newest by first interaction, is taken out of every
+    # training and validation sequence (test targets stay), so the test users whose target is one of them
+    # measure what a model does with items it never trained on (a catalog gains items daily); 0 = off
+    cold_items: float = 0.0
 
 
 @dataclass
@@ -435,6 +439,8 @@ def _validate(cfg: Config) -> None:
     need(cfg.data.kcore >= 1, "data.kcore must be >= 1")
     need(math.isfinite(cfg.data.min_rating), "data.min_rating must be a finite number (0 keeps every rating)")
     need(cfg.data.max_len >= 1, "data.max_len must be >= 1")
+    need(math.isfinite(cfg.data.cold_items) and 0 <= cfg.data.cold_items < 1,
+         f"data.cold_items must be a share >= 0 and < 1 of the items, not {cfg.data.cold_items} (0 = off)")
     need(cfg.describe.concurrency >= 1, "describe.concurrency must be >= 1")
     need(cfg.describe.max_tokens >= 8, "describe.max_tokens must be >= 8")
     need(cfg.describe.max_retries >= 1, "describe.max_retries must be >= 1 (the first attempt counts)")

@@ -170,8 +170,24 @@ class IDreamRec(Recommender):
             nn.init.zeros_(self.item_residual.weight)
         else:
             self.item_residual = None
+        self._residual_in_loss: Tensor | None = None  # the residual table while `loss` runs (_trained_residual)
         self._schedule_cpu = make_schedule(config.schedule, config.T)  # float64
         self._schedules: dict[torch.device, Schedule] = {}
+
+    def _trained_residual(self, batch: dict[str, Tensor]) -> Tensor:
+        """The residual table as a training batch reads it: the same values, but a row that is still exactly
+        zero (its item was in no training batch yet) passes no gradient unless this batch holds the item.
+        Without this, the CE's softmax (and PreferDiff's random negatives) would train the rows of items the
+        model never saw: under the cold-item protocol (data.cold_items) a cold item's row would be pushed
+        away from every oracle, where it must stay zero so that the item is ranked by its text vector alone.
+        Stateless: the zero pattern is in the weights, so a resumed run masks the rows an unbroken one does."""
+        W = self.item_residual.weight
+        ids = [batch[k].reshape(-1) for k in ("target", "window", "history") if k in batch]
+        with torch.no_grad():
+            live = (W != 0).any(dim=1)
+            live[torch.cat(ids)] = True
+            live[0] = False  # padding
+        return torch.where(live[:, None], W, W.detach())
 
     def _dit_size(self) -> dict:
         c = self.config
@@ -193,11 +209,14 @@ class IDreamRec(Recommender):
         """(n_items + 1, d): the vectors used for history tokens, training targets and scoring."""
         if self.item_residual is None:
             return self.item_vectors
-        return self.item_vectors + self.item_residual.weight
+        W = self._residual_in_loss if self._residual_in_loss is not None else self.item_residual.weight
+        return self.item_vectors + W
 
     def item_vecs(self, ids: Tensor) -> Tensor:
         """ids: LongTensor (...) -> (..., d), = item_table()[ids]."""
         v = self.item_vectors[ids]
+        if self._residual_in_loss is not None:
+            return v + self._residual_in_loss[ids]
         if self.item_residual is not None:
             v = v + self.item_residual(ids)
         return v
@@ -247,6 +266,15 @@ class IDreamRec(Recommender):
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
         """batch["target"]: (B,) one target per row, or (B, C) the targets of a window (0 = not a target).
         Per target: t, noise, history drop, then intention drop, drawn in that order."""
+        if self.item_residual is None:
+            return self._loss(batch, generator)
+        self._residual_in_loss = self._trained_residual(batch)
+        try:
+            return self._loss(batch, generator)
+        finally:
+            self._residual_in_loss = None
+
+    def _loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
         cfg = self.config
         target = batch["target"]
         shape, n, dev = target.shape, target.numel(), target.device

@@ -11,6 +11,9 @@ Outputs (`<run_dir>/data/`):
 - `users.parquet`      user (dense id, 0..n-1), user_id (original id, string)
 - `sequences.npz`      offsets (n_users + 1), items, timestamps: each user's chronological sequence; the last
                        item is the test target, the one before it the validation target, the rest training
+- `cold.npz`           only with data.cold_items > 0: items (the cold item ids) and users (the users whose test
+                       target is cold); cold items appear in no sequence but as a test target, and keep
+                       their rows in items.parquet, so text models can rank them
 - manifest `info`      the summary table (users, items, interactions, density, sequence-length statistics)
 """
 
@@ -30,6 +33,7 @@ from recpipe.errors import DataError
 from recpipe.pipeline.download import GROUPLENS, get_dataset
 
 STAGE = "data"
+COLD_FILE = "cold.npz"
 
 # ------------------------------------------------------------------------------------------ raw loading
 @dataclass
@@ -312,6 +316,8 @@ class Processed:
     seq_items: np.ndarray  # (n_interactions,) int64, dense item ids, chronological within each user
     seq_times: np.ndarray  # (n_interactions,) int64 (float64 where the file has fractional timestamps)
     summary: dict[str, Any]
+    cold_items: np.ndarray | None = None  # data.cold_items > 0: the cold item ids, sorted
+    cold_users: np.ndarray | None = None  # ... and the users whose test target is one of them, sorted
 
 
 def kcore(inter: pd.DataFrame, k: int) -> pd.DataFrame:
@@ -360,6 +366,11 @@ def process(raw: RawDataset, cfg: DataConfig, source: str = "") -> Processed:
     ts = inter["timestamp"].to_numpy()  # int64, or float64 where the file has fractional timestamps
     order = np.lexsort((inter["_row"].to_numpy(), ts, u))  # user, then time, then file order
     u, it, ts = u[order], it[order], ts[order]
+    cold = None
+    if cfg.cold_items > 0:
+        cold = cold_split(u, it, ts, len(item_ids), cfg.cold_items)
+        u, it, ts = cold["u"], cold["it"], cold["ts"]
+        user_ids = user_ids[cold["kept_users"]]
     counts = np.bincount(u, minlength=len(user_ids))
     offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
@@ -388,7 +399,48 @@ def process(raw: RawDataset, cfg: DataConfig, source: str = "") -> Processed:
         "train_positions": int((counts - 2).sum() - n_users),  # targets with a non-empty history
         "kcore": cfg.kcore,
     }
-    return Processed(items, users, offsets, it.astype(np.int64), ts, summary)
+    if cold is None:
+        return Processed(items, users, offsets, it.astype(np.int64), ts, summary)
+    summary["cold"] = {k: cold[k] for k in ("fraction", "items", "removed_interactions", "dropped_users",
+                                             "cold_test_users", "warm_test_users", "cold_since")}
+    return Processed(items, users, offsets, it.astype(np.int64), ts, summary, cold["cold_items"],
+                     cold["cold_users"])
+
+
+def cold_split(u: np.ndarray, it: np.ndarray, ts: np.ndarray, n_items: int, fraction: float) -> dict[str, Any]:
+    """The cold-item protocol on sequences sorted by user, then time (u: dense users, it: dense items 1..n).
+
+    The round(fraction * n_items) items (at least one) first interacted with last are cold: every interaction
+    with one is removed except where it is its user's last item (the test target), so no training or
+    validation sequence holds one. Items first seen at the same time are ordered by id, so the split is
+    deterministic. Users left with fewer than 3 items (train, validation, test) are dropped and the rest
+    renumbered 0..n-1. Returns the new u / it / ts, kept_users (a mask over the old users), cold_items,
+    cold_users (new ids) and the figures the summary reports."""
+    first = np.full(n_items + 1, np.inf)
+    np.minimum.at(first, it, ts.astype(np.float64))
+    by_age = np.lexsort((np.arange(1, n_items + 1), first[1:])) + 1  # oldest first; ties by id
+    n_cold = min(max(1, int(round(fraction * n_items))), n_items)
+    cold_items = np.sort(by_age[n_items - n_cold:])
+    is_cold = np.zeros(n_items + 1, dtype=bool)
+    is_cold[cold_items] = True
+    last = np.r_[u[1:] != u[:-1], True] if len(u) else np.zeros(0, dtype=bool)
+    keep = ~is_cold[it] | last
+    n_users = int(u.max()) + 1 if len(u) else 0
+    lens = np.bincount(u[keep], minlength=n_users)
+    kept_users = lens >= 3
+    keep &= kept_users[u]
+    new_id = np.cumsum(kept_users) - 1
+    u2, it2 = new_id[u[keep]], it[keep]
+    last2 = np.r_[u2[1:] != u2[:-1], True] if len(u2) else np.zeros(0, dtype=bool)
+    cold_users = np.unique(u2[last2 & is_cold[it2]])
+    n_kept = int(kept_users.sum())
+    return {
+        "u": u2, "it": it2, "ts": ts[keep], "kept_users": kept_users, "cold_items": cold_items.astype(np.int64),
+        "cold_users": cold_users.astype(np.int64), "fraction": fraction, "items": int(n_cold),
+        "removed_interactions": int((~keep & kept_users[u]).sum()), "dropped_users": int(n_users - n_kept),
+        "cold_test_users": int(len(cold_users)), "warm_test_users": n_kept - int(len(cold_users)),
+        "cold_since": float(first[by_age[n_items - n_cold]]) if n_cold else None,
+    }
 
 
 def _natural_key(s: str) -> tuple:
@@ -409,6 +461,8 @@ class Dataset:
     offsets: np.ndarray
     seq_items: np.ndarray
     seq_times: np.ndarray
+    cold_items: np.ndarray | None = None  # the cold-item protocol's cold items (data.cold_items > 0), else None
+    cold_users: np.ndarray | None = None  # the users whose test target is a cold item
 
     @property
     def n_items(self) -> int:
@@ -430,6 +484,14 @@ class Dataset:
             hist.append(s[: len(s) - cut])
             tgt[u] = s[len(s) - cut]
         return hist, tgt
+
+    def test_groups(self) -> dict[str, np.ndarray] | None:
+        """Under the cold-item protocol, the test users by their target: {"cold": ..., "warm": ...} (user ids,
+        sorted); None for an ordinary split."""
+        if self.cold_users is None:
+            return None
+        warm = np.setdiff1d(np.arange(self.n_users), self.cold_users)
+        return {"cold": self.cold_users, "warm": warm}
 
     def item_categories(self, column: str) -> list[list[str]] | None:
         """Each item's categories from a "|" (or ",") separated column, in item order; None without it."""
@@ -455,6 +517,10 @@ def save(p: Processed, out_dir: Path) -> None:
     with atomic_path(out_dir / "sequences.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, offsets=p.offsets, items=p.seq_items, timestamps=p.seq_times)
+    if p.cold_items is not None:  # an ordinary split writes exactly the files it always wrote
+        with atomic_path(out_dir / COLD_FILE) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, items=p.cold_items, users=p.cold_users)
 
 
 def load(stage_dir: Path | str) -> Dataset:
@@ -466,12 +532,16 @@ def load(stage_dir: Path | str) -> Dataset:
         users = pd.read_parquet(stage_dir / "users.parquet")
         with np.load(stage_dir / "sequences.npz") as z:
             offsets, seq_items, seq_times = z["offsets"], z["items"], z["timestamps"]
+        cold_items = cold_users = None
+        if (stage_dir / COLD_FILE).exists():
+            with np.load(stage_dir / COLD_FILE) as z:
+                cold_items, cold_users = z["items"], z["users"]
     except FileNotFoundError as e:
         raise ArtifactError(f"{e.filename}: missing; run `recpipe data` first") from None
     except Exception as e:  # corrupt parquet / npz
         raise ArtifactError(
             f"{stage_dir}: corrupt data artifacts ({type(e).__name__}); run `recpipe data --force`") from None
-    return Dataset(items, users, offsets, seq_items, seq_times)
+    return Dataset(items, users, offsets, seq_items, seq_times, cold_items, cold_users)
 
 
 def load_run(run_dir: str | Path) -> Dataset:
@@ -525,6 +595,8 @@ def run(cfg: Config, force: bool = False, log=print) -> StageResult:
     files = _input_files(src, fmt)
     inputs = {str(f.name): fingerprint_file(f) for f in files}
     config = {"data": to_dict(cfg.data), "format": fmt}
+    if not cfg.data.cold_items:  # off, the default: data stages made before the option existed stay current
+        config["data"].pop("cold_items")
     if fmt in READER_VERSION:  # a reader whose output changed: cached data (and what was made from it) is rebuilt
         config["reader"] = READER_VERSION[fmt]
 
@@ -561,7 +633,13 @@ def format_summary(s: dict[str, Any]) -> list[tuple[str, str]]:
                             f"mean {s['seq_len_mean']:.1f}, max {s['seq_len_max']}"),
         ("training positions", f"{s['train_positions']:,}"),
         ("dropped (< 3 interactions)", f"{s['dropped_short_users']:,} users"),
-    ]
+    ] + ([] if "cold" not in s else [
+        ("cold items", f"{s['cold']['items']:,} ({s['cold']['fraction']:g} of the items, the newest by first "
+                       f"interaction): {s['cold']['removed_interactions']:,} training/validation interactions "
+                       "removed"),
+        ("test users", f"{s['cold']['cold_test_users']:,} with a cold target, {s['cold']['warm_test_users']:,} "
+                       f"with a warm one; {s['cold']['dropped_users']:,} users dropped (< 3 items left)"),
+    ])
 
 
 __all__ = ["Dataset", "RawDataset", "Processed", "load_raw", "process", "kcore", "load", "save", "run",

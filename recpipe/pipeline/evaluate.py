@@ -10,6 +10,9 @@ Rows (all scored by the same code, `scoring.evaluate_split`, over every test use
   llm: the describe stage's LLM-written intention for the target item.
 Columns: seen-masked (default) and unmasked, side by side. Output `<run_dir>/evaluate/<model>/metrics.json`
 and `table.md`.
+Under the cold-item protocol (data.cold_items > 0) every row of the test split comes three times: over all
+test users, then as "<row> [cold targets]" and "<row> [warm targets]" (the users whose test target is, or is
+not, an item no training or validation sequence holds), each with its users' count and its `group`.
 """
 
 from __future__ import annotations
@@ -149,18 +152,30 @@ def evaluate_model(cfg: Config, model_name: str, log=print, progress: bool = Fal
     warnings = degenerate_warnings(ds, split, ec.ks)
     for w in warnings:
         log(f"evaluate: warning: {w}")
+    # the cold and warm users are told apart by their test target; validation targets are all warm
+    groups = ds.test_groups() if split == "test" else None
 
     def row(name: str, m: Recommender, score_kwargs: dict | None = None, intent_fn=None) -> dict[str, Any]:
         t0 = time.perf_counter()
         res = evaluate_split(m, b, split, ec.ks, batch_size=ec.batch_size, device=device,
-                                         score_kwargs=score_kwargs, intent_fn=intent_fn, seed=cfg.run.seed,
-                                         progress=name if progress else "")
+                             score_kwargs=score_kwargs, intent_fn=intent_fn, seed=cfg.run.seed,
+                             progress=name if progress else "", groups=groups)
         dt = time.perf_counter() - t0
         r = {"name": name, "masked": res["masked"], "unmasked": res["unmasked"], "users": res["users"],
              "users_per_s": round(res["users"] / dt, 1)}
         log(f"evaluate {model_name} [{name}]: NDCG@10 {r['masked']['NDCG@10']:.4f} masked, "
             f"{r['unmasked']['NDCG@10']:.4f} unmasked ({r['users_per_s']:.0f} users/s)")
         rows.append(r)
+        if groups is not None:
+            r["group"] = "all"
+            for g in groups:
+                part = res["groups"].get(g)
+                if part is None:
+                    log(f"evaluate {model_name} [{name}]: no {g}-target test users; no {g} row")
+                    continue
+                rows.append({"name": f"{name} [{g} targets]", "group": g, **part, "users_per_s": r["users_per_s"]})
+                log(f"evaluate {model_name} [{name}] {g} targets ({part['users']:,} users): NDCG@10 "
+                    f"{part['masked']['NDCG@10']:.4f} masked, {part['unmasked']['NDCG@10']:.4f} unmasked")
         return r
 
     low = {}  # the denoiser's precision (models whose score_all takes a dtype; scores stay float32)
@@ -255,12 +270,14 @@ def _score_params(model: Recommender) -> set[str]:
 
 def markdown_table(rows: list[dict[str, Any]], ks: list[int]) -> str:
     cols = [f"{m}@{k}" for m in ("HR", "NDCG") for k in ks]
+    grouped = any("group" in r for r in rows)  # cold-item protocol: rows differ in their users
     head = "| row | " + " | ".join(f"{c} masked" for c in cols) + " | " + " | ".join(
-        f"{c} unmasked" for c in cols) + " | users/s |"
-    sep = "|" + "---|" * (2 + 2 * len(cols))
+        f"{c} unmasked" for c in cols) + (" | users" if grouped else "") + " | users/s |"
+    sep = "|" + "---|" * (2 + 2 * len(cols) + grouped)
     lines = [head, sep]
     for r in rows:
         vals = [f"{r['masked'][c]:.4f}" for c in cols] + [f"{r['unmasked'][c]:.4f}" for c in cols]
+        vals += [f"{r['users']:,}"] if grouped else []
         lines.append(f"| {r['name']} | " + " | ".join(vals) + f" | {r['users_per_s']:,.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -272,7 +289,10 @@ def print_table(rows: list[dict[str, Any]], ks: list[int], title: str = "", firs
     from rich.console import Console
     from rich.table import Table
 
-    extra = extra if extra is not None else {"users/s": lambda r: f"{r['users_per_s']:,.0f}"}
+    if extra is None:
+        extra = {"users/s": lambda r: f"{r['users_per_s']:,.0f}"}
+        if any("group" in r for r in rows):  # cold-item protocol: rows differ in their users
+            extra = {"users": lambda r: f"{r['users']:,}", **extra}
     console = Console()
     if title:
         console.print(title, highlight=False)

@@ -12,7 +12,7 @@ import torch
 from recpipe import cpu
 from recpipe.errors import ConfigError
 from recpipe.models.base import Recommender
-from recpipe.models.metrics import RankAccumulator, history_mask
+from recpipe.models.metrics import RankAccumulator, history_mask, metrics_from_ranks
 from recpipe.pipeline.batches import Batcher
 from recpipe.progress import counter
 
@@ -41,12 +41,15 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
 def evaluate_split(
     model: Recommender, b: Batcher, split: str, ks: list[int], batch_size: int = 1024,
     users: np.ndarray | None = None, device: str | torch.device = "cpu", score_kwargs: dict | None = None,
-    intent_fn=None, seed: int = 0, progress: str = "",
+    intent_fn=None, seed: int = 0, progress: str = "", groups: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Full-ranking metrics (masked and unmasked columns) over every user of a split (or `users`).
 
     intent_fn(users, targets) -> (B, d) float tensor | None adds an intention to each batch.
     progress: a label shows a progress bar (users scored, rate, time left) under that name; "" shows none.
+    groups: name -> user ids: the result's "groups" holds the same metrics over each group's users (from
+    the same ranks, so a generative model's draws are the ones the whole figure has); a group with none of
+    the scored users is left out.
     """
     was_training = model.training
     model.eval()
@@ -79,7 +82,16 @@ def evaluate_split(
         model.train(was_training)
         if bar is not None:
             bar.stop()
-    return acc.result(ks)
+    res = acc.result(ks)
+    if groups is not None:
+        res["groups"] = {}
+        masked, unmasked = np.concatenate(acc.masked), np.concatenate(acc.unmasked)
+        for name, members in groups.items():
+            sel = np.isin(users, members)
+            if sel.any():
+                res["groups"][name] = {"masked": metrics_from_ranks(masked[sel], ks),
+                                       "unmasked": metrics_from_ranks(unmasked[sel], ks), "users": int(sel.sum())}
+    return res
 
 
 __all__ = ["evaluate_split", "resolve_device", "resolve_dtype"]

@@ -1,0 +1,214 @@
+"""The cold-item protocol (data.cold_items) and the baselines it is read against (pop, textnn), on a catalog
+the test builds: items enter it one after another, so "the newest by first interaction" is known."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from recpipe.artifacts import run_stage
+from recpipe.config import load_config
+from recpipe.errors import ConfigError
+from recpipe.models.base import build_model
+from recpipe.pipeline import data as D
+from recpipe.pipeline import evaluate as E
+from recpipe.pipeline import train as T
+from recpipe.pipeline import whiten
+
+N_ITEMS, N_USERS, PER_USER = 40, 120, 10
+QUIET = dict(log=lambda m: None)
+
+
+def build_catalog(tmp_path: Path, seed: int = 0) -> Path:
+    """Item k (original id 100 + k) is first available at time 10 k; each user picks PER_USER items and meets
+    them in that order, so the newest items are the highest ids and many users end on one of them."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(N_USERS):
+        for k in np.sort(rng.choice(N_ITEMS, PER_USER, replace=False)):
+            rows.append((f"u{u}", 100 + int(k), 10 * int(k) + int(rng.integers(5))))
+    d = tmp_path / "data" / "cat"
+    d.mkdir(parents=True)
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(d / "interactions.csv", index=False)
+    pd.DataFrame({"item_id": 100 + np.arange(N_ITEMS), "title": [f"item {k}" for k in range(N_ITEMS)],
+                  "genres": ["Comedy", "Drama"] * (N_ITEMS // 2)}).to_csv(d / "items.csv", index=False)
+    return tmp_path / "data"
+
+
+def cfg_for(tmp_path: Path, run: str, **over):
+    base = {"run.dataset": "cat", "run.data_dir": str(tmp_path / "data"), "run.run_dir": str(tmp_path / run),
+            "data.kcore": 2, "train.epochs": 2, "train.batch_size": 64, "train.warmup_steps": 5,
+            "train.threads": 1}
+    return load_config(None, {**base, **over})
+
+
+def fake_embed(cfg, dim: int = 8, seed: int = 0) -> np.ndarray:
+    """An embed stage of random unit vectors (what `recpipe embed` writes, minus the TEM)."""
+    ds = D.load_run(cfg.run_dir)
+    V = np.random.default_rng(seed).standard_normal((ds.n_items + 1, dim)).astype(np.float32)
+    V /= np.linalg.norm(V, axis=1, keepdims=True)
+    V[0] = 0
+
+    def build(out: Path):
+        np.save(out / "item_embeddings.npy", V)
+        return {"tem": "test", "model": "random", "dim": dim, "normalized": True}
+
+    run_stage(cfg.run_dir, "embed", {"fake": True, "seed": seed}, {"data": "x"}, build)
+    return V
+
+
+@pytest.fixture
+def cold_run(tmp_path):
+    build_catalog(tmp_path)
+    cfg = cfg_for(tmp_path, "cold", **{"data.cold_items": 0.1})
+    res = D.run(cfg, **QUIET)
+    return cfg, res
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_cold_items_appear_only_as_test_targets(tmp_path, cold_run):
+    cfg, res = cold_run
+    ds = D.load_run(cfg.run_dir)
+    assert list(ds.cold_items) == [37, 38, 39, 40]  # the 4 newest (dense ids of originals 136..139)
+    is_cold = np.isin(np.arange(N_ITEMS + 1), ds.cold_items)
+    groups = ds.test_groups()
+    for u in range(ds.n_users):
+        s = ds.sequence(u)
+        assert len(s) >= 3
+        assert not is_cold[s[:-1]].any()  # training and validation parts
+        assert is_cold[s[-1]] == (u in groups["cold"])
+    assert len(groups["cold"]) > 10 and len(groups["cold"]) + len(groups["warm"]) == ds.n_users
+    assert not np.intersect1d(groups["cold"], groups["warm"]).size
+    # every item keeps its row (text models rank cold items), and users keep their other items in order
+    plain = cfg_for(tmp_path, "plain")
+    D.run(plain, **QUIET)
+    base = D.load_run(plain.run_dir)
+    assert ds.items.equals(base.items)
+    kept = {uid: u for u, uid in enumerate(ds.users["user_id"])}
+    for u, uid in enumerate(base.users["user_id"]):
+        s = base.sequence(u)
+        want = np.r_[s[:-1][~is_cold[s[:-1]]], s[-1]]
+        if uid in kept:
+            assert np.array_equal(ds.sequence(kept[uid]), want)
+        else:
+            assert len(want) < 3
+    summary = res.manifest.info["summary"]["cold"]
+    assert summary["items"] == 4 and summary["dropped_users"] == base.n_users - ds.n_users
+    assert summary["cold_test_users"] == len(groups["cold"])
+    lines = dict(D.format_summary(res.manifest.info["summary"]))
+    assert "users dropped" in lines["test users"]
+
+
+def test_default_split_is_unchanged(tmp_path, cold_run):
+    """cold_items = 0 records the config it always recorded and writes the files it always wrote, so data
+    stages made before the option stay current."""
+    plain = cfg_for(tmp_path, "plain")
+    first = D.run(plain, **QUIET)
+    assert first.manifest.config["data"] == {"dedup": "first", "kcore": 2, "max_len": 200, "min_rating": 0.0}
+    assert sorted(first.manifest.outputs) == ["items.parquet", "sequences.npz", "users.parquet"]
+    assert D.load_run(plain.run_dir).test_groups() is None
+    # the same settings in a fresh directory: byte-identical artifacts
+    again = D.run(cfg_for(tmp_path, "plain2", **{"data.cold_items": 0}), **QUIET)
+    assert again.manifest.outputs == first.manifest.outputs and again.manifest.config == first.manifest.config
+    assert D.run(plain, **QUIET).skipped
+    cfg, res = cold_run
+    assert res.manifest.config["data"]["cold_items"] == 0.1 and "cold.npz" in res.manifest.outputs
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1", "1.5", "nan", "lots"])
+def test_bad_cold_items_is_one_config_error(tmp_path, value):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, {"data.cold_items": value})
+    assert "data.cold_items" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- models
+def test_pop_ranks_by_training_count():
+    m = build_model("pop", {}, n_items=6)
+    m.train()
+    m.loss({"history": torch.tensor([[0, 3, 3, 5], [2, 3, 5, 1]])})
+    assert m.counts.tolist() == [0, 1, 1, 3, 0, 2, 0]
+    m.eval()
+    s = m.score_all({"history": torch.tensor([[1]])})
+    assert s[0, 0] == -torch.inf
+    assert s[0, 1:].argsort(descending=True, stable=True).tolist()[:3] == [2, 4, 0]  # items 3, 5, then 1
+    m.loss({"history": torch.tensor([[4]])})  # not training: nothing counted
+    assert m.counts[4] == 0
+    assert [p.requires_grad for p in m.parameters()] == [True]  # the trainer's optimiser needs one
+
+
+def test_textnn_ranks_the_last_items_nearest_text_vector_first():
+    g = torch.Generator().manual_seed(0)
+    V = torch.cat([torch.zeros(1, 8), torch.randn(10, 8, generator=g)])
+    V[7] = V[3] * 0.9 + 0.05 * torch.randn(8, generator=g)  # item 7 is the nearest to item 3 but itself
+    m = build_model("textnn", {}, n_items=10, item_vectors=V)
+    s = m.score_all({"history": torch.tensor([[5, 3], [0, 3]])})
+    torch.testing.assert_close(s[:, 1:], (V[3] @ V[1:].T).expand(2, -1))
+    others = s[0].clone()
+    others[3] = -torch.inf  # the seen-masked column hides the item itself
+    assert int(others.argmax()) == 7
+    assert torch.equal(m.generate({"history": torch.tensor([[5, 3]])})[0], V[3])
+    assert m.uses_text and not m.uses_intent and torch.equal(m.item_table(), V)
+
+
+# ------------------------------------------------------------------------------------ train + evaluate
+def _rows(res) -> dict[str, dict]:
+    return {r["name"]: r for r in res.manifest.info["rows"]}
+
+
+def test_evaluate_reports_all_cold_and_warm_users_and_baselines_train(tmp_path, cold_run, one_thread):
+    cfg, _ = cold_run
+    ds = D.load_run(cfg.run_dir)
+    groups = ds.test_groups()
+    fake_embed(cfg)
+    out = {}
+    for name in ("pop", "textnn"):
+        T.run(cfg, name, progress=False, **QUIET)
+        out[name] = ev = E.run(cfg, name, progress=False, **QUIET)
+        rows = _rows(ev)
+        assert list(rows) == [name, f"{name} [cold targets]", f"{name} [warm targets]"]
+        assert [rows[n]["group"] for n in rows] == ["all", "cold", "warm"]
+        assert rows[f"{name} [cold targets]"]["users"] == len(groups["cold"])
+        assert rows[f"{name} [warm targets]"]["users"] == len(groups["warm"])
+        for col in ("masked", "unmasked"):  # the groups split the users: their means weigh back to the whole
+            whole = sum(rows[f"{name} [{g} targets]"][col]["NDCG@10"] * len(groups[g]) for g in groups)
+            assert whole / ds.n_users == pytest.approx(rows[name][col]["NDCG@10"])
+        table = (ev.stage_dir / "table.md").read_text()
+        assert f"| {name} [cold targets] |" in table and "| users |" in table
+        saved = json.loads((ev.stage_dir / "metrics.json").read_text())
+        assert [r["name"] for r in saved["rows"]] == list(rows)
+    # popularity never ranks an item nobody trained on (count 0, ties against the target): 36 warm items with
+    # counts come first; text vectors rank cold items like any other
+    assert _rows(out["pop"])["pop [cold targets]"]["unmasked"]["HR@20"] == 0.0
+    assert _rows(out["textnn"])["textnn [cold targets]"]["unmasked"]["MRR"] > 0.0
+
+
+def test_idreamrec_residual_of_a_cold_item_stays_zero(tmp_path, cold_run, one_thread):
+    """CE over every item (and PreferDiff's random negatives) would train every row of the residual; a cold
+    item's row, which no training batch holds, gets no gradient and is zero at scoring."""
+    cfg, _ = cold_run
+    fake_embed(cfg)
+    for loss in ("ce", "preferdiff"):
+        c = cfg_for(tmp_path, "cold", **{
+            "data.cold_items": 0.1, "train.model": "idreamrec", "train.epochs": 1, "model.idreamrec.loss": loss,
+            "model.idreamrec.item_residual": True, "model.idreamrec.width": 16, "model.idreamrec.heads": 2,
+            "model.idreamrec.depth": 1, "model.idreamrec.history_len": 5, "model.idreamrec.window": 4})
+        whiten.run(c, **QUIET)
+        T.run(c, progress=False, force=True, **QUIET)
+        from recpipe.pipeline import bundle
+
+        run = bundle.load(c, "idreamrec", **QUIET)
+        W = run.model.item_residual.weight.detach()
+        cold = run.ds.cold_items
+        assert (W[cold] == 0).all(), loss
+        trained = np.unique(np.concatenate([run.ds.sequence(u)[:-2] for u in range(run.ds.n_users)]))
+        assert (W[trained] != 0).any(dim=1).all(), loss  # an item of some training part has learned
+        assert not np.intersect1d(trained, cold).size
+        torch.testing.assert_close(run.model.item_table()[cold], run.model.item_vectors[cold], rtol=0, atol=0)
+    ev = E.run(c, "idreamrec", progress=False, **QUIET)
+    assert {r.get("group") for r in ev.manifest.info["rows"]} == {"all", "cold", "warm"}
