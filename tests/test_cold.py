@@ -130,16 +130,31 @@ def test_bad_cold_items_is_one_config_error(tmp_path, value):
 # ---------------------------------------------------------------------------------------------- models
 def test_pop_ranks_by_training_count():
     m = build_model("pop", {}, n_items=6)
-    m.train()
-    m.loss({"history": torch.tensor([[0, 3, 3, 5], [2, 3, 5, 1]])})
+    m.observe_training(torch.tensor([3, 3, 5, 2, 3, 5, 1, 0]))  # the trainer's training items (0: never counted)
     assert m.counts.tolist() == [0, 1, 1, 3, 0, 2, 0]
-    m.eval()
+    m.train()
+    m.loss({"history": torch.tensor([[4, 4, 4]])})  # batches teach it nothing
+    assert m.counts[4] == 0
     s = m.score_all({"history": torch.tensor([[1]])})
     assert s[0, 0] == -torch.inf
     assert s[0, 1:].argsort(descending=True, stable=True).tolist()[:3] == [2, 4, 0]  # items 3, 5, then 1
-    m.loss({"history": torch.tensor([[4]])})  # not training: nothing counted
-    assert m.counts[4] == 0
     assert [p.requires_grad for p in m.parameters()] == [True]  # the trainer's optimiser needs one
+
+
+def test_pop_counts_every_training_interaction_once(tmp_path, cold_run, one_thread):
+    """The trainer hands pop the training parts of the data stage's sequences: its counts are those of the
+    split's training interactions, whatever the batches or processes."""
+    cfg, _ = cold_run
+    T.run(cfg, "pop", progress=False, **QUIET)
+    from safetensors.torch import load_file
+
+    counts = load_file(str(cfg.run_dir / "train" / "pop" / "model.safetensors"))["counts"]
+    ds = D.load_run(cfg.run_dir)
+    want = np.zeros(ds.n_items + 1, dtype=np.int64)
+    for u in range(ds.n_users):
+        np.add.at(want, ds.seq_items[ds.offsets[u]: ds.offsets[u + 1] - 2], 1)
+    want[0] = 0
+    assert counts.tolist() == want.tolist() and want.sum() > 0
 
 
 def test_textnn_ranks_the_last_items_nearest_text_vector_first():

@@ -36,6 +36,11 @@ class Batcher:
         end_train = self.offsets[self.user_of + 1] - 2
         self.train_positions = pos[(pos > start) & (pos < end_train)]
 
+    def train_items(self) -> np.ndarray:
+        """Every item of every user's training part (s[:-2]), repeats kept: what a popularity count reads."""
+        pos = np.arange(len(self.items))
+        return self.items[pos < self.offsets[self.user_of + 1] - 2]
+
     def capped(self, lengths: np.ndarray) -> np.ndarray:
         """History lengths as the model reads them: at most history_len (no cap without one)."""
         return np.minimum(lengths, self.L) if self.L else lengths
