@@ -93,7 +93,7 @@ def run_recpipe(a, models: list[str]) -> list[dict[str, Any]]:
     for m in models:
         for r in benchmark.train_and_evaluate(recpipe_config(a, m), m, force=a.force, log=log):
             if m == "idreamrec":
-                r["name"] = f"idreamrec ({a.preset})"
+                r["name"] = r["name"].replace("idreamrec", f"idreamrec ({a.preset})", 1)  # keeps "[cold targets]"
             rows.append(r)
     return rows
 
