@@ -199,7 +199,8 @@ def whiten(
 def index(
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
-    kind: Annotated[Optional[str], typer.Option(help="flat (exact) | ivf | ivfpq (compressed) | hnsw (large catalogs)")] = None,
+    kind: Annotated[Optional[str], typer.Option(
+        help="flat (exact) | ivf | ivfpq (compressed) | hnsw (large catalogs)")] = None,
     config: ConfigOpt = None,
     cache_dir: CacheOpt = None,
     run_dir: RunDirOpt = None,

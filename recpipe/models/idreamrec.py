@@ -170,24 +170,12 @@ class IDreamRec(Recommender):
             nn.init.zeros_(self.item_residual.weight)
         else:
             self.item_residual = None
-        self._residual_in_loss: Tensor | None = None  # the residual table while `loss` runs (_trained_residual)
         self._schedule_cpu = make_schedule(config.schedule, config.T)  # float64
         self._schedules: dict[torch.device, Schedule] = {}
-
-    def _trained_residual(self, batch: dict[str, Tensor]) -> Tensor:
-        """The residual table as a training batch reads it: the same values, but a row that is still exactly
-        zero (its item was in no training batch yet) passes no gradient unless this batch holds the item.
-        Without this, the CE's softmax (and PreferDiff's random negatives) would train the rows of items the
-        model never saw: under the cold-item protocol (data.cold_items) a cold item's row would be pushed
-        away from every oracle, where it must stay zero so that the item is ranked by its text vector alone.
-        Stateless: the zero pattern is in the weights, so a resumed run masks the rows an unbroken one does."""
-        W = self.item_residual.weight
-        ids = [batch[k].reshape(-1) for k in ("target", "window", "history") if k in batch]
-        with torch.no_grad():
-            live = (W != 0).any(dim=1)
-            live[torch.cat(ids)] = True
-            live[0] = False  # padding
-        return torch.where(live[:, None], W, W.detach())
+        # the items of the training data (observe_training); None: every item. Items outside it (the cold-item
+        # protocol's new items) are no class of the CE and no PreferDiff negative: at training time they do
+        # not exist yet, so no row of theirs is trained and the generator is not taught to avoid them
+        self._known: Tensor | None = None
 
     def _dit_size(self) -> dict:
         c = self.config
@@ -197,6 +185,11 @@ class IDreamRec(Recommender):
     # ------------------------------------------------------------------------------------------------
     # helpers
     # ------------------------------------------------------------------------------------------------
+
+    def observe_training(self, items: Tensor) -> None:
+        seen = torch.bincount(items.reshape(-1).long(), minlength=self.n_items + 1)[: self.n_items + 1] > 0
+        seen[0] = False  # padding
+        self._known = None if bool(seen[1:].all()) else seen.to(self.item_vectors.device)
 
     def schedule(self, device: torch.device | None = None) -> Schedule:
         """The diffusion schedule (float64) on `device` (default: the model's), cached per device."""
@@ -209,14 +202,11 @@ class IDreamRec(Recommender):
         """(n_items + 1, d): the vectors used for history tokens, training targets and scoring."""
         if self.item_residual is None:
             return self.item_vectors
-        W = self._residual_in_loss if self._residual_in_loss is not None else self.item_residual.weight
-        return self.item_vectors + W
+        return self.item_vectors + self.item_residual.weight
 
     def item_vecs(self, ids: Tensor) -> Tensor:
         """ids: LongTensor (...) -> (..., d), = item_table()[ids]."""
         v = self.item_vectors[ids]
-        if self._residual_in_loss is not None:
-            return v + self._residual_in_loss[ids]
         if self.item_residual is not None:
             v = v + self.item_residual(ids)
         return v
@@ -266,15 +256,6 @@ class IDreamRec(Recommender):
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
         """batch["target"]: (B,) one target per row, or (B, C) the targets of a window (0 = not a target).
         Per target: t, noise, history drop, then intention drop, drawn in that order."""
-        if self.item_residual is None:
-            return self._loss(batch, generator)
-        self._residual_in_loss = self._trained_residual(batch)
-        try:
-            return self._loss(batch, generator)
-        finally:
-            self._residual_in_loss = None
-
-    def _loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
         cfg = self.config
         target = batch["target"]
         shape, n, dev = target.shape, target.numel(), target.device
@@ -299,8 +280,15 @@ class IDreamRec(Recommender):
 
         # PreferDiff: n_neg items != target, uniformly; their centroid is noised at the same t and
         # denoised under the same condition, in the same forward as the positive
-        r = torch.randint(1, self.n_items, (*shape, cfg.n_neg), generator=generator, device=gen_dev).to(dev)
-        neg = r + (r >= target[..., None]).long()  # uniform over {1..n_items} \ {target}
+        if self._known is None:
+            r = torch.randint(1, self.n_items, (*shape, cfg.n_neg), generator=generator, device=gen_dev).to(dev)
+            neg = r + (r >= target[..., None]).long()  # uniform over {1..n_items} \ {target}
+        else:  # uniform over the training items but the target (a target is a training item)
+            known = self._known.to(dev)
+            ids = known.nonzero().squeeze(1)  # (K,) the training items, ascending
+            pos = (known.long().cumsum(0) - 1)[target.clamp(min=1)]  # the target's index in ids
+            r = torch.randint(0, len(ids) - 1, (*shape, cfg.n_neg), generator=generator, device=gen_dev).to(dev)
+            neg = ids[r + (r >= pos[..., None]).long()]
         x0_neg = self.item_vecs(neg).mean(dim=-2)  # (*S, d)
         x_t_neg = q_sample(s, x0_neg.reshape(n, -1), t.reshape(-1), randn((n, self.dim), generator, dev))
         ax = self.target_axis
@@ -322,6 +310,8 @@ class IDreamRec(Recommender):
         if self.config.loss == "mse":
             return mse
         logits = x0_hat @ self.item_table()[1:].T / self.dim**0.5  # (M, n_items)
+        if self._known is not None:
+            logits = logits.masked_fill(~self._known[1:].to(logits.device), float("-inf"))
         ce = F.cross_entropy(logits, target - 1, reduction="sum") / m
         return self.config.lam * mse + (1.0 - self.config.lam) * ce
 
