@@ -373,3 +373,16 @@ def test_pq_m_does_not_invalidate_other_kinds(tmp_path):
     assert not index_mod.run(cfg, log=lambda m: None).skipped
     cfg.index.pq_m = 8  # only an ivfpq index has sub-quantizers
     assert index_mod.run(cfg, log=lambda m: None).skipped
+
+
+def test_ivfpq_rows_left_short_are_completed_from_the_decoded_vectors():
+    """nprobe = 1 and every item of the probed cell excluded: the row is still filled, from ivfpq's decoded
+    vectors (it keeps no exact copy), with none of the excluded items."""
+    V = clustered_table(1000, 32)
+    idx = ItemIndex(V, "ivfpq", device="cpu", nlist=20, nprobe=1)
+    q = V[1:2]
+    _, raw = idx._raw_search(q, 1000)
+    found = raw[0][raw[0] >= 0] + 1
+    assert 10 < len(found) < 500
+    s, i = idx.search(q, 10, exclude=[found])
+    assert (i > 0).all() and len(set(i[0])) == 10 and not set(i[0]) & set(found) and np.isfinite(s).all()
