@@ -81,3 +81,20 @@ def test_ranks_match_brute_force_with_ties_repeats_and_padding():
         assert acc.unmasked[0][b] == _brute_rank(s, t, set())
         assert acc.masked[0][b] == _brute_rank(s, t, set(hists[b].tolist()) - {t})
         assert target_ranks(scores[b:b + 1], target[b:b + 1], seen[b:b + 1]).item() == acc.masked[0][b]
+
+
+def test_row_counts_in_column_blocks_equal_a_plain_sum():
+    from recpipe.models.metrics import row_counts
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(5, 103, generator=g) > 0.6
+    for block in (1, 7, 5 * 103, 10**6):  # one column a block, ragged blocks, exactly one block, no blocks
+        assert torch.equal(row_counts(mask, block=block), mask.sum(1))
+
+
+def test_scoring_batches_are_capped_by_their_score_matrix():
+    from recpipe.pipeline.scoring import SCORE_MATRIX_BYTES, rows_within
+
+    assert rows_within(1024, 3_416) == 1024  # ML-1M: the configured batch
+    assert rows_within(1024, 1_000_000) == SCORE_MATRIX_BYTES // (4 * 1_000_001)  # 1M items: 67 users
+    assert rows_within(1024, 10**10) == 1  # never an empty batch

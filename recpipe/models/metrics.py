@@ -29,6 +29,19 @@ def target_ranks(scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tens
     return unmasked if masked is None else masked
 
 
+def row_counts(mask: torch.Tensor, block: int = 1 << 22) -> torch.Tensor:
+    """(B,) int64 count of True per row of a (B, N) bool matrix. A bool matrix's sum() (and count_nonzero)
+    first copies it into int64, 8x its size (a 1M-item catalog: GBs a batch); column blocks of about `block`
+    elements bound that copy."""
+    cols = max(1, block // max(1, mask.shape[0]))
+    if mask.shape[1] <= cols:
+        return mask.sum(1)
+    out = torch.zeros(mask.shape[0], dtype=torch.int64, device=mask.device)
+    for j in range(0, mask.shape[1], cols):
+        out += mask[:, j: j + cols].sum(1)
+    return out
+
+
 def target_ranks_both(scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(unmasked ranks, masked ranks or None) from ONE comparison pass over the score matrix.
@@ -43,10 +56,11 @@ def target_ranks_both(scores: torch.Tensor, target: torch.Tensor, exclude: torch
     rows = torch.arange(scores.shape[0], device=scores.device)
     t_score = scores[rows, target]
     ge = scores >= t_score[:, None]  # (B, N+1), True at the target itself
-    unmasked = ge.sum(1) - 1 - ge[:, 0].long()  # minus the target and padding
+    unmasked = row_counts(ge) - 1 - ge[:, 0].long()  # minus the target and padding
     if exclude is None:
         return unmasked, None
-    hidden = (ge & exclude).sum(1) - exclude[rows, target].long() - (ge[:, 0] & exclude[:, 0]).long()
+    ge &= exclude  # in place: no second matrix
+    hidden = row_counts(ge) - exclude[rows, target].long() - ge[:, 0].long()
     return unmasked, unmasked - hidden
 
 

@@ -37,6 +37,16 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
     return getattr(torch, name)
 
 
+# Scores of one batch are a (rows, n_items + 1) float32 matrix, and ranking it needs about two more of its
+# size: rows are capped so that it stays within this, whatever the catalog (1M items: 67 users a batch)
+SCORE_MATRIX_BYTES = 256 * 2**20
+
+
+def rows_within(batch_size: int, n_items: int, budget: int = SCORE_MATRIX_BYTES) -> int:
+    """The users a scoring batch may hold: batch_size, fewer when their score matrix would pass `budget`."""
+    return max(1, min(batch_size, budget // (4 * (n_items + 1))))
+
+
 @torch.no_grad()
 def evaluate_split(
     model: Recommender, b: Batcher, split: str, ks: list[int], batch_size: int = 1024,
@@ -64,6 +74,7 @@ def evaluate_split(
     if model.generative:
         kwargs["generator"] = gen
     n_items = model.n_items
+    batch_size = rows_within(batch_size, n_items)
     bar = counter(f"[bold]evaluate[/] {progress}", progress, len(users), "users") if progress else None
     try:
         for i in range(0, len(users), batch_size):
