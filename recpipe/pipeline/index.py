@@ -375,6 +375,8 @@ class ItemIndex:
     def __repr__(self) -> str:
         extra = f", nlist={self.nlist}, nprobe={self.nprobe}" if self.kind in IVF_KINDS else ""
         extra += f", pq_m={self.pq_m}" if self.kind == "ivfpq" else ""
+        if self.kind == "hnsw":  # M: the neighbours a node keeps above the base level (which keeps 2M)
+            extra += f", M={self._cpu.hnsw.nb_neighbors(1)}, ef_search={self._cpu.hnsw.efSearch}"
         return f"ItemIndex(kind={self.kind!r}, device={self.device!r}, n={self.n}, d={self.d}{extra})"
 
 
