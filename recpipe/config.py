@@ -105,6 +105,10 @@ class EmbedConfig:
     max_retries: int = 6  # attempts per request (exponential backoff + jitter), as in describe
     backoff_s: float = 1.0  # first retry wait; doubles each attempt (plus jitter), at most 60 s
     cache: str = ""  # "" -> <cache_dir>/llm-cache/embed (openai only); keys hash model and text
+    # local TEM: encoding processes (sentence-transformers' multi-process pool), for the embed stage's large
+    # tables; None: one a GPU where there are several, else 1 (one process already uses every core through
+    # torch's threads; several, each with cores / N threads, can scale better on many-core CPUs: measure)
+    processes: int | None = None
 
 
 @dataclass
@@ -456,6 +460,7 @@ def _validate(cfg: Config) -> None:
     need(math.isfinite(cfg.describe.confirm_usd) and cfg.describe.confirm_usd >= 0, "describe.confirm_usd must be >= 0")
     need(cfg.describe.confirm_calls >= 0, "describe.confirm_calls must be >= 0")
     need(cfg.embed.batch_size >= 1, "embed.batch_size must be >= 1")
+    _need_count(need, "embed.processes", cfg.embed.processes, "none (the default) uses one a GPU, else one")
     need(1 <= cfg.embed.api_batch <= 2048, "embed.api_batch must be in 1..2048 (the API's limit)")
     need(cfg.embed.max_input_chars >= 50, "embed.max_input_chars must be >= 50")
     need(cfg.embed.max_retries >= 1, "embed.max_retries must be >= 1 (the first attempt counts)")
@@ -529,6 +534,7 @@ def _check_category_template(template: str) -> None:
 # is not redone for a change of spelling alone
 _FINGERPRINT_NONE: dict[type, dict[str, Any]] = {
     DescribeConfig: {"limit": 0, "threads": 0},
+    EmbedConfig: {"processes": 0},
     IndexConfig: {"nlist": 0},
     TrainConfig: {"eval_every": 0, "eval_users": 0, "threads": 0, "length_pool": 0, "grad_clip": 0.0},
     EvaluateConfig: {"intent_anchor": 0},

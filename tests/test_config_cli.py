@@ -237,6 +237,7 @@ def test_a_choice_set_in_python_is_checked_too():
 NONE_KEYS = {
     "describe.limit": ("describes every item", 0),
     "describe.threads": ("uses every core", 0),
+    "embed.processes": ("uses one a GPU, else one", 0),
     "index.nlist": ("picks 4*sqrt(n_items)", 0),
     "train.eval_every": ("validates once per epoch", 0),
     "train.eval_users": ("validates on every user", 0),

@@ -256,3 +256,23 @@ def test_write_tables_chunks_into_memmaps_like_one_call(tmp_path, monkeypatch):
         got = np.load(path)
         np.testing.assert_array_equal(got, E.with_padding(V[rows]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.npy"]  # no temporary files left
+
+
+def test_a_pool_of_encoding_processes_gives_the_vectors_of_one_process():
+    """embed.processes = 2: sentence-transformers' multi-process pool (two CPU workers, one thread each) encodes
+    a table; each vector is the one a single process gives, in the same order."""
+    texts = [f"item {i}: a {['comedy', 'drama', 'thriller'][i % 3]} from {1950 + i % 70}" for i in range(1100)]
+    one = E.LocalTEM().encode(texts)
+    tem = E.LocalTEM(processes=2)
+    try:
+        assert tem.devices == ["cpu", "cpu"]
+        pooled = tem.encode(texts)
+        assert tem._pool is not None  # the pool really ran
+        assert pooled.shape == one.shape and pooled.dtype == np.float32
+        cos = (pooled * one).sum(1) / np.linalg.norm(pooled, axis=1) / np.linalg.norm(one, axis=1)
+        assert cos.min() > 0.9999
+    finally:
+        tem.close()
+    assert E.pool_devices(1) is None  # one process: no pool
+    with pytest.raises(ConfigError, match="embed.processes must be >= 1, not 0"):
+        load_config(None, {"embed.processes": "0"})

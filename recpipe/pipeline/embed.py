@@ -25,6 +25,7 @@ same intention (the metadata backend on a catalog without category-like columns)
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
@@ -95,8 +96,10 @@ class TEM:
     def from_config(cls, ecfg: EmbedConfig, cache_root: str | os.PathLike | None = None) -> TEM:
         """The TEM an EmbedConfig describes (cached in process: a second call returns the loaded model)."""
         if ecfg.tem == "local":
-            return _cached(("local", ecfg.model or DEFAULT_LOCAL_MODEL, ecfg.normalize, ecfg.max_input_chars),
-                           lambda: LocalTEM(ecfg.model, ecfg.normalize, ecfg.batch_size, ecfg.max_input_chars))
+            return _cached(("local", ecfg.model or DEFAULT_LOCAL_MODEL, ecfg.normalize, ecfg.max_input_chars,
+                            ecfg.processes),
+                           lambda: LocalTEM(ecfg.model, ecfg.normalize, ecfg.batch_size, ecfg.max_input_chars,
+                                            ecfg.processes))
         if ecfg.tem == "openai":
             cache = Path(ecfg.cache) if ecfg.cache else Path(cache_root or "cache") / "llm-cache" / "embed"
             return OpenAITEM(ecfg.model or DEFAULT_OPENAI_MODEL, ecfg.normalize, ecfg.base_url, ecfg.api_batch,
@@ -148,7 +151,8 @@ def local_model_id(model: str = "") -> str:
 class LocalTEM(TEM):
     kind = "local"
 
-    def __init__(self, model: str = "", normalize: bool = True, batch_size: int = 128, max_chars: int = 8000):
+    def __init__(self, model: str = "", normalize: bool = True, batch_size: int = 128, max_chars: int = 8000,
+                 processes: int | None = None):
         path = local_model_path(model)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is on disk
@@ -176,6 +180,8 @@ class LocalTEM(TEM):
         self._lock = threading.Lock()
         self._lp: tuple[str, Any] | None = None  # (dtype, low-precision copy) for queries, models LeanBert can't run
         self._leans: dict[str, Any] = {}  # dtype -> LeanBert (None: not a BERT + mean pooling model)
+        self.devices = pool_devices(processes)  # None: encode in this process
+        self._pool: dict | None = None
 
     @property
     def dim(self) -> int:
@@ -194,9 +200,32 @@ class LocalTEM(TEM):
         if len(texts) <= SMALL_BATCH:
             return self._encode_small(texts, dtype)
         with self._lock:
+            pool = self._start_pool() if self.devices and len(texts) >= POOL_MIN_TEXTS else None
             out = self.st.encode(texts, batch_size=batch_size or self.batch_size, show_progress_bar=show_progress,
-                                 convert_to_numpy=True, normalize_embeddings=self.normalize)
+                                 convert_to_numpy=True, normalize_embeddings=self.normalize, pool=pool)
         return np.ascontiguousarray(out, dtype=np.float32)
+
+    def _start_pool(self) -> dict:
+        """sentence-transformers' pool, started once: a process a device, CPU workers with cores / N threads
+        each (a spawned worker reads OMP_NUM_THREADS when it imports torch)."""
+        if self._pool is None:
+            threads = max(1, (os.cpu_count() or 1) // len(self.devices))
+            old = os.environ.get("OMP_NUM_THREADS")
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            try:
+                self._pool = self.st.start_multi_process_pool(target_devices=self.devices)
+                atexit.register(self.close)  # the workers end with this process, not after it
+            finally:
+                if old is None:
+                    os.environ.pop("OMP_NUM_THREADS", None)
+                else:
+                    os.environ["OMP_NUM_THREADS"] = old
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self.st.stop_multi_process_pool(self._pool)
+            self._pool = None
 
     def _encode_small(self, texts: list[str], dtype: str) -> np.ndarray:
         """A few texts (a request's intention) on one torch thread, without `SentenceTransformer.encode`'s
@@ -242,6 +271,20 @@ class LocalTEM(TEM):
 
             self._lp = (dtype, copy.deepcopy(self.st).to(getattr(torch, dtype)))
         return self._lp[1]
+
+
+POOL_MIN_TEXTS = 1024  # fewer texts than this are not worth starting worker processes for
+
+
+def pool_devices(processes: int | None) -> list[str] | None:
+    """The devices of a multi-process encoding pool, or None for one process: `processes` CPU workers, or
+    with None one worker a GPU where torch sees several."""
+    if processes is None:
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{i}" for i in range(n)] if n > 1 else None
+    return ["cpu"] * processes if processes > 1 else None
 
 
 def lean_supported(st) -> bool:
