@@ -337,3 +337,26 @@ def test_chunked_statistics_match_one_block(monkeypatch):
     np.testing.assert_allclose(b.weight, a.weight, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(b.transform_table(table(X)), a.transform_table(table(X)), atol=1e-6)
     assert whitened_stats(b.transform(X), b)["max_abs_cov_dev"] < TOL
+
+
+def test_tables_stream_through_memory_maps_block_by_block(tmp_path, monkeypatch):
+    """The stage reads and writes memory-mapped tables in blocks of CHUNK rows: the result is the in-memory
+    one, the all-zero rows (items without an intention) stay zero across block edges, and a NaN in any block
+    is found."""
+    from recpipe.pipeline import whiten as W
+
+    rng = np.random.default_rng(3)
+    E = np.vstack([np.zeros((1, 6)), rng.standard_normal((40, 6)) @ rng.standard_normal((6, 6))]).astype(np.float32)
+    E[[5, 17, 18]] = 0.0
+    w = W.Whitening("whiten").fit(E[1:])
+    ref = w.transform_table(E, keep_zero_rows=True)
+    monkeypatch.setattr(W, "CHUNK", 7)  # blocks of 7 rows: ragged edges, zero rows at and across them
+    np.save(tmp_path / "E.npy", E)
+    src = np.load(tmp_path / "E.npy", mmap_mode="r")
+    out = W._table_file(tmp_path / "Y.npy", src)
+    W.Whitening("whiten").fit(src[1:]).transform_table(src, keep_zero_rows=True, out=out).flush()
+    got = np.load(tmp_path / "Y.npy")
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert not got[[0, 5, 17, 18]].any() and W.missing_rows(src) == 3
+    E[30, 2] = np.nan
+    assert W.first_nonfinite_row(E) == 30 and W.first_nonfinite_row(E[:30]) is None

@@ -93,17 +93,10 @@ class Whitening:
         n, d = X.shape
         if n < 2 or d < 1:
             raise ArtifactError(f"whitening needs at least 2 item vectors of dimension >= 1, got shape {X.shape}")
-        finite = np.isfinite(X).all(axis=1)
-        if not finite.all():
-            bad = int(np.flatnonzero(~finite)[0])
+        bad = first_nonfinite_row(X)
+        if bad is not None:
             raise ArtifactError(f"item vector {bad + 1} contains NaN or inf; re-run `recpipe embed --force`")
-        # two passes over row chunks in float64: memory O(CHUNK * d + d^2) whatever the catalog size
-        mean = sum(X[i : i + CHUNK].astype(np.float64).sum(axis=0) for i in range(0, n, CHUNK)) / n
-        cov = np.zeros((d, d))
-        for i in range(0, n, CHUNK):
-            Xc = X[i : i + CHUNK].astype(np.float64) - mean
-            cov += Xc.T @ Xc
-        cov /= n - 1
+        mean, cov = table_cov(X)  # two passes over row blocks: memory O(CHUNK * d + d^2) whatever n is
         cov = (cov + cov.T) / 2  # exact symmetry for eigh
         lam, U = np.linalg.eigh(cov)
         self.dim, self.n_fit = d, n
@@ -164,18 +157,24 @@ class Whitening:
             X = Y64.copy()
         return X.astype(dtype, copy=False)
 
-    def transform_table(self, E: np.ndarray, keep_zero_rows: bool = False) -> np.ndarray:
+    def transform_table(self, E: np.ndarray, keep_zero_rows: bool = False, out: np.ndarray | None = None
+                        ) -> np.ndarray:
         """Whiten an id-indexed table (n_items + 1, d) as float32; row 0 (padding) stays zeros.
 
         keep_zero_rows: other all-zero rows (an upstream "missing" marker, e.g. an item without an
         intention) also stay zeros instead of becoming A(0) = -mean @ W.
+        out: a float32 array of E's shape to write into (a memory-mapped file: E may be one too, so a table
+        larger than memory streams through in blocks of CHUNK rows).
         """
-        E = np.asarray(E)
-        out = np.zeros(E.shape, dtype=np.float32)
+        E = np.asarray(E) if not isinstance(E, np.memmap) else E
+        out = np.zeros(E.shape, dtype=np.float32) if out is None else out
+        out[0] = 0.0
         for i in range(1, len(E), CHUNK):
-            out[i : i + CHUNK] = self.transform(E[i : i + CHUNK].astype(np.float64))
-        if keep_zero_rows:
-            out[1:][~E[1:].any(axis=1)] = 0.0
+            block = E[i : i + CHUNK]
+            y = self.transform(block.astype(np.float64))
+            if keep_zero_rows:
+                y[~block.any(axis=1)] = 0.0
+            out[i : i + CHUNK] = y
         return out
 
     @property
@@ -269,6 +268,36 @@ class Whitening:
 
 
 # ---------------------------------------------------------------------------------------------- stage
+def first_nonfinite_row(X: np.ndarray) -> int | None:
+    """The first row holding NaN or inf, read in blocks (a memory-mapped table never needs to be in memory)."""
+    for i in range(0, len(X), CHUNK):
+        finite = np.isfinite(X[i : i + CHUNK]).all(axis=1)
+        if not finite.all():
+            return i + int(np.flatnonzero(~finite)[0])
+    return None
+
+
+def missing_rows(E: np.ndarray) -> int:
+    """All-zero rows among 1..n (items without a vector, e.g. no intention), counted in blocks."""
+    return sum(int((~E[i : i + CHUNK].any(axis=1)).sum()) for i in range(1, len(E), CHUNK))
+
+
+def _table_file(path: Path, like: np.ndarray) -> np.ndarray:
+    """A float32 .npy file of `like`'s shape, memory-mapped for writing block by block."""
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=like.shape)
+
+
+def table_cov(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, covariance with ddof = 1) of the rows of Y, in float64 over blocks of CHUNK rows."""
+    n = len(Y)
+    mu = sum(Y[i : i + CHUNK].astype(np.float64).sum(axis=0) for i in range(0, n, CHUNK)) / n
+    cov = np.zeros((Y.shape[1], Y.shape[1]))
+    for i in range(0, n, CHUNK):
+        Yc = Y[i : i + CHUNK].astype(np.float64) - mu
+        cov += Yc.T @ Yc
+    return mu, cov / (n - 1)
+
+
 def whitened_stats(Y: np.ndarray, w: Whitening | None = None) -> dict[str, float]:
     """Largest |mean| and largest |cov - target| of whitened item vectors (ddof = 1).
 
@@ -276,14 +305,7 @@ def whitened_stats(Y: np.ndarray, w: Whitening | None = None) -> dict[str, float
     floored directions (zero-variance directions of the items, e.g. MiniLM's 3 constant dimensions), where
     no affine map can create variance.
     """
-    Y = np.asarray(Y)
-    n = len(Y)
-    mu = sum(Y[i : i + CHUNK].astype(np.float64).sum(axis=0) for i in range(0, n, CHUNK)) / n
-    cov = np.zeros((Y.shape[1], Y.shape[1]))
-    for i in range(0, n, CHUNK):
-        Yc = Y[i : i + CHUNK].astype(np.float64) - mu
-        cov += Yc.T @ Yc
-    cov /= n - 1
+    mu, cov = table_cov(Y)
     target = w.target_cov() if w is not None and w.method == "whiten" else np.eye(Y.shape[1])
     return {"max_abs_mean": float(np.abs(mu).max()), "max_abs_cov_dev": float(np.abs(cov - target).max())}
 
@@ -294,15 +316,16 @@ def run(cfg: Config, force: bool = False, log=print) -> StageResult:
     config = {"whiten": to_dict(cfg.whiten)}
 
     def build(out_dir: Path) -> dict[str, Any]:
-        E = embed.load_vectors(cfg.run_dir, "items")
+        # memory maps in and out: tables of millions of items stream through in blocks of CHUNK rows
+        E = embed.load_vectors(cfg.run_dir, "items", mmap=True)
         n, d = E.shape[0] - 1, E.shape[1]
         if "dim" in emb.info and emb.info["dim"] != d:
             raise ArtifactError(f"embed stage: item embeddings of dimension {d} but its manifest says "
                                 f"{emb.info['dim']}; re-run `recpipe embed --force`")
         w = Whitening(cfg.whiten.method, cfg.whiten.eps).fit(E[1:])
-        items = w.transform_table(E)
+        items = w.transform_table(E, out=_table_file(out_dir / "item_vectors.npy", E))
+        items.flush()
         w.save(out_dir / "whitening.npz")
-        np.save(out_dir / "item_vectors.npy", items)
         info: dict[str, Any] = {
             "method": w.method, "eps": w.eps, "dim": d, "n_items": n, "scale": w.scale,
             "embed": {k: v for k, v in emb.info.items() if k not in NOT_TEM_KEYS},
@@ -311,18 +334,19 @@ def run(cfg: Config, force: bool = False, log=print) -> StageResult:
         if w.method == "whiten":
             info.update(whitened_stats(items[1:], w))
         else:
-            info["avg_var"] = float(items[1:].astype(np.float64).var(axis=0, ddof=1).mean())
-        intents = embed.load_vectors(cfg.run_dir, "intents")
+            info["avg_var"] = float(np.trace(table_cov(items[1:])[1]) / d)
+        intents = embed.load_vectors(cfg.run_dir, "intents", mmap=True)
         if intents is not None:
             if intents.shape != E.shape:
                 raise ArtifactError(f"embed stage: intent embeddings of shape {intents.shape} differ from the item "
                                     f"embeddings' {E.shape}; re-run `recpipe embed --force`")
-            if not np.isfinite(intents).all():
+            if first_nonfinite_row(intents) is not None:
                 raise ArtifactError("embed stage: its intent embeddings contain NaN or inf; re-run "
                                     "`recpipe embed --force`")
-            np.save(out_dir / "intent_vectors.npy", w.transform_table(intents, keep_zero_rows=True))
+            w.transform_table(intents, keep_zero_rows=True, out=_table_file(out_dir / "intent_vectors.npy",
+                                                                            intents)).flush()
             info["intents"] = True
-            info["intents_missing"] = int((~intents[1:].any(axis=1)).sum())
+            info["intents_missing"] = missing_rows(intents)
         else:
             info["intents"] = False
         check = (
