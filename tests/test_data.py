@@ -140,6 +140,18 @@ def test_kcore_reaches_fixed_point():
     assert out.groupby("user_id").size().min() >= 2 and out.groupby("item_id").size().min() >= 2
 
 
+def test_kcore_mask_matches_a_count_by_hand_at_every_round():
+    rng = np.random.default_rng(4)
+    users, items = rng.integers(0, 60, 900), rng.integers(0, 90, 900)
+    keep = D.kcore_mask(users, items, 5)
+    u, i = users[keep], items[keep]
+    assert np.bincount(u)[u].min() >= 5 and np.bincount(i)[i].min() >= 5  # a fixed point
+    # maximal: no dropped row could come back (its user or item is short even with every kept row)
+    for r in np.flatnonzero(~keep)[:50]:
+        assert (u == users[r]).sum() + 1 < 5 or (i == items[r]).sum() + 1 < 5
+    assert D.kcore_mask(users, items, 1).all()
+
+
 def test_ties_keep_file_order_and_dedup(tmp_path):
     inter = pd.DataFrame({
         "user_id": ["a"] * 5, "item_id": [3, 1, 2, 1, 4], "timestamp": [5, 5, 5, 7, 9],

@@ -320,51 +320,66 @@ class Processed:
     cold_users: np.ndarray | None = None  # ... and the users whose test target is one of them, sorted
 
 
-def kcore(inter: pd.DataFrame, k: int) -> pd.DataFrame:
-    """Iterated k-core: drop users and items with fewer than k interactions until none is left to drop."""
+def kcore_mask(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
+    """Iterated k-core over integer codes (0..n-1): the rows whose user and item both keep >= k interactions
+    once no user or item with fewer is left. Counting is np.bincount: a pass over 10M rows takes tens of ms."""
+    keep = np.ones(len(users), dtype=bool)
     if k <= 1:
-        return inter
+        return keep
     while True:
-        ucount = inter.groupby("user_id", sort=False)["item_id"].transform("size")
-        icount = inter.groupby("item_id", sort=False)["user_id"].transform("size")
-        keep = (ucount >= k) & (icount >= k)
-        if keep.all():
-            return inter
-        inter = inter[keep.to_numpy()]
+        u, i = users[keep], items[keep]
+        ok = (np.bincount(u)[u] >= k) & (np.bincount(i)[i] >= k)
+        if ok.all():
+            return keep
+        keep[np.flatnonzero(keep)[~ok]] = False
+
+
+def kcore(inter: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Iterated k-core of a frame with user_id and item_id columns (see kcore_mask)."""
+    users = pd.factorize(inter["user_id"])[0]
+    items = pd.factorize(inter["item_id"])[0]
+    return inter[kcore_mask(users, items, k)]
 
 
 def process(raw: RawDataset, cfg: DataConfig, source: str = "") -> Processed:
     inter = raw.interactions
-    n_raw = (inter["user_id"].nunique(), inter["item_id"].nunique(), len(inter))
+    # the ids become integer codes once; sorting, dedup, k-core and the split run on numpy arrays of them
+    ucode, uniq_u = pd.factorize(inter["user_id"])
+    icode, uniq_i = pd.factorize(inter["item_id"])
+    n_raw = (len(uniq_u), len(uniq_i), len(inter))
+    ts = inter["timestamp"].to_numpy()  # int64, or float64 where the file has fractional timestamps
+    row = np.arange(len(inter))  # file order, the tie-break of equal timestamps
     if cfg.min_rating > 0:
         if "rating" not in inter.columns:  # a filter that cannot apply must not pass as applied
             raise DataError(f"{source or 'dataset'}: data.min_rating={cfg.min_rating:g} needs ratings, and the "
                             "interactions have no rating column; set data.min_rating=0")
-        inter = inter[inter["rating"] >= cfg.min_rating]
-    # chronological order with a stable tie-break: equal timestamps keep the file's order
-    inter = inter.assign(_row=np.arange(len(inter)))
-    inter = inter.sort_values(["user_id", "timestamp", "_row"], kind="mergesort")
+        rated = (inter["rating"] >= cfg.min_rating).to_numpy()
+        ucode, icode, ts, row = ucode[rated], icode[rated], ts[rated], row[rated]
+    # chronological order within each user with a stable tie-break: equal timestamps keep the file's order
+    order = np.lexsort((ts, ucode))  # stable: rows of equal (user, time) stay in file order
+    ucode, icode, ts, row = ucode[order], icode[order], ts[order], row[order]
     if cfg.dedup != "none":
-        inter = inter.drop_duplicates(["user_id", "item_id"], keep=cfg.dedup)
-    n_dedup = len(inter)
-    inter = kcore(inter, cfg.kcore)
+        dup = pd.Series(ucode.astype(np.int64) * max(len(uniq_i), 1) + icode).duplicated(keep=cfg.dedup)
+        kept = ~dup.to_numpy()
+        ucode, icode, ts, row = ucode[kept], icode[kept], ts[kept], row[kept]
+    n_dedup = len(ucode)
+    kept = kcore_mask(ucode, icode, cfg.kcore)
+    ucode, icode, ts, row = ucode[kept], icode[kept], ts[kept], row[kept]
     # leave-one-out needs train, validation and test items: users with fewer than 3 are dropped
-    ulen = inter.groupby("user_id", sort=False)["item_id"].transform("size")
-    short = int((inter.loc[ulen < 3, "user_id"]).nunique())
-    inter = inter[(ulen >= 3).to_numpy()]
-    if inter.empty:
+    ucount = np.bincount(ucode, minlength=len(uniq_u))
+    short = int(((ucount > 0) & (ucount < 3)).sum())
+    kept = ucount[ucode] >= 3
+    ucode, icode, ts, row = ucode[kept], icode[kept], ts[kept], row[kept]
+    if len(ucode) == 0:
         raise DataError(f"{source or 'dataset'}: no interactions left after {cfg.kcore}-core filtering "
                         f"(raw: {n_raw[0]} users, {n_raw[1]} items, {n_raw[2]} interactions)")
 
     # dense ids: items 1..n (0 = padding) and users 0..n-1, both in sorted original-id order
-    item_ids = np.array(sorted(inter["item_id"].unique(), key=_natural_key), dtype=object)
-    user_ids = np.array(sorted(inter["user_id"].unique(), key=_natural_key), dtype=object)
-    item_index = pd.Series(np.arange(1, len(item_ids) + 1, dtype=np.int64), index=item_ids)
-    user_index = pd.Series(np.arange(len(user_ids), dtype=np.int64), index=user_ids)
-    u = user_index.loc[inter["user_id"].to_numpy()].to_numpy()
-    it = item_index.loc[inter["item_id"].to_numpy()].to_numpy()
-    ts = inter["timestamp"].to_numpy()  # int64, or float64 where the file has fractional timestamps
-    order = np.lexsort((inter["_row"].to_numpy(), ts, u))  # user, then time, then file order
+    item_ids, it = _dense(icode, np.asarray(uniq_i, dtype=object), start=1)
+    user_ids, u = _dense(ucode, np.asarray(uniq_u, dtype=object), start=0)
+    # rows are in (code, time, file order) order and a user's rows share one code: a stable sort on the dense
+    # user id alone gives user, then time, then file order
+    order = np.argsort(u, kind="stable")
     u, it, ts = u[order], it[order], ts[order]
     cold = None
     if cfg.cold_items > 0:
@@ -405,6 +420,16 @@ def process(raw: RawDataset, cfg: DataConfig, source: str = "") -> Processed:
                                              "cold_test_users", "warm_test_users", "cold_since")}
     return Processed(items, users, offsets, it.astype(np.int64), ts, summary, cold["cold_items"],
                      cold["cold_users"])
+
+
+def _dense(codes: np.ndarray, uniques: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the original ids still present, in natural order; each row's dense id start, start + 1, ...)."""
+    present = np.flatnonzero(np.bincount(codes, minlength=len(uniques)))
+    ids = uniques[present]
+    rank = np.array(sorted(range(len(ids)), key=lambda j: _natural_key(str(ids[j]))), dtype=np.int64)
+    dense = np.empty(len(uniques), dtype=np.int64)
+    dense[present[rank]] = np.arange(start, start + len(ids))
+    return ids[rank], dense[codes]
 
 
 def cold_split(u: np.ndarray, it: np.ndarray, ts: np.ndarray, n_items: int, fraction: float) -> dict[str, Any]:
