@@ -1,7 +1,10 @@
-"""SASRec's RecBole-style variant (model.sasrec.norm=post, init=normal): causal, padding-invariant, learns."""
+"""SASRec's RecBole-style variant (model.sasrec.norm=post, init=normal): causal, padding-invariant, learns; and
+its overlapping training windows (model.sasrec.stride)."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 from test_baselines import L, N, build, chains, fit, scores, top5_hit_rate
 
@@ -59,3 +62,41 @@ def test_oldest_first_positions_make_each_training_position_its_own_test_query()
             gaps[positions] = max(float((full[:, t] - model.encode(hist[:, : t + 1])[:, -1]).abs().max())
                                   for t in range(L))
     assert gaps["oldest"] < 1e-5 < gaps["newest"], gaps
+
+
+@pytest.mark.parametrize("stride", [None, 4, 2])
+def test_overlapping_windows_train_every_target_once_with_at_least_l_minus_stride_context(tmp_path, stride):
+    from toy_data import build_toy
+
+    from recpipe.config import load_config
+    from recpipe.pipeline import data as D
+    from recpipe.pipeline.batches import Batcher
+
+    build_toy(tmp_path, n_users=30, length=23, items=False)
+    cfg = load_config(None, {"run.dataset": "toy", "run.data_dir": str(tmp_path / "data"),
+                             "run.cache_dir": str(tmp_path / "c"), "data.kcore": 2})
+    D.run(cfg, log=lambda m: None)
+    ds = D.load_run(cfg.run_dir)
+    W_L = 8
+    b = Batcher(ds, W_L, stride=stride)
+    ends = b.sequence_units(chunked=True)
+    batch = b.sequences(ends)
+    tgt, inp = batch["target_seq"].numpy(), batch["input_seq"].numpy()
+    trained = {}  # (user, position) -> context the target reads inside its window
+    for row, e in enumerate(ends):
+        u = b.user_of[e - 1]
+        W = tgt.shape[1]
+        for j in np.flatnonzero(tgt[row]):
+            pos = e - W + j
+            assert tgt[row, j] == ds.seq_items[pos] and inp[row, j] == ds.seq_items[pos - 1]
+            assert (u, pos) not in trained, "a target trained twice in one pass"
+            trained[(u, pos)] = int((inp[row, : j + 1] > 0).sum())
+    # every training target (positions 1 .. len-3 of each user) exactly once
+    want = {(u, p) for u in range(ds.n_users) for p in range(ds.offsets[u] + 1, ds.offsets[u + 1] - 2)}
+    assert set(trained) == want
+    floor = W_L - (stride or W_L) + 1  # the inputs a target reads: its own input and what precedes it in the window
+    for (u, p), ctx in trained.items():
+        assert ctx >= min(floor, p - ds.offsets[u]), (u, p, ctx)
+    if stride:
+        with pytest.raises(ValueError, match="stride must be in 1..history_len"):
+            build("sasrec", history_len=4, stride=5)

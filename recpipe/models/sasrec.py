@@ -191,6 +191,10 @@ class SASRecConfig:
     # train on every training transition, long histories cut into chunks of history_len (the original reads
     # only each user's last history_len items: at 100 that leaves out 55% of ML-1M's training transitions)
     whole_history: bool = True
+    # with whole_history: windows of history_len that end every `stride` positions and train their last `stride`
+    # targets, so each target reads at least history_len - stride items (RecBole and the original train each
+    # target on its full window); None: disjoint chunks (a chunk's first targets read little), cost 1x; L/2: 2x
+    stride: int | None = None
     # training settings live in TrainConfig; the original used Adam lr 1e-3, batch 128, no weight decay
 
 
@@ -201,6 +205,9 @@ class SASRec(Recommender):
     def __init__(self, config: SASRecConfig, n_items: int):
         # chunked: the trainer's "sequence" batches hold every chunk of every user
         super().__init__(n_items, config.history_len, chunked=config.whole_history)
+        if config.stride is not None and not 1 <= config.stride <= config.history_len:
+            raise ValueError(f"stride must be in 1..history_len ({config.history_len}), not {config.stride}")
+        self.stride = config.stride if config.whole_history else None  # read by the trainer's Batcher
         c = self.config = config
         self.item_emb = nn.Embedding(n_items + 1, c.hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(c.history_len, c.hidden)

@@ -22,9 +22,12 @@ from recpipe.pipeline import data as data_stage
 class Batcher:
     """Builds left-padded tensor batches from the data stage's CSR sequences (vectorised numpy)."""
 
-    def __init__(self, ds: data_stage.Dataset, history_len: int | None):
+    def __init__(self, ds: data_stage.Dataset, history_len: int | None, stride: int | None = None):
         self.ds = ds
         self.L = history_len
+        # chunked sequences: windows of L end every `stride` positions and train only their last `stride`
+        # targets (the oldest window all of its own), so every target sees at least L - stride items of context
+        self.stride = stride if stride and history_len and stride < history_len else None
         self.offsets = ds.offsets
         self.items = ds.seq_items
         lens = np.diff(ds.offsets)
@@ -96,7 +99,8 @@ class Batcher:
         n = np.maximum(end - start - 1, 0)  # training transitions (targets) of each user
         if not chunked or not self.L:
             return end[n > 0]
-        return _run_ends(end, -(-n // self.L), self.L)
+        step = self.stride or self.L
+        return _run_ends(end, -(-n // step), step)
 
     def sequences(self, ends: np.ndarray) -> dict[str, torch.Tensor]:
         """input_seq / target_seq for sequences ending (exclusive) at `ends`: the targets are the (up to) L
@@ -106,6 +110,9 @@ class Batcher:
         inp = self._window(ends - 1, start, L)
         tgt = self._window(ends, start + 1, L)
         inp = np.where(tgt > 0, inp, 0)
+        if self.stride:  # a window with an older one trains only its last `stride` targets; its inputs all stay
+            oldest = ends - self.stride <= start + 1
+            tgt = np.where(oldest[:, None] | (np.arange(L) >= L - self.stride)[None, :], tgt, 0)
         return {"input_seq": torch.from_numpy(inp), "target_seq": torch.from_numpy(tgt)}
 
     def user_histories(self, users: np.ndarray, cut: int) -> dict[str, torch.Tensor]:

@@ -215,7 +215,7 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
     model = make_model(model_name, mcfg, inp.ds.n_items, inp.item_vectors).to(device)
     if tc.guidance_grid:
         check_guidance(model, mcfg, model_name)  # before any training, not after it
-    b = Batcher(inp.ds, model.history_len)
+    b = Batcher(inp.ds, model.history_len, stride=getattr(model, "stride", None))
     model.observe_training(torch.from_numpy(b.train_items()).to(device))
     mode = model.train_mode
     intents = None  # IntentSampler: an intention for a share (intent_prob) of the training targets
