@@ -130,7 +130,7 @@ def test_bad_cold_items_is_one_config_error(tmp_path, value):
 # ---------------------------------------------------------------------------------------------- models
 def test_pop_ranks_by_training_count():
     m = build_model("pop", {}, n_items=6)
-    m.observe_training(torch.tensor([3, 3, 5, 2, 3, 5, 1, 0]))  # the trainer's training items (0: never counted)
+    m.observe_training(torch.tensor([0, 1, 1, 3, 0, 2, 0]))  # the trainer's counts of the training items
     assert m.counts.tolist() == [0, 1, 1, 3, 0, 2, 0]
     m.train()
     m.loss({"history": torch.tensor([[4, 4, 4]])})  # batches teach it nothing

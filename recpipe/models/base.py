@@ -82,10 +82,11 @@ class Recommender(nn.Module):
             return cls(config, n_items, item_vectors)
         return cls(config, n_items)
 
-    def observe_training(self, items: torch.Tensor) -> None:
-        """Called by the trainer once, before training, with every item of the training data (1-D, repeats
-        kept, on the model's device), the same on every process of a distributed run. Models that read
-        statistics of the data rather than batches (popularity) take them here; the default reads nothing."""
+    def observe_training(self, counts: torch.Tensor) -> None:
+        """Called by the trainer once, before training, with how often each item occurs in the training data
+        ((n_items + 1,) int64 on the model's device, padding 0), the same on every process of a distributed run.
+        Models that read statistics of the data rather than batches (popularity) take them here; the default
+        reads nothing."""
 
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError

@@ -175,7 +175,9 @@ class IDreamRec(Recommender):
         # the items of the training data (observe_training); None: every item. Items outside it (the cold-item
         # protocol's new items) are no class of the CE and no PreferDiff negative: at training time they do
         # not exist yet, so no row of theirs is trained and the generator is not taught to avoid them
-        self._known: Tensor | None = None
+        self._known: Tensor | None = None  # (n_items + 1,) bool
+        self._known_ids: Tensor | None = None  # (K,) the training items, ascending: PreferDiff's negatives
+        self._known_pos: Tensor | None = None  # (n_items + 1,) an item's index in _known_ids
 
     def _dit_size(self) -> dict:
         c = self.config
@@ -186,10 +188,14 @@ class IDreamRec(Recommender):
     # helpers
     # ------------------------------------------------------------------------------------------------
 
-    def observe_training(self, items: Tensor) -> None:
-        seen = torch.bincount(items.reshape(-1).long(), minlength=self.n_items + 1)[: self.n_items + 1] > 0
-        seen[0] = False  # padding
-        self._known = None if bool(seen[1:].all()) else seen.to(self.item_vectors.device)
+    def observe_training(self, counts: Tensor) -> None:
+        seen = (counts > 0).to(self.item_vectors.device)
+        if bool(seen[1:].all()):
+            self._known = self._known_ids = self._known_pos = None
+            return
+        self._known = seen
+        self._known_ids = seen.nonzero().squeeze(1)
+        self._known_pos = seen.long().cumsum(0) - 1
 
     def schedule(self, device: torch.device | None = None) -> Schedule:
         """The diffusion schedule (float64) on `device` (default: the model's), cached per device."""
@@ -284,9 +290,8 @@ class IDreamRec(Recommender):
             r = torch.randint(1, self.n_items, (*shape, cfg.n_neg), generator=generator, device=gen_dev).to(dev)
             neg = r + (r >= target[..., None]).long()  # uniform over {1..n_items} \ {target}
         else:  # uniform over the training items but the target (a target is a training item)
-            known = self._known.to(dev)
-            ids = known.nonzero().squeeze(1)  # (K,) the training items, ascending
-            pos = (known.long().cumsum(0) - 1)[target.clamp(min=1)]  # the target's index in ids
+            ids = self._known_ids.to(dev)
+            pos = self._known_pos.to(dev)[target.clamp(min=1)]  # the target's index in ids
             r = torch.randint(0, len(ids) - 1, (*shape, cfg.n_neg), generator=generator, device=gen_dev).to(dev)
             neg = ids[r + (r >= pos[..., None]).long()]
         x0_neg = self.item_vecs(neg).mean(dim=-2)  # (*S, d)

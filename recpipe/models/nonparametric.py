@@ -7,9 +7,9 @@
 
 The trainer runs every registered model the same way (batches, an optimiser, validation, a checkpoint), so
 each has one parameter that its loss touches with weight 0: the optimiser gets a non-empty parameter list
-and the parameter never moves. `pop` takes its counts from the trainer's `observe_training` (every item of
-the training data, once, the same on every process of a distributed run) into an integer buffer, which the
-checkpoint keeps; batches teach it nothing.
+and the parameter never moves. `pop` takes its counts from the trainer's `observe_training` (each item's count
+in the training data, once, the same on every process of a distributed run) into an integer buffer, which
+the checkpoint keeps; batches teach it nothing.
 """
 
 from __future__ import annotations
@@ -45,9 +45,7 @@ class Pop(Recommender):
         self.register_buffer("counts", torch.zeros(n_items + 1, dtype=torch.long))
         self.unused = _unused_parameter()
 
-    def observe_training(self, items: torch.Tensor) -> None:
-        counts = torch.bincount(items.reshape(-1).long(), minlength=self.n_items + 1)[: self.n_items + 1]
-        counts[0] = 0  # padding
+    def observe_training(self, counts: torch.Tensor) -> None:
         self.counts.copy_(counts)
 
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:

@@ -39,10 +39,12 @@ class Batcher:
         end_train = self.offsets[self.user_of + 1] - 2
         self.train_positions = pos[(pos > start) & (pos < end_train)]
 
-    def train_items(self) -> np.ndarray:
-        """Every item of every user's training part (s[:-2]), repeats kept: what a popularity count reads."""
+    def train_item_counts(self) -> np.ndarray:
+        """(n_items + 1,) int64: how often each item occurs in the users' training parts (s[:-2]); padding 0."""
         pos = np.arange(len(self.items))
-        return self.items[pos < self.offsets[self.user_of + 1] - 2]
+        counts = np.bincount(self.items[pos < self.offsets[self.user_of + 1] - 2], minlength=self.ds.n_items + 1)
+        counts[0] = 0
+        return counts
 
     def capped(self, lengths: np.ndarray) -> np.ndarray:
         """History lengths as the model reads them: at most history_len (no cap without one)."""
