@@ -47,7 +47,8 @@ def _cfg(tmp_path: Path, cache: str = "cache", **over):
 def _work(cfg) -> Path:
     config = T.train_config_dict(cfg, cfg.train.model)
     inputs = T.gather_inputs(cfg, cfg.train.model)
-    return cfg.run_dir / "work" / f"train-{cfg.train.model}-{T.fingerprint_obj([config, inputs.fingerprints])}"
+    key = T.fingerprint_obj([T.trajectory_key(config), inputs.fingerprints])
+    return cfg.run_dir / "work" / f"train-{cfg.train.model}-{key}"
 
 
 class _Payload:
@@ -305,6 +306,43 @@ def test_minutes_budget_stops_training_validates_and_keeps_the_default_fingerpri
     assert "max_minutes" in T.train_config_dict(cfg, "sasrec")["train"]
     assert "max_minutes" not in T.train_config_dict(_cfg(tmp_path), "sasrec")["train"], \
         "an unbudgeted run keeps the fingerprint it had before the option existed"
+
+
+def test_a_larger_budget_or_patience_continues_the_stopped_run(tmp_path, monkeypatch):
+    """A run stopped by its budget, given a larger one, resumes from its own state (same work directory) and
+    keeps its validations; a run stopped by its patience continues the same way under a larger patience."""
+    import types
+
+    clock = {"t": 0.0}
+
+    def tick() -> float:
+        clock["t"] += 1.0
+        return clock["t"]
+
+    monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=tick, monotonic=tick))
+    _build(tmp_path)
+    short = _cfg(tmp_path, **{"train.max_minutes": 0.1, "train.save_every_s": 1e9, "train.eval_every": 2})
+    _, first = _trained(short)
+    longer = _cfg(tmp_path, **{"train.max_minutes": 0.3, "train.save_every_s": 1e9, "train.eval_every": 2})
+    assert _work(short) == _work(longer)
+    said: list[str] = []
+    _, second = _trained(longer, log=said.append)
+    assert any(f"resuming at step {first[-1]['step']}" in m for m in said), said
+    assert any("a larger budget or patience continues it" in m for m in said), said
+    assert second[:len(first)] == first, "the first sitting's validations are kept as they were"
+    assert second[-1]["step"] > first[-1]["step"] and second[-1]["train_time_s"] >= 18.0, second[-1]
+    # the same budget again: the stage is current, nothing trains
+    said.clear()
+    _, again = _trained(longer, log=said.append)
+    assert again == second and not any("resuming" in m for m in said), said
+    # patience: 1 validation without a better NDCG@10 stops it; a patience of 30 continues the same state
+    stall = {"train.patience": 1, "train.eval_every": 1, "train.save_every_s": 1e9, "train.lr": 1e-9}
+    _, p1 = _trained(_cfg(tmp_path, **stall))
+    assert p1[-1]["step"] < 3 * 8, "an lr of 1e-9 never improves: patience 1 stops it early"
+    said.clear()
+    _, p30 = _trained(_cfg(tmp_path, **{**stall, "train.patience": 30}), log=said.append)
+    assert p30[:len(p1)] == p1 and p30[-1]["step"] == 3 * 8, p30[-1]
+    assert any(f"resuming at step {p1[-1]['step']}" in m for m in said), said
 
 
 # ------------------------------------------------------------------------------ 6. bad train settings, one line

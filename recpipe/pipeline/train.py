@@ -125,6 +125,19 @@ def gather_inputs(cfg: Config, model_name: str) -> TrainInputs:
     return TrainInputs(ds, iv, itv, fps, info, cats)
 
 
+def trajectory_key(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a train config that decides the weights at every step: all of it but the stop rules."""
+    tc = {k: v for k, v in config["train"].items() if k not in ("max_minutes", "patience")}
+    return {**config, "train": tc}
+
+
+def finished(st: dict[str, Any], tc: TrainConfig) -> bool:
+    """Whether a saved state has met this config's stop rules (a resumed run may have been given more)."""
+    return (st["bad"] >= tc.patience or st["epoch"] >= tc.epochs
+            or bool(tc.max_steps) and st["step"] >= tc.max_steps
+            or tc.max_minutes is not None and st["train_time"] >= 60.0 * tc.max_minutes)
+
+
 def train_config_dict(cfg: Config, model_name: str) -> dict[str, Any]:
     mcfg = cfg.model_config(model_name)
     tc = to_dict(cfg.train)
@@ -243,10 +256,12 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
     if tc.eval_users and tc.eval_users < len(val_users):
         val_users = np.sort(rng.choice(val_users, tc.eval_users, replace=False))
 
-    work = cfg.run_dir / "work" / f"train-{model_name}-{fingerprint_obj([config, inp.fingerprints])}"
+    # The wall-clock budget and the patience only decide where a run stops, not the path it takes (the
+    # learning-rate schedule follows epochs and max_steps): a run given more of either resumes its own state.
+    run_id = fingerprint_obj([trajectory_key(config), inp.fingerprints])
+    work = cfg.run_dir / "work" / f"train-{model_name}-{run_id}"
     work.mkdir(parents=True, exist_ok=True)
     state_path = work / STATE_FILE
-    run_id = fingerprint_obj([config, inp.fingerprints])
     st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": -1.0, "best_step": -1, "bad": 0, "done": False,
           "train_time": 0.0, "log": []}
     best_state: dict[str, torch.Tensor] | None = None
@@ -257,6 +272,10 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
             st, best_state, losses = unpack_state(*read_resume_state(state_path), run_id, model, opt, ema, gen,
                                                   device)
             log(f"train/{model_name}: resuming at step {st['step']} (epoch {st['epoch'] + 1}) from {state_path}")
+            if st["done"] and not finished(st, tc):
+                st["done"] = False
+                log(f"train/{model_name}: the run had stopped ({st['train_time'] / 60:.1f} min trained, "
+                    f"{st['bad']} validations without a better NDCG@10); a larger budget or patience continues it")
         except UnusableState as e:  # the state is only a shortcut: without it, training starts over
             log(f"train/{model_name}: ignoring resume state {state_path} ({e}); starting from step 0")
     elif (work / LEGACY_STATE_FILE).exists():
