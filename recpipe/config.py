@@ -133,6 +133,10 @@ class IndexConfig:
     # ivfpq sub-quantizers (must divide d); None -> the largest divisor of d up to d // 8 (48 for 384-d: 8
     # dimensions per one-byte code, FAISS's usual trade-off between recall and a 32x smaller index)
     pq_m: int | None = None
+    # ivfpq: each query takes rerank x k candidates by their PQ scores and returns the k best by their exact
+    # inner products with the item table (FAISS's IndexRefine k_factor; the table is the one the model scores
+    # against, read row by row, so a memory-mapped one stays on disk). 1 = the PQ scores as they are
+    rerank: int = 8
 
 
 @dataclass
@@ -171,6 +175,10 @@ class TrainConfig:
     # as its longest history, so on short-history catalogs (Amazon) this cuts padded compute several-fold.
     # None = off (the reference models' plain shuffle); 50 is a usual choice
     length_pool: int | None = None
+    # the training forward and backward under bfloat16 autocast (weights, optimizer and validation stay
+    # float32). Where the CPU multiplies bf16 natively (AVX512-BF16, AMX) or on a bf16 GPU, steps are faster;
+    # elsewhere bf16 is emulated and slower. float32 (the default) trains the same weights on every machine
+    precision: Literal["float32", "bfloat16"] = "float32"
     device: str = "auto"  # cuda when torch sees a GPU, else cpu
     threads: int | None = None  # torch intra-op threads; None = all cores
 

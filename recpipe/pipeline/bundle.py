@@ -205,7 +205,7 @@ def item_index(cfg: Config, model: Recommender, log: Callable[[str], None] = pri
     from recpipe.pipeline import index as index_stage
 
     table = model.item_table().detach().cpu().numpy()
-    idx, why = index_stage.load_matching(cfg.run_dir, table, device=cfg.index.device)
+    idx, why = index_stage.load_matching(cfg.run_dir, table, device=cfg.index.device, rerank=cfg.index.rerank)
     if idx is not None:
         log(f"index: serving the index stage's {idx.kind} index ({idx.n:,} items)")
         return idx, "saved"

@@ -14,8 +14,11 @@ excluding each query's seen items. Kinds:
   centroids per sub-quantizer, also seeded). pq_m = None picks the largest divisor of d up to d // 8 (48 for
   384-d: 48 bytes an item against 1,536 as float32). It needs at least 256 items (one training point per
   codebook centroid; FAISS warns below 39 * 256 = 9,984 and the codes get coarser). Its scores are the
-  PQ-approximated inner products, and the exact completion of short rows searches the decoded vectors: the
-  index holds no exact copy. For catalogs whose float32 vectors do not fit in memory.
+  PQ-approximated inner products unless the index is given the item table (`refine_with`, which `build_index`,
+  `load_matching` and `get_index` do with `index.rerank`): then rerank x k candidates are taken by PQ score
+  and the k best by exact inner product are returned, read from the table row by row (a memory-mapped table
+  stays on disk). The exact completion of short rows searches the decoded vectors: the index holds no exact
+  copy. For catalogs whose float32 vectors do not fit in memory.
 - `hnsw`: `IndexHNSWFlat` with METRIC_INNER_PRODUCT; graph degree `hnsw_m`, `ef_construction` at build,
   `ef_search` (raised to the number of candidates asked for) at query time. FAISS has no GPU HNSW.
 
@@ -210,6 +213,8 @@ class ItemIndex:
         # ivfpq's codes are no exact copy of the vectors: `holds` compares this digest (set at build, or from
         # the index stage's manifest by `load_matching`); None = unknown, so such an index holds no table
         self.table_digest: str | None = None
+        self._refine: np.ndarray | None = None  # ivfpq: the exact (n + 1, d) table candidates are re-scored from
+        self.rerank = 1
         if self.device == "gpu":
             try:
                 self._res = faiss.StandardGpuResources()
@@ -266,6 +271,20 @@ class ItemIndex:
             flat.add(self._stored())
             self._exact = flat
         return self._exact
+
+    def refine_with(self, vectors: np.ndarray, rerank: int) -> ItemIndex:
+        """ivfpq: re-score rerank x k PQ candidates a query exactly against `vectors` (the (n + 1, d) table the
+        index was built from, in memory or memory-mapped) and keep the best k. Other kinds store exact vectors
+        already: nothing changes. Returns self."""
+        if int(rerank) < 1:
+            raise ConfigError(f"index.rerank must be >= 1 (1 = PQ scores as they are), got {rerank}")
+        if self.kind != "ivfpq":
+            return self
+        if tuple(np.shape(vectors)) != (self.n + 1, self.d):
+            raise ArtifactError(f"the re-ranking table has shape {tuple(np.shape(vectors))}, the index holds "
+                                f"{self.n} items of dimension {self.d}")
+        self._refine, self.rerank = (vectors if int(rerank) > 1 else None), int(rerank)
+        return self
 
     def holds(self, vectors: np.ndarray) -> bool:
         """Whether the index holds exactly rows 1..n of an (n_items + 1, d) table, bit for bit: a saved index is
@@ -325,11 +344,22 @@ class ItemIndex:
         self, Q: np.ndarray, k_search: int, excl: list[np.ndarray] | None, exact: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
         """Search k_search candidates, map to item ids, drop excluded and missing ones, keep the rest in order."""
+        refine = self._refine is not None and not exact
         if exact:
             D, pos = self._exact_index().search(Q, k_search)
+        elif refine:
+            D, pos = self._raw_search(Q, min(self.n, k_search * self.rerank))
         else:
             D, pos = self._raw_search(Q, k_search)
         ids = np.where(pos >= 0, pos + 1, 0).astype(np.int64)
+        if refine:  # exact inner products of the PQ candidates, best first (a missing one: -inf, id 0)
+            uniq, inv = np.unique(ids, return_inverse=True)
+            rows = np.asarray(self._refine[uniq], dtype=np.float32)  # each distinct row read once
+            exact_s = np.einsum("bkd,bd->bk", rows[inv.reshape(ids.shape)], Q)
+            D = np.where(ids > 0, exact_s, -np.inf)
+            top = np.argsort(-D, axis=1, kind="stable")[:, :k_search]
+            D, ids = np.take_along_axis(D, top, axis=1), np.take_along_axis(ids, top, axis=1)
+            ids = np.where(np.isfinite(D), ids, 0)
         keep = ids > 0
         if excl:
             B = len(Q)
@@ -374,7 +404,7 @@ class ItemIndex:
 
     def __repr__(self) -> str:
         extra = f", nlist={self.nlist}, nprobe={self.nprobe}" if self.kind in IVF_KINDS else ""
-        extra += f", pq_m={self.pq_m}" if self.kind == "ivfpq" else ""
+        extra += f", pq_m={self.pq_m}, rerank={self.rerank}" if self.kind == "ivfpq" else ""
         if self.kind == "hnsw":  # M: the neighbours a node keeps above the base level (which keeps 2M)
             extra += f", M={self._cpu.hnsw.nb_neighbors(1)}, ef_search={self._cpu.hnsw.efSearch}"
         return f"ItemIndex(kind={self.kind!r}, device={self.device!r}, n={self.n}, d={self.d}{extra})"
@@ -391,18 +421,22 @@ def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
 
 # ---------------------------------------------------------------------------------------------- stage
 def build_index(items: np.ndarray, icfg: IndexConfig, seed: int, device: str | None = None) -> ItemIndex:
-    """An ItemIndex over an (n_items + 1, d) table as the [index] config describes it."""
+    """An ItemIndex over an (n_items + 1, d) table as the [index] config describes it (ivfpq re-ranked
+    against `items` itself)."""
+    if int(icfg.rerank) < 1:
+        raise ConfigError(f"index.rerank must be >= 1 (1 = PQ scores as they are), got {icfg.rerank}")
     return ItemIndex(
         items, kind=icfg.kind, device=device or icfg.device, nlist=icfg.nlist, nprobe=icfg.nprobe,
         hnsw_m=icfg.hnsw_m, seed=seed, ef_search=icfg.hnsw_ef_search, ef_construction=icfg.hnsw_ef_construction,
         pq_m=icfg.pq_m,
-    )
+    ).refine_with(items, icfg.rerank)
 
 
 def _stage_key(cfg: Config) -> dict[str, Any]:
     # The saved file is a CPU index whatever the device, so the device is not part of the cache key; pq_m
     # shapes only an ivfpq index, so other kinds' saved stages stay current whatever it says.
-    skip = {"device"} | ({"pq_m"} if cfg.index.kind != "ivfpq" else set())
+    # rerank is a search setting: the saved index is the same whatever it says.
+    skip = {"device", "rerank"} | ({"pq_m"} if cfg.index.kind != "ivfpq" else set())
     return {"index": {k: v for k, v in to_dict(cfg.index).items() if k not in skip}, "seed": cfg.run.seed}
 
 
@@ -430,9 +464,11 @@ def load_index(run_dir: str | Path, device: str = "auto") -> ItemIndex:
     return ItemIndex.load(Path(run_dir) / STAGE / INDEX_FILE, device=device)
 
 
-def load_matching(run_dir: str | Path, table: np.ndarray, device: str = "auto") -> tuple[ItemIndex | None, str]:
+def load_matching(run_dir: str | Path, table: np.ndarray, device: str = "auto", rerank: int = 1
+                  ) -> tuple[ItemIndex | None, str]:
     """(the index stage's saved index, "") when it holds exactly `table`'s items (the item table a model scores
-    against), else (None, why not): no index stage, an unreadable one, or one over other vectors."""
+    against), else (None, why not): no index stage, an unreadable one, or one over other vectors. An ivfpq
+    index re-ranks against `table` (`rerank` x k candidates)."""
     stage_dir = Path(run_dir) / STAGE
     try:
         m = load_manifest(stage_dir)
@@ -446,7 +482,7 @@ def load_matching(run_dir: str | Path, table: np.ndarray, device: str = "auto") 
     if not idx.holds(table):
         return None, (f"{stage_dir / INDEX_FILE} holds other item vectors than the model scores against (made "
                       "before the whitening changed, or the model learns its own item table)")
-    return idx, ""
+    return idx.refine_with(table, rerank), ""
 
 
 def get_index(cfg: Config, log=print) -> ItemIndex:
@@ -457,9 +493,11 @@ def get_index(cfg: Config, log=print) -> ItemIndex:
     key = json.loads(json.dumps(_stage_key(cfg), sort_keys=True))
     if m is not None and m.inputs == {WHITEN: wm.fingerprint} and m.config == key:
         try:
-            return load_index(cfg.run_dir, device=cfg.index.device)
+            idx = load_index(cfg.run_dir, device=cfg.index.device)
         except ArtifactError as e:
             log(f"index: {e}; building in memory")
+        else:
+            return idx if idx.kind != "ivfpq" else idx.refine_with(load_whitening(cfg.run_dir)[1], cfg.index.rerank)
     _, items, _ = load_whitening(cfg.run_dir)
     return build_index(items, cfg.index, cfg.run.seed)
 
