@@ -394,3 +394,15 @@ def test_preferdiff_loss_batch_and_negatives():
     assert D.preferdiff_loss(hat_pos, pos, hat_neg, neg, lam=1.0, scale=5.0).item() == pytest.approx(
         torch.nn.functional.mse_loss(hat_pos, pos).item()
     )
+
+
+def test_sample_timesteps_from_a_sampler_grid():
+    grid = D.ddim_timesteps(100, 4)  # [99, 74, 49, 24]
+    t = D.sample_timesteps(4000, 100, gen(2), choices=grid)
+    assert set(t.tolist()) == set(grid)
+    counts = torch.bincount(t, minlength=100)[grid].double()
+    assert ((counts - 1000).abs() < 5 * 1000**0.5).all(), counts  # uniform over the grid, within 5 sigma
+    assert D.sample_timesteps(10, 100, gen(2), choices=[99]).eq(99).all()
+    for bad in ([], [100], [-1, 5]):
+        with pytest.raises(ValueError, match="timestep choices"):
+            D.sample_timesteps(3, 100, gen(0), choices=bad)

@@ -547,3 +547,40 @@ def test_item_residual():
     torch.testing.assert_close(on.score_all(b, generator=gen(0))[:, 1:], x @ (on.item_vectors + W)[1:].T)
     ids = torch.tensor([[0, 3, 5]])
     torch.testing.assert_close(on.item_vecs(ids), (on.item_vectors + W)[ids])
+
+
+@pytest.mark.parametrize("layout, steps", [("full", 1), ("causal", 1), ("full", 4)])
+def test_train_t_sampler_trains_only_the_timesteps_the_sampler_visits(layout, steps, monkeypatch):
+    """train_t = "sampler": every training target is noised to a timestep of the configured DDIM grid (steps = 1:
+    t = T-1 alone); "all" (the paper's) draws from every t."""
+    import recpipe.models.idreamrec as I
+
+    seen: list[torch.Tensor] = []
+    real = I.q_sample
+    monkeypatch.setattr(I, "q_sample", lambda s, x0, t, noise: seen.append(t.clone()) or real(s, x0, t, noise))
+    kw = {"layout": layout, "steps": steps, **({"window": 3} if layout == "causal" else {})}
+    if layout == "causal":
+        b = {"window": histories(32, 9, min_len=9), "target": torch.randint(1, N_ITEMS + 1, (32, 3))}
+    else:
+        b = {"history": histories(96, 6), "target": torch.randint(1, N_ITEMS + 1, (96,))}
+    for train_t in ("sampler", "all"):
+        seen.clear()
+        m = make(train_t=train_t, **kw)
+        assert torch.isfinite(m.loss(b, gen(5)))
+        t = torch.cat(seen).unique()
+        grid = set(D.ddim_timesteps(SMALL["T"], steps))
+        if train_t == "sampler":
+            assert set(t.tolist()) == grid, (t, grid)
+        else:
+            assert len(t) > 20 and not set(t.tolist()) <= grid
+
+
+def test_a_late_option_at_its_default_stays_out_of_the_train_fingerprint():
+    from recpipe.models.base import config_key
+
+    key = config_key(IDreamRecConfig())
+    assert "train_t" not in key and key == {k: v for k, v in dataclasses.asdict(IDreamRecConfig()).items()
+                                            if k != "train_t"}
+    assert config_key(IDreamRecConfig(train_t="sampler"))["train_t"] == "sampler"
+    with pytest.raises(ValueError, match="train_t"):
+        IDreamRecConfig(train_t="low")

@@ -345,6 +345,41 @@ def test_a_larger_budget_or_patience_continues_the_stopped_run(tmp_path, monkeyp
     assert any(f"resuming at step {p1[-1]['step']}" in m for m in said), said
 
 
+def test_bfloat16_precision_autocasts_the_training_forward_only(tmp_path, monkeypatch):
+    """train.precision = bfloat16: the training forward's matrix products run in bf16, the weights stay float32,
+    validation runs in float32; float32 (the default) stays out of the fingerprint."""
+    import torch
+
+    from recpipe.models.sasrec import SASRec
+
+    _build(tmp_path)
+    dtypes: dict[str, set] = {"loss": set(), "score_all": set()}
+
+    def spying(name):
+        real = getattr(SASRec, name)
+
+        def spy(self, *a, **kw):
+            lin = next(m for m in self.modules() if isinstance(m, torch.nn.Linear))
+            hook = lin.register_forward_hook(lambda m, i, o: dtypes[name].add(o.dtype))
+            try:
+                return real(self, *a, **kw)
+            finally:
+                hook.remove()
+        return spy
+
+    for name in dtypes:
+        monkeypatch.setattr(SASRec, name, spying(name))
+    cfg = _cfg(tmp_path, **{"train.precision": "bfloat16", "train.epochs": 1})
+    said: list[str] = []
+    weights, log = _trained(cfg, log=said.append)
+    assert dtypes == {"loss": {torch.bfloat16}, "score_all": {torch.float32}}, dtypes
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    assert any("bfloat16 autocast" in m for m in said), said
+    assert log[-1]["valid"]["masked"]["NDCG@10"] > 0
+    assert T.train_config_dict(cfg, "sasrec")["train"]["precision"] == "bfloat16"
+    assert "precision" not in T.train_config_dict(_cfg(tmp_path), "sasrec")["train"]
+
+
 # ------------------------------------------------------------------------------ 6. bad train settings, one line
 @pytest.mark.parametrize("args, message", [
     (["--lr", "nan"], "error: train.lr must be a number > 0, not nan"),

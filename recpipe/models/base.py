@@ -202,6 +202,17 @@ def build_model(name: str, config: Any, n_items: int, item_vectors: torch.Tensor
     return model
 
 
+def config_key(config: Any) -> dict[str, Any]:
+    """A model config as the train stage fingerprints it: every field, except one declared with
+    `field(metadata={"late": True})` while it holds its default. An option added after runs existed is
+    declared so, and leaves their fingerprints (and resume states) as they were until someone sets it."""
+    out = dataclasses.asdict(config)
+    for f in dataclasses.fields(config):
+        if f.metadata.get("late") and f.default is not dataclasses.MISSING and out[f.name] == f.default:
+            del out[f.name]
+    return out
+
+
 def config_from_dict(cls: type, d: dict[str, Any]):
     """Build a config dataclass from a dict, rejecting unknown keys and values outside a Literal's choices."""
     from recpipe.config import literal_violation

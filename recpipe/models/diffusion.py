@@ -245,10 +245,19 @@ def randn(
 
 
 def sample_timesteps(
-    batch: int, T: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    batch: int, T: int, generator: torch.Generator | None = None, device: torch.device | str | None = None,
+    choices: Sequence[int] | None = None,
 ) -> Tensor:
-    """t ~ Uniform{0, ..., T-1}: LongTensor (batch,)."""
-    out = torch.randint(0, T, (batch,), generator=generator, device=_gen_device(generator, device))
+    """t ~ Uniform{0, ..., T-1}, or uniform over `choices` (e.g. the timesteps a DDIM sampler visits):
+    LongTensor (batch,)."""
+    if choices is None:
+        out = torch.randint(0, T, (batch,), generator=generator, device=_gen_device(generator, device))
+        return out.to(device) if device is not None else out
+    if not choices or not all(0 <= c < T for c in choices):
+        raise ValueError(f"timestep choices must be a non-empty subset of 0..{T - 1}")
+    pick = torch.randint(0, len(choices), (batch,), generator=generator, device=_gen_device(generator, device))
+    table = torch.tensor(list(choices), dtype=torch.long, device=pick.device)
+    out = table[pick]
     return out.to(device) if device is not None else out
 
 

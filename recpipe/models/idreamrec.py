@@ -30,7 +30,7 @@ the unconditional branch (4 tokens long: its history is a single null token) a s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import torch
@@ -42,6 +42,7 @@ from recpipe.models.diffusion import (
     BETA_SCHEDULES,
     Schedule,
     ddim_sample,
+    ddim_timesteps,
     make_schedule,
     preferdiff_loss,
     q_sample,
@@ -102,6 +103,10 @@ class IDreamRecConfig:
     w: float = 3.0  # history guidance, = DreamRec's w = 2 ((1+2)·f(h) − 2·f(∅)); w = 1: no guidance
     rho: float = 1.0  # intention guidance; 1 = use f(h, I) as is, 0 = ignore the intention
     steps: int = 1  # iDreamRec: one DDIM step from noise works about as well as many
+    # which t a training target is noised to: "all" = Uniform{0..T-1} (the paper, DDPM); "sampler" = only the
+    # timesteps the DDIM sampler above visits (steps = 1: t = T-1 alone), so no training goes to the t < T-1
+    # the one-step generation never asks about; a model trained so must be sampled with the same steps
+    train_t: Literal["all", "sampler"] = field(default="all", metadata={"late": True})  # see above
     eta: float = 0.0  # deterministic DDIM (given x_T)
 
     def __post_init__(self) -> None:
@@ -128,6 +133,8 @@ class IDreamRecConfig:
             raise ValueError("adaln_zero needs layout = 'full' (causal groups have no single condition vector)")
         if self.window < 1:
             raise ValueError("window must be >= 1")
+        if self.train_t not in ("all", "sampler"):
+            raise ValueError(f"train_t must be all or sampler, not {self.train_t!r}")
 
 
 @register("idreamrec", IDreamRecConfig)
@@ -270,7 +277,8 @@ class IDreamRec(Recommender):
         gen_dev = generator.device if generator is not None else dev
 
         x0 = self.target_vecs(target)  # (*S, d)
-        t = sample_timesteps(n, cfg.T, generator, dev)  # (n,)
+        choices = ddim_timesteps(cfg.T, cfg.steps) if cfg.train_t == "sampler" else None
+        t = sample_timesteps(n, cfg.T, generator, dev, choices=choices)  # (n,)
         x_t = q_sample(s, x0.reshape(n, -1), t, randn((n, self.dim), generator, dev)).view(x0.shape)
         t = t.view(shape)
         hist_keep = (torch.rand(shape, generator=generator, device=gen_dev) >= cfg.p_uncond).to(dev)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from recpipe import cpu as cpu_info
 from recpipe.artifacts import (
     StageResult,
     atomic_path,
@@ -37,7 +38,7 @@ from recpipe.artifacts import (
 )
 from recpipe.config import Config, TrainConfig, check_model_name, to_dict
 from recpipe.errors import ArtifactError, ConfigError, Stopped
-from recpipe.models.base import Recommender
+from recpipe.models.base import Recommender, config_key
 from recpipe.pipeline import data as data_stage
 from recpipe.pipeline import distributed, whiten
 from recpipe.pipeline.batches import Batcher, batch_targets, iterate_training, n_batches, targets_per_batch
@@ -144,7 +145,7 @@ def train_config_dict(cfg: Config, model_name: str) -> dict[str, Any]:
     tc.pop("threads")
     tc.pop("device")  # where it runs does not change what it computes (within float tolerance)
     tc.pop("save_every_s")  # nor does how often its resume state is saved
-    out = {"model": model_name, "model_config": dataclasses.asdict(mcfg), "train": tc, "seed": cfg.run.seed}
+    out = {"model": model_name, "model_config": config_key(mcfg), "train": tc, "seed": cfg.run.seed}
     # an option left at its default is left out, so adding an option never re-runs the runs that do not use it
     if not tc["guidance_grid"]:
         tc.pop("guidance_grid")
@@ -152,6 +153,8 @@ def train_config_dict(cfg: Config, model_name: str) -> dict[str, Any]:
         tc.pop("length_pool")
     if tc["max_minutes"] is None:
         tc.pop("max_minutes")
+    if tc["precision"] == "float32":
+        tc.pop("precision")
     if tc["intent_source"] == "llm":
         tc.pop("intent_source")
     elif needs_text(model_name):
@@ -380,6 +383,9 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
         return ArtifactError(f"train/{model_name}: loss became {value} at step {st['step']}; "
                              "lower train.lr or check the input vectors")
 
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bfloat16")
+
     def train_step(batch: dict[str, torch.Tensor], over_budget: bool = False) -> bool:
         """One optimiser step; returns the distributed run's shared stop flag (rank 0's over_budget)."""
         distributed.maybe_fault(dist, st["step"])
@@ -395,7 +401,8 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
         stop = False
         opt.zero_grad(set_to_none=True)
         if dist is None:
-            loss = model.loss(batch, generator=gen)
+            with autocast():
+                loss = model.loss(batch, generator=gen)
             if not torch.isfinite(loss):
                 raise non_finite(loss.item())
             if per_batch_targets:
@@ -406,7 +413,8 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
         else:
             # DDP averages the ranks' gradients of loss x own targets; rescaled by world / all targets, that is
             # the gradient of the mean over the global batch's targets, as one process computes it
-            loss = ddp(batch, gen)
+            with autocast():
+                loss = ddp(batch, gen)
             distributed.guarded(dist, lambda: (loss * n_local).backward())
             stats = dist.all_reduce_sum(torch.tensor([loss.item() * n_local, n_local, float(over_budget)],
                                                      dtype=torch.float64))
@@ -441,6 +449,10 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
     n_params = model.num_parameters()
     log(f"train/{model_name}: {n_params:,} parameters, {mode} batches, {per_epoch} steps/epoch, up to {total} "
         f"steps on {device}")
+    if tc.precision == "bfloat16":
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_info.cpuinfo_has_bf16()
+        log(f"train/{model_name}: bfloat16 autocast" + ("" if native else
+            " (this device has no native bf16: expect slower steps than float32)"))
     if dist is not None:
         log(f"train/{model_name}: {dist.world} processes ({dist.backend}); effective batch {tc.batch_size} "
             f"(about {tc.batch_size / dist.world:g} a process), every sample once a pass")
