@@ -450,6 +450,23 @@ def test_ce_loss_trains_the_item_residual_from_the_targets():
         assert bool(W[1:].abs().sum() > 0) is moves, loss
 
 
+def test_sampled_ce_trains_only_targets_and_drawn_training_items():
+    """ce_negatives: the CE reaches the residual rows of the targets and of the negatives drawn, and under the
+    cold-item protocol (observe_training) never the rows of items without training data."""
+    m = make(loss="ce", item_residual=True, ce_negatives=6, p_uncond=1.0)
+    _perturb(m)  # a zero-initialised output would give the table no gradient at all
+    counts = torch.ones(N_ITEMS + 1)
+    counts[0] = 0
+    counts[N_ITEMS - 9:] = 0  # the last 10 items never occur in training
+    m.observe_training(counts)
+    b = {"history": histories(16, 6), "target": torch.randint(1, N_ITEMS - 9, (16,), generator=gen(4))}
+    m.loss(b, gen(1)).backward()
+    rows = set((m.item_residual.weight.grad.abs().sum(1) > 0).nonzero().squeeze(1).tolist())
+    extra = rows - set(b["target"].tolist())
+    assert extra and len(extra) <= 6 and max(extra) <= N_ITEMS - 10, rows
+    assert torch.isfinite(m.loss(b, gen(1))) and m.loss(b, gen(1)) != m.loss(b, gen(2))
+
+
 def test_p_uncond_drops_history():
     """p_uncond = 1: every training sample is unconditional, so the history cannot change the loss."""
     m = make(p_uncond=1.0)
@@ -578,9 +595,11 @@ def test_train_t_sampler_trains_only_the_timesteps_the_sampler_visits(layout, st
 def test_a_late_option_at_its_default_stays_out_of_the_train_fingerprint():
     from recpipe.models.base import config_key
 
+    late = {f.name for f in dataclasses.fields(IDreamRecConfig) if f.metadata.get("late")}
+    assert late == {"train_t", "ce_negatives"}
     key = config_key(IDreamRecConfig())
-    assert "train_t" not in key and key == {k: v for k, v in dataclasses.asdict(IDreamRecConfig()).items()
-                                            if k != "train_t"}
+    assert key == {k: v for k, v in dataclasses.asdict(IDreamRecConfig()).items() if k not in late}
     assert config_key(IDreamRecConfig(train_t="sampler"))["train_t"] == "sampler"
+    assert config_key(IDreamRecConfig(ce_negatives=64))["ce_negatives"] == 64
     with pytest.raises(ValueError, match="train_t"):
         IDreamRecConfig(train_t="low")

@@ -100,3 +100,22 @@ def test_overlapping_windows_train_every_target_once_with_at_least_l_minus_strid
     if stride:
         with pytest.raises(ValueError, match="stride must be in 1..history_len"):
             build("sasrec", history_len=4, stride=5)
+
+
+def test_sampled_softmax_learns_the_next_item_task():
+    """model.sasrec.ce_negatives: SASRec trained against a few uniform negatives a step learns the chains as the
+    full softmax does; the loss draws its negatives from the trainer's generator."""
+    model = build("sasrec", ce_negatives=8)
+    g = torch.Generator().manual_seed(0)
+    from test_baselines import train_batch
+
+    b = train_batch("sasrec", 16, g)
+    model.eval()  # no dropout: the negatives are the only draw
+    assert model.loss(b, torch.Generator().manual_seed(1)) == model.loss(b, torch.Generator().manual_seed(1))
+    assert model.loss(b, torch.Generator().manual_seed(1)) != model.loss(b, torch.Generator().manual_seed(2))
+    before = top5_hit_rate(model, "sasrec")
+    fit(model, "sasrec", 120, 5e-3)
+    after = top5_hit_rate(model, "sasrec")
+    assert after >= 0.8 and after > before + 0.3, (before, after)
+    with pytest.raises(ValueError, match="ce_negatives must be >= 0"):
+        build("sasrec", ce_negatives=-1)

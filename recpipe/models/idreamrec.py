@@ -50,6 +50,7 @@ from recpipe.models.diffusion import (
     sample_timesteps,
 )
 from recpipe.models.dit import CausalDiT, DiT
+from recpipe.models.losses import catalog_ce
 
 Loss = Literal["mse", "preferdiff", "ce"]
 LOSSES = get_args(Loss)
@@ -94,6 +95,9 @@ class IDreamRecConfig:
     # masked at 0.1 vs 0.0882 at 0.5), else 0.5 (frozen vectors: the MSE keeps x0 in the text space; beauty,
     # copy path, 3 epochs: 0.0435 at 0.5 vs 0.0371 at 0.1)
     lam: float | None = None  # see above; resolved when the config is built, so checkpoints record the number
+    # loss "ce": 0 = the softmax over every item; N = sampled softmax against N uniform negatives shared by
+    # the batch (recpipe.models.losses): a step's cost no longer grows with the catalog
+    ce_negatives: int = field(default=0, metadata={"late": True})  # see above
     scale: float = 5.0  # PreferDiff's gamma (scale inside the log-sigmoid), its config default
     n_neg: int = 4  # negatives averaged into one centroid (PreferDiff "-C"): one extra forward whatever n
     item_residual: bool = False  # learnable per-item residual on the frozen text vectors (off = paper)
@@ -125,6 +129,8 @@ class IDreamRecConfig:
                 raise ValueError(f"{name} must be in [0, 1]")
         if self.n_neg < 1:
             raise ValueError("n_neg must be >= 1")
+        if self.ce_negatives < 0:
+            raise ValueError(f"ce_negatives must be >= 0 (0 = softmax over every item), not {self.ce_negatives}")
         if self.layout not in ("full", "causal"):
             raise ValueError(f"layout must be causal or full, not {self.layout!r}")
         if self.copy and self.layout != "causal":
@@ -290,7 +296,7 @@ class IDreamRec(Recommender):
 
         if cfg.loss != "preferdiff":
             x0_hat = self._denoise_targets(cond, x_t, t, hist_keep, intent, intent_mask)
-            return self._regression_loss(x0_hat[is_t], x0[is_t], target[is_t])
+            return self._regression_loss(x0_hat[is_t], x0[is_t], target[is_t], generator)
 
         # PreferDiff: n_neg items != target, uniformly; their centroid is noised at the same t and
         # denoised under the same condition, in the same forward as the positive
@@ -314,18 +320,18 @@ class IDreamRec(Recommender):
         pos, negs = out.chunk(2, dim=ax)
         return preferdiff_loss(pos[is_t], x0[is_t], negs[is_t], x0_neg[is_t], lam=cfg.lam, scale=cfg.scale)
 
-    def _regression_loss(self, x0_hat: Tensor, x0: Tensor, target: Tensor) -> Tensor:
+    def _regression_loss(self, x0_hat: Tensor, x0: Tensor, target: Tensor,
+                         generator: torch.Generator | None = None) -> Tensor:
         """x0_hat, x0: (M, d), target: (M,) item ids -> MSE, or for loss "ce" lam·MSE + (1 − lam)·CE, where
-        the CE's logits are x0_hat·item_table()ᵀ/√d over the real items (padding is never a class). The item
-        table keeps its gradient here (a residual trained by CE cannot collapse: CE must tell items apart)."""
+        the CE's logits are x0_hat·item_table()ᵀ/√d over the real items (padding is never a class; sampled
+        against ce_negatives of them when set). The item table keeps its gradient here (a residual trained
+        by CE cannot collapse: CE must tell items apart)."""
         m = max(x0.shape[0], 1)  # a batch without targets gives 0, not NaN
         mse = ((x0_hat - x0) ** 2).mean(dim=1).sum() / m
         if self.config.loss == "mse":
             return mse
-        logits = x0_hat @ self.item_table()[1:].T / self.dim**0.5  # (M, n_items)
-        if self._known is not None:
-            logits = logits.masked_fill(~self._known[1:].to(logits.device), float("-inf"))
-        ce = F.cross_entropy(logits, target - 1, reduction="sum") / m
+        ce = catalog_ce(x0_hat, target, self.item_table()[1:], n_neg=self.config.ce_negatives, generator=generator,
+                        allowed=self._known_ids, temperature=self.dim**0.5, reduction="sum") / m
         return self.config.lam * mse + (1.0 - self.config.lam) * ce
 
     # ------------------------------------------------------------------------------------------------

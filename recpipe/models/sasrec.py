@@ -18,7 +18,7 @@ The small attention pieces here (`MultiHeadAttention`, `FeedForward`, `PreLNBloc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recpipe.models.base import Recommender, register
+from recpipe.models.losses import catalog_ce
 
 # ----------------------------------------------------------------------------------------------------------
 # shared helpers
@@ -195,6 +196,10 @@ class SASRecConfig:
     # targets, so each target reads at least history_len - stride items (RecBole and the original train each
     # target on its full window); None: disjoint chunks (a chunk's first targets read little), cost 1x; L/2: 2x
     stride: int | None = None
+    # 0: the full softmax over every item; N: the sampled softmax against N uniform negatives shared by the
+    # batch (recpipe.models.losses), whose cost does not grow with the catalog: for catalogs of millions,
+    # where the (targets x items) logits of the full softmax are what breaks first
+    ce_negatives: int = field(default=0, metadata={"late": True})  # see above
     # training settings live in TrainConfig; the original used Adam lr 1e-3, batch 128, no weight decay
 
 
@@ -205,6 +210,8 @@ class SASRec(Recommender):
     def __init__(self, config: SASRecConfig, n_items: int):
         # chunked: the trainer's "sequence" batches hold every chunk of every user
         super().__init__(n_items, config.history_len, chunked=config.whole_history)
+        if config.ce_negatives < 0:
+            raise ValueError(f"ce_negatives must be >= 0 (0 = full softmax), not {config.ce_negatives}")
         if config.stride is not None and not 1 <= config.stride <= config.history_len:
             raise ValueError(f"stride must be in 1..history_len ({config.history_len}), not {config.stride}")
         self.stride = config.stride if config.whole_history else None  # read by the trainer's Batcher
@@ -257,8 +264,9 @@ class SASRec(Recommender):
         sel = tgt > 0
         if not bool(sel.any()):
             return h.sum() * 0.0
-        logits = h[sel] @ self.item_emb.weight[1:].T  # padding column excluded from the softmax
-        return F.cross_entropy(logits, tgt[sel] - 1)
+        # the padding row is no class of the softmax
+        return catalog_ce(h[sel], tgt[sel], self.item_emb.weight[1:], n_neg=self.config.ce_negatives,
+                          generator=generator)
 
     @torch.no_grad()
     def score_all(self, batch: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
