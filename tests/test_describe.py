@@ -712,3 +712,68 @@ def test_cpu_bf16_override_takes_another_kind_of_cpus_choices(monkeypatch):
     assert cpu.cpuinfo_has_bf16() is ("avx512_bf16" in Path("/proc/cpuinfo").read_text()
                                       or "amx_bf16" in Path("/proc/cpuinfo").read_text())
 
+
+
+def test_prompts_are_submitted_in_a_bounded_window(monkeypatch):
+    """However many prompts, the runner keeps at most 4 x concurrency of them submitted at once (a
+    million-item catalog never holds a million futures), answers each once, and a fatal endpoint error stops
+    the submitting."""
+    import concurrent.futures as cf
+    import threading
+    import types
+
+    from recpipe.config import DescribeConfig
+    from recpipe.errors import BackendError
+    from recpipe.llm import runner
+
+    state = {"out": 0, "max": 0, "submitted": 0}
+    lock = threading.Lock()
+
+    class Counting(cf.ThreadPoolExecutor):
+        def submit(self, fn, *a, **kw):
+            with lock:
+                state["out"] += 1
+                state["submitted"] += 1
+                state["max"] = max(state["max"], state["out"])
+            fut = super().submit(fn, *a, **kw)
+
+            def done(_):
+                with lock:
+                    state["out"] -= 1
+            fut.add_done_callback(done)
+            return fut
+
+    monkeypatch.setattr(runner.cf, "ThreadPoolExecutor", Counting)
+    calls: list[str] = []
+
+    class Stub:
+        name, model, endpoint, max_concurrency = "stub", "stub-1", None, 64
+        fail_after: int | None = None
+
+        def complete(self, messages, max_tokens, temperature, seed=None):
+            with lock:
+                calls.append(messages[0]["content"])
+                n = len(calls)
+            if self.fail_after is not None and n > self.fail_after:
+                raise BackendError("stub: the endpoint went away")
+            return types.SimpleNamespace(text="ok", finish_reason="stop", prompt_tokens=1, completion_tokens=1)
+
+    def report():
+        return types.SimpleNamespace(calls=0, retries=0, retry_reasons={}, prompt_tokens=0, completion_tokens=0,
+                                     trimmed=0, cache_hits=0, rejected_cached=0, llm_s=0.0)
+
+    prompts = [runner.Prompt(f"{i:016x}", [{"role": "user", "content": f"p{i}"}], lambda t, f: (t, False))
+               for i in range(2000)]
+    dcfg = DescribeConfig(concurrency=4, max_retries=1)
+    cache = types.SimpleNamespace(set=lambda k, v: None)
+    out = runner._ask(prompts, {}, Stub(), cache, dcfg, runner.Stats(report()), lambda m: None, "describe")
+    assert len(out) == 2000 and sorted(calls) == sorted(f"p{i}" for i in range(2000))
+    assert state["max"] <= 16, state
+
+    calls.clear()
+    state.update(out=0, max=0, submitted=0)
+    dead = Stub()
+    dead.fail_after = 50
+    with pytest.raises(BackendError, match="went away"):
+        runner._ask(prompts, {}, dead, cache, dcfg, runner.Stats(report()), lambda m: None, "describe")
+    assert state["submitted"] <= 50 + 1 + 16, state  # nothing submitted after the stop but the window

@@ -153,29 +153,45 @@ def _ask(todo: list[Prompt], results: dict[str, dict[str, Any]], backend: Backen
 
     fatal: BaseException | None = None
     pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=what)
+    # a bounded window of submitted prompts, refilled as answers arrive: a million-item catalog never holds a
+    # million futures (about 1.2 KB each) while the pool works through a few hundred
+    pending: dict[cf.Future, Prompt] = {}
+    queue = iter(todo)
+    window = 4 * workers
+
+    def fill() -> None:
+        while fatal is None and len(pending) < window:
+            p = next(queue, None)
+            if p is None:
+                return
+            pending[pool.submit(work, p)] = p
+
+    def stop(e: BaseException) -> None:
+        nonlocal fatal
+        if fatal is None:
+            fatal = e
+            abort.set()
+            for f in pending:
+                f.cancel()
+
     try:
-        futures = {pool.submit(work, p): p for p in todo}
-        for fut in cf.as_completed(futures):
-            p = futures[fut]
-            try:
-                results[p.key] = fut.result()
-            except cf.CancelledError:
-                continue
-            except Transient as e:  # the endpoint kept failing: stop everything, keep what is cached
-                if fatal is None:
-                    fatal = BackendError(
+        fill()
+        while pending:
+            done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                p = pending.pop(fut)
+                try:
+                    results[p.key] = fut.result()
+                except cf.CancelledError:
+                    continue
+                except Transient as e:  # the endpoint kept failing: stop everything, keep what is cached
+                    stop(BackendError(
                         f"{backend.endpoint or backend.name}: {e} (after {dcfg.max_retries} attempts); "
-                        f"every finished result is cached, a re-run resumes from them")
-                    abort.set()
-                    for f in futures:
-                        f.cancel()
-            except BackendError as e:
-                if fatal is None:
-                    fatal = e
-                    abort.set()
-                    for f in futures:
-                        f.cancel()
-            progress.update(1, hits=stats.r.cache_hits, retries=stats.r.retries)
+                        f"every finished result is cached, a re-run resumes from them"))
+                except BackendError as e:
+                    stop(e)
+                progress.update(1, hits=stats.r.cache_hits, retries=stats.r.retries)
+            fill()
     except BaseException:
         abort.set()
         raise
