@@ -17,6 +17,19 @@ Stages and what is measured (each measurement runs in its own subprocess, so its
   `evaluate.batch_size`, random oracles and 20-item histories: time per 1,000 users and memory. The scoring
   loop in recpipe/pipeline/scoring.py holds one batch x (n_items + 1) score matrix at a time, never users x
   items; this measures what that batch costs as n_items grows.
+- `train`: recpipe's trainer (`recpipe.pipeline.train.run`, as `recpipe train` runs it) on the data stage's split of
+  each log size (interactions), for SASRec (bench/bench_budget.py's SASREC_SETTINGS: batch 128, lr 2e-3, history 50)
+  and iDreamRec (`model.idreamrec.loss=mse`, the paper's loss, which has no term over the item catalog; the
+  trainer's defaults otherwise). iDreamRec's input, the whitened item table, is an embed stage of seeded random unit
+  384-d vectors run through recpipe's whiten stage (not measured). Each model trains for --train-warmup untimed +
+  --train-steps timed + 1 optimiser steps (train.max_steps; quick 2 + 5 + 1, --full 10 + 200 + 1) and validates once
+  on --train-eval-users users (train.eval_users). Measured: seconds per step (the intervals between the trainer's
+  consecutive loss calls: everything a step does), training targets per second, steps per epoch (the trainer's),
+  seconds per epoch extrapolated from them, the setup before the first step (of which the Batcher), peak memory, and
+  the EMA update's share of a step (train.ema averages the whole state dict, iDreamRec's (items + 1) x 384
+  item-vector buffer included). SASRec's full-softmax loss holds a targets x items logit matrix every step, so its
+  step cost also grows with the item count the row states (the items grow with the log here: N / 10 before the
+  5-core filter). With `--stages train` alone, the log and its data stage are generated first (unmeasured).
 
 Memory: `peak RSS` is the subprocess's high-water resident set (os.wait4's ru_maxrss: interpreter, imports,
 inputs and page-cache pages of memory-mapped files included); `peak anon` is the largest anonymous (heap)
@@ -31,7 +44,8 @@ Threads: every subprocess runs on --threads (default 1: OMP/MKL/OpenBLAS env, to
 faiss.omp_set_num_threads).
 
     python bench/bench_scale.py                      # quick subset, a few minutes
-    python bench/bench_scale.py --full               # items 10k, 100k, 1M; interactions 1M, 10M
+    python bench/bench_scale.py --full               # items 10k, 100k, 1M; interactions 1M, 10M; 200 train steps
+    python bench/bench_scale.py --stages data train --interactions 1000000 --train-steps 100
     python bench/bench_scale.py --interactions 1000000 10000000 --index-items 10000 100000 1000000 \\
         --stages data index                          # any sizes, any stages
     python bench/bench_scale.py --from-json cache/bench_scale/bench_scale.json   # reprint a saved run
@@ -57,10 +71,20 @@ from pathlib import Path
 import numpy as np
 
 QUICK = {"interactions": [250_000, 1_000_000], "index_items": [10_000, 100_000],
-         "embed_items": [10_000, 100_000], "eval_items": [10_000, 100_000]}
+         "embed_items": [10_000, 100_000], "eval_items": [10_000, 100_000], "train_steps": 5, "train_warmup": 2}
 FULL = {"interactions": [1_000_000, 10_000_000], "index_items": [10_000, 100_000, 1_000_000],
-        "embed_items": [10_000, 100_000, 1_000_000], "eval_items": [10_000, 100_000, 1_000_000]}
-STAGES = ("data", "embed", "index", "evaluate")
+        "embed_items": [10_000, 100_000, 1_000_000], "eval_items": [10_000, 100_000, 1_000_000],
+        "train_steps": 200, "train_warmup": 10}
+STAGES = ("data", "embed", "index", "evaluate", "train")
+TRAIN_MODELS = ("sasrec", "idreamrec")
+# train: SASRec with bench/bench_budget.py's SASREC_SETTINGS (the ML-1M recipe, history 50); iDreamRec with the
+# paper's x0-MSE loss (no term over the item catalog; `ce` and `preferdiff` would add one) and the trainer's
+# defaults otherwise (batch 256 targets, causal windows of 20)
+TRAIN_SETTINGS = {
+    "sasrec": {"train.batch_size": "128", "train.lr": "0.002", "train.warmup_steps": "50",
+               "model.sasrec.history_len": "50"},
+    "idreamrec": {"model.idreamrec.loss": "mse"},
+}
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 DIM = 384  # all-MiniLM-L6-v2, the default TEM
 MB = 2**20
@@ -318,8 +342,147 @@ def run_eval(task: dict) -> dict:
             "users": users, "score_matrix_bytes": batch * (n + 1) * 4}
 
 
+def _train_config(task: dict, model: str | None = None, extra: dict | None = None):
+    """recpipe's config for the generated run directory (the data stage's), with a model's bench settings."""
+    from recpipe.config import load_config
+
+    over = {"run.dataset": task["dir"], "run.run_dir": task["run_dir"], "run.cache_dir": task["cache"],
+            "run.seed": int(task["seed"])}
+    if model is not None:
+        over.update(TRAIN_SETTINGS[model])
+    return load_config(None, {**over, **(extra or {})})
+
+
+def gen_text_vectors(task: dict) -> dict:
+    """The text models' input (not measured): an embed stage of seeded random unit 384-d item vectors (the
+    embed_write stage's random encoder in place of the TEM), then recpipe's whiten stage over them, so the
+    trainer finds a current whiten stage exactly as after `recpipe embed`."""
+    from recpipe.artifacts import require_stage, run_stage
+    from recpipe.pipeline import embed, whiten
+
+    cfg = _train_config(task)
+    data_m = require_stage(cfg.run_dir, "data")
+    n = int(data_m.info["summary"]["items"])
+    rng = np.random.default_rng(int(task["seed"]))
+
+    def build(out_dir: Path) -> dict:
+        V = np.lib.format.open_memmap(out_dir / embed.FILES["items"], mode="w+", dtype=np.float32, shape=(n + 1, DIM))
+        V[0] = 0
+        for a in range(0, n, 100_000):
+            X = rng.standard_normal((min(n, a + 100_000) - a, DIM), dtype=np.float32)
+            V[1 + a: 1 + a + len(X)] = X / np.linalg.norm(X, axis=1, keepdims=True)
+        V.flush()
+        return {"tem": "bench_scale", "model": "seeded random unit vectors", "dim": DIM, "normalized": True,
+                "items": n}
+
+    run_stage(cfg.run_dir, embed.STAGE, {"bench_scale": "random unit vectors", "seed": int(task["seed"])},
+              {"data": data_m.fingerprint}, build, force=True)
+    t = time.perf_counter()
+    whiten.run(cfg, force=True, log=lambda m: None)
+    return {"items": n, "whiten_s": time.perf_counter() - t}
+
+
+def run_train(task: dict) -> dict:
+    """recpipe's trainer (recpipe.pipeline.train.run) on the generated run directory for warm-up + timed + 1
+    optimiser steps (train.max_steps), then its one validation on train.eval_users users. The model's loss, the
+    EMA update, the Batcher and the input loading are wrapped with clocks (nothing else changes): seconds per
+    step are the intervals between consecutive loss calls after the warm-up (batch building, forward, backward,
+    clipping, AdamW, EMA: everything a step of the trainer does); the setup is from the call to the first loss."""
+    import torch
+
+    from recpipe.artifacts import require_stage
+    from recpipe.pipeline import train as T
+    from recpipe.pipeline import whiten
+    from recpipe.pipeline.batches import batch_targets
+
+    model, warm, steps = task["model"], int(task["warmup"]), int(task["steps"])
+    cfg = _train_config(task, model, {
+        "train.max_steps": warm + steps + 1, "train.eval_users": int(task["eval_users"]), "train.device": "cpu",
+        "train.threads": int(task["threads"]), "train.save_every_s": 1e9})  # no resume-state save mid-timing
+    for old in (cfg.run_dir / "work").glob(f"train-{model}-*"):  # a kept work dir: start over, never resume
+        shutil.rmtree(old)
+    marks: dict = {"calls": [], "targets": []}
+
+    def clocked(name: str, fn):
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            marks[name] = marks.get(name, 0.0) + time.perf_counter() - t
+            return out
+        return wrapper
+
+    make_model = T.make_model
+
+    def make_clocked_model(*args, **kwargs):
+        m = make_model(*args, **kwargs)
+        if "model" not in marks:  # the trained model; validation builds its EMA copy with the same function
+            marks["model"] = m
+            loss = m.loss
+
+            def loss_clocked(batch, generator=None):
+                if not marks["calls"]:
+                    marks["anon_at_first_step"] = _status().get("RssAnon", 0)
+                marks["calls"].append(time.perf_counter())
+                marks["targets"].append(batch_targets(batch))
+                return loss(batch, generator=generator)
+
+            m.loss = loss_clocked
+        return m
+
+    ema_update = T.EMA.update
+
+    def ema_clocked(self, m):  # EMA.update runs over the whole state dict, buffers (iDreamRec's item table) too
+        t = time.perf_counter()
+        ema_update(self, m)
+        marks.setdefault("ema", []).append(time.perf_counter() - t)
+
+    T.make_model = make_clocked_model
+    T.EMA.update = ema_clocked
+    T.Batcher = clocked("batcher_s", T.Batcher)
+    T.gather_inputs = clocked("inputs_s", T.gather_inputs)
+    whiten.run = clocked("whiten_check_s", whiten.run)
+    messages: list[str] = []
+    # the first optimiser a process builds imports torch._dynamo (about 1.5 s, whatever the data): paid here,
+    # outside the setup figure, so that the setup is what depends on the data
+    t = time.perf_counter()
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+    optim_import_s = time.perf_counter() - t
+    mem = AnonPeak()
+    t0 = time.perf_counter()
+    res = T.run(cfg, model, force=True, log=messages.append, progress=False)
+    wall = time.perf_counter() - t0
+    anon = mem.stop()
+    calls, targets = marks["calls"], marks["targets"]
+    if len(calls) < warm + steps + 1:
+        raise SystemExit(f"bench_scale: {model} took {len(calls)} steps, fewer than {warm + steps + 1} "
+                         f"(an epoch shorter than that?): {messages}")
+    timed = calls[warm + steps] - calls[warm]
+    gaps = np.diff(calls[warm: warm + steps + 1])
+    info = res.manifest.info
+    per_epoch = int(info["steps_per_epoch"])
+    n_items = int(marks["model"].n_items)
+    s_step = timed / steps
+    tps = float(np.sum(targets[warm: warm + steps])) / timed
+    out = {"model": model, "steps_timed": steps, "warmup_steps": warm, "s_per_step": s_step,
+           "median_step_s": float(np.median(gaps)), "max_step_s": float(gaps.max()),
+           "targets_per_step": float(np.mean(targets[warm: warm + steps])), "targets_per_s": tps,
+           "ema_s_per_step": float(np.mean(marks["ema"][warm: warm + steps])) if marks.get("ema") else None,
+           "steps_per_epoch": per_epoch, "s_per_epoch": s_step * per_epoch,
+           "targets_per_epoch": info.get("train_samples_per_epoch"),
+           "setup_s": calls[0] - t0, "batcher_s": marks.get("batcher_s"), "inputs_s": marks.get("inputs_s"),
+           "whiten_check_s": marks.get("whiten_check_s"), "optim_import_s": optim_import_s, "wall_s": wall,
+           "final_s": wall - (calls[-1] - t0), "anon_bytes": anon,  # the last step, validation, checkpoint
+           "anon_setup_bytes": marks["anon_at_first_step"] - mem.start, "parameters": int(info["parameters"]),
+           "batch_size": int(info["batch_size"]), "items": n_items,
+           "users": int(require_stage(cfg.run_dir, "data").info["summary"]["users"]), "settings": TRAIN_SETTINGS[model]}
+    if model == "sasrec":  # full softmax: a (targets x items) float32 logit matrix each step
+        out["logits_bytes"] = out["targets_per_step"] * n_items * 4
+    return out
+
+
 WORKERS = {"gen_log": gen_log, "data": run_data, "embed_rate": embed_rate, "embed_write": embed_write,
-           "gen_vectors": gen_vectors, "index": run_index, "evaluate": run_eval}
+           "gen_vectors": gen_vectors, "index": run_index, "evaluate": run_eval, "text_vectors": gen_text_vectors,
+           "train": run_train}
 
 
 def worker_main(task_json: str) -> None:
@@ -431,6 +594,28 @@ def tables(R: dict) -> str:
             out.append(f"| {r['n']:,} | {r['users']:,} | {r['batch']} | {_s(r['per_1k_users_s'])} "
                        f"| {_mb(r['score_matrix_bytes'])} | {_mb(r['anon_bytes'])} | {_mb(r['peak_rss_bytes'])} |")
         out.append("")
+    if R.get("train"):
+        r0 = R["train"][0]
+        out += [f"### train: recpipe.pipeline.train on the data stage's split, {r0['steps_timed']} timed steps after "
+                f"{r0['warmup_steps']} (extrapolated to an epoch)", "",
+                "| interactions (raw) | model | users / items | batch | targets/step | steps/epoch | s/step (EMA s) "
+                "| targets/s | s/epoch (extrapolated) | setup s (Batcher s) | SASRec logits MB | peak anon MB "
+                "| peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in R["train"]:
+            logits = _mb(r["logits_bytes"]) if "logits_bytes" in r else "-"
+            ema = "" if r.get("ema_s_per_step") is None else f" ({r['ema_s_per_step']:.3f})"
+            out.append(f"| {r['n']:,} | {r['model']} | {r['users']:,} / {r['items']:,} | {r['batch_size']} "
+                       f"| {r['targets_per_step']:,.0f} | {r['steps_per_epoch']:,} | {r['s_per_step']:.3f}{ema} "
+                       f"| {r['targets_per_s']:,.0f} | {_s(r['s_per_epoch'])} | {_s(r['setup_s'])} "
+                       f"({_s(r['batcher_s'])}) | {logits} | {_mb(r['anon_bytes'])} | {_mb(r['peak_rss_bytes'])} |")
+        out += ["", "s/step: the mean interval between the trainer's consecutive loss calls (batch building, forward, "
+                "backward, clipping, AdamW, EMA), of which the EMA update (train.ema: it runs over the whole state "
+                "dict, so iDreamRec's (items + 1) x 384 item-vector buffer is averaged every step); setup: from "
+                "train.run to the first step (the whiten stage's check, loading the split and item vectors, the "
+                "model, the Batcher, the first batch; not torch's one-time import of torch._dynamo by the first "
+                "optimiser, paid before); SASRec's full softmax holds a targets x items logit matrix "
+                "each step, so its step grows with the items as well as with the batch; peak anon: the whole "
+                "train.run call, inputs loaded inside it; items: after the 5-core filter.", ""]
     if R.get("fits"):
         out += ["### growth (least squares on log-log: value ~ size^b)", "",
                 "| series | size | points | b | reading |", "|---|---|---|---|---|"]
@@ -466,6 +651,13 @@ def fits(R: dict) -> list[dict]:
     e = R.get("evaluate") or []
     add("evaluate: time per user", "items", e, lambda r: r["per_1k_users_s"])
     add("evaluate: peak anon", "items", e, lambda r: r["anon_bytes"])
+    for model in TRAIN_MODELS:
+        rows = [r for r in R.get("train") or [] if r["model"] == model]
+        add(f"train {model}: time per epoch", "raw interactions", rows, lambda r: r["s_per_epoch"])
+        add(f"train {model}: time per step", "raw interactions", rows, lambda r: r["s_per_step"])
+        add(f"train {model}: setup time", "raw interactions", rows, lambda r: r["setup_s"])
+        add(f"train {model}: peak anon", "raw interactions", rows, lambda r: r["anon_bytes"])
+        add(f"train {model}: peak RSS", "raw interactions", rows, lambda r: r["peak_rss_bytes"])
     return series
 
 
@@ -481,6 +673,9 @@ def plot(R: dict, path: Path) -> str:
     lines = [("data (x = raw interactions)", R.get("data") or [], "wall_s", "anon_bytes"),
              ("embed table write", R.get("embed_write") or [], "write_s", "anon_bytes"),
              ("evaluate per 1k users", R.get("evaluate") or [], "per_1k_users_s", "anon_bytes")]
+    for model in TRAIN_MODELS:
+        lines.append((f"train {model} per epoch (x = raw interactions)",
+                      [r for r in R.get("train") or [] if r["model"] == model], "s_per_epoch", "anon_bytes"))
     for kind in KINDS:
         lines.append((f"index {kind} build", [r for r in R.get("index") or [] if r["kind"] == kind],
                       "build_s", "anon_bytes"))
@@ -493,7 +688,7 @@ def plot(R: dict, path: Path) -> str:
     for ax, what in ((ax1, "seconds"), (ax2, "peak anon memory above start, MB")):
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("size (items; interactions for data)")
+        ax.set_xlabel("size (items; interactions for data and train)")
         ax.set_ylabel(what)
         ax.grid(True, which="both", alpha=0.3)
     ax1.legend(fontsize=7)
@@ -517,6 +712,10 @@ def main() -> None:
     ap.add_argument("--eval-users", type=int, default=2048)
     ap.add_argument("--eval-batch", type=int, default=0, help="users per scoring batch; 0 = evaluate.batch_size")
     ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--train-models", nargs="+", choices=TRAIN_MODELS, default=list(TRAIN_MODELS))
+    ap.add_argument("--train-steps", type=int, help="timed optimiser steps per model and size [quick 5, full 200]")
+    ap.add_argument("--train-warmup", type=int, help="untimed steps before them [quick 2, full 10]")
+    ap.add_argument("--train-eval-users", type=int, default=128, help="train.eval_users: the one validation's users")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="cache/bench_scale")
@@ -534,6 +733,11 @@ def main() -> None:
         if any(s < 100 for s in sizes):
             raise SystemExit(f"error: --{name.replace('_', '-')} sizes must be >= 100, got {sizes}")
         setattr(a, name, sorted(set(sizes)))
+    for name in ("train_steps", "train_warmup"):
+        if getattr(a, name) is None:
+            setattr(a, name, (FULL if a.full else QUICK)[name])
+    if a.train_steps < 1 or a.train_warmup < 0 or a.train_eval_users < 1:
+        raise SystemExit("error: --train-steps and --train-eval-users must be >= 1, --train-warmup >= 0")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.from_json:
@@ -568,7 +772,8 @@ def main() -> None:
             save()
             if not a.keep_work:
                 shutil.rmtree(d, ignore_errors=True)
-                shutil.rmtree(work / f"run-{n}", ignore_errors=True)
+                if "train" not in a.stages:  # else the train stage trains on it, then removes it
+                    shutil.rmtree(work / f"run-{n}", ignore_errors=True)
     if "embed" in a.stages:
         R["embed_rate"] = run_task({"what": "embed_rate", "sample": a.embed_sample}, a)
         note(f"embed: {R['embed_rate']['metadata_texts_per_s']:.0f} metadata texts/s, "
@@ -606,6 +811,27 @@ def main() -> None:
             note(f"evaluate {n:,} items: {r['per_1k_users_s']:.2f} s per 1k users, "
                  f"peak anon {_mb(r['anon_bytes'])} MB")
             save()
+    if "train" in a.stages:
+        R["train"] = []
+        for n in a.interactions:
+            d, run_dir = work / f"log-{n}", work / f"run-{n}"
+            paths = {"dir": str(d), "run_dir": str(run_dir), "cache": str(work)}
+            if not (run_dir / "data" / "manifest.json").exists():  # --stages train without data: its input
+                run_task({"what": "gen_log", "n": n, "dir": str(d)}, a)
+                run_task({"what": "data", "n": n, **paths}, a)
+                shutil.rmtree(d, ignore_errors=True)
+            if "idreamrec" in a.train_models:
+                run_task({"what": "text_vectors", **paths}, a)
+            for model in a.train_models:
+                r = run_task({"what": "train", "model": model, "steps": a.train_steps, "warmup": a.train_warmup,
+                              "eval_users": a.train_eval_users, **paths}, a)
+                R["train"].append({"n": n, **r})
+                note(f"train {model} {n:,} interactions ({r['items']:,} items): {r['s_per_step']:.3f} s/step, "
+                     f"{r['steps_per_epoch']:,} steps/epoch -> {r['s_per_epoch'] / 60:,.1f} min/epoch, "
+                     f"peak RSS {_mb(r['peak_rss_bytes'])} MB")
+                save()
+            if not a.keep_work:
+                shutil.rmtree(run_dir, ignore_errors=True)
     R["finished"] = time.strftime("%F %T")
     save()
     md = tables(R)
