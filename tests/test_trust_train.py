@@ -395,3 +395,34 @@ def test_bad_train_settings_are_one_line_errors(tmp_path, args, message):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "cache").exists(), "nothing ran"
+
+
+def test_ema_averages_trained_parameters_and_holds_buffers_live():
+    """The EMA shadow averages what the optimiser trains; buffers and frozen parameters (a frozen item table) are
+    the model's own tensors, neither averaged nor copied, so a change to them shows at once."""
+    import torch
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(3))
+            self.frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+            self.register_buffer("table", torch.ones(4, 2))
+
+    m = M()
+    ema = T.EMA(m, decay=0.5)
+    def live(k):
+        return ema.shadow[k].data_ptr() == getattr(m, k).data_ptr()
+
+    assert live("table") and live("frozen") and not live("w")
+    with torch.no_grad():
+        m.w.fill_(1.0)
+        m.table.mul_(3.0)
+    ema.update(m)  # decay min(0.5, 2/11): the shadow moves 9/11 of the way
+    torch.testing.assert_close(ema.shadow["w"], torch.full((3,), 9 / 11))
+    assert torch.equal(ema.shadow["table"], torch.full((4, 2), 3.0))
+    ema.shadow["table"] = ema.shadow["table"].clone()  # as after a resume: a stale copy
+    with torch.no_grad():
+        m.table.add_(1.0)
+    ema.update(m)
+    assert live("table") and torch.equal(ema.shadow["table"], torch.full((4, 2), 4.0))
