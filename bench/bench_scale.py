@@ -26,10 +26,11 @@ Stages and what is measured (each measurement runs in its own subprocess, so its
   on --train-eval-users users (train.eval_users). Measured: seconds per step (the intervals between the trainer's
   consecutive loss calls: everything a step does), training targets per second, steps per epoch (the trainer's),
   seconds per epoch extrapolated from them, the setup before the first step (of which the Batcher), peak memory, and
-  the EMA update's share of a step (train.ema averages the whole state dict, iDreamRec's (items + 1) x 384
-  item-vector buffer included). SASRec's full-softmax loss holds a targets x items logit matrix every step, so its
-  step cost also grows with the item count the row states (the items grow with the log here: N / 10 before the
-  5-core filter). With `--stages train` alone, the log and its data stage are generated first (unmeasured).
+  the EMA update's share of a step (train.ema: the trained parameters; before 92ca154 it also averaged
+  iDreamRec's (items + 1) x 384 item-vector buffer). SASRec's full-softmax loss holds a targets x items logit
+  matrix every step, so its step cost also grows with the item count the row states (the items grow with the log
+  here: N / 10 before the 5-core filter); `--train-set model.sasrec.ce_negatives=1024` measures the sampled
+  softmax instead. With `--stages train` alone, the log and its data stage are generated first (unmeasured).
 
 Memory: `peak RSS` is the subprocess's high-water resident set (os.wait4's ru_maxrss: interpreter, imports,
 inputs and page-cache pages of memory-mapped files included); `peak anon` is the largest anonymous (heap)
@@ -342,6 +343,11 @@ def run_eval(task: dict) -> dict:
             "users": users, "score_matrix_bytes": batch * (n + 1) * 4}
 
 
+def _sets(task: dict) -> dict[str, str]:
+    """--train-set KEY=VALUE pairs of a task."""
+    return dict(kv.split("=", 1) for kv in task.get("set", []))
+
+
 def _train_config(task: dict, model: str | None = None, extra: dict | None = None):
     """recpipe's config for the generated run directory (the data stage's), with a model's bench settings."""
     from recpipe.config import load_config
@@ -350,6 +356,7 @@ def _train_config(task: dict, model: str | None = None, extra: dict | None = Non
             "run.seed": int(task["seed"])}
     if model is not None:
         over.update(TRAIN_SETTINGS[model])
+        over.update(_sets(task))
     return load_config(None, {**over, **(extra or {})})
 
 
@@ -431,7 +438,7 @@ def run_train(task: dict) -> dict:
 
     ema_update = T.EMA.update
 
-    def ema_clocked(self, m):  # EMA.update runs over the whole state dict, buffers (iDreamRec's item table) too
+    def ema_clocked(self, m):  # EMA.update: the trained parameters (buffers are held live, not copied)
         t = time.perf_counter()
         ema_update(self, m)
         marks.setdefault("ema", []).append(time.perf_counter() - t)
@@ -474,9 +481,11 @@ def run_train(task: dict) -> dict:
            "final_s": wall - (calls[-1] - t0), "anon_bytes": anon,  # the last step, validation, checkpoint
            "anon_setup_bytes": marks["anon_at_first_step"] - mem.start, "parameters": int(info["parameters"]),
            "batch_size": int(info["batch_size"]), "items": n_items,
-           "users": int(require_stage(cfg.run_dir, "data").info["summary"]["users"]), "settings": TRAIN_SETTINGS[model]}
-    if model == "sasrec":  # full softmax: a (targets x items) float32 logit matrix each step
-        out["logits_bytes"] = out["targets_per_step"] * n_items * 4
+           "users": int(require_stage(cfg.run_dir, "data").info["summary"]["users"]),
+           "settings": {**TRAIN_SETTINGS[model], **_sets(task)}}
+    if model == "sasrec":  # full softmax: a (targets x items) float32 logit matrix each step; sampled: x negatives
+        neg = int(cfg.model_config("sasrec").ce_negatives)
+        out["logits_bytes"] = out["targets_per_step"] * (neg + 1 if neg else n_items) * 4
     return out
 
 
@@ -609,8 +618,8 @@ def tables(R: dict) -> str:
                        f"| {r['targets_per_s']:,.0f} | {_s(r['s_per_epoch'])} | {_s(r['setup_s'])} "
                        f"({_s(r['batcher_s'])}) | {logits} | {_mb(r['anon_bytes'])} | {_mb(r['peak_rss_bytes'])} |")
         out += ["", "s/step: the mean interval between the trainer's consecutive loss calls (batch building, forward, "
-                "backward, clipping, AdamW, EMA), of which the EMA update (train.ema: it runs over the whole state "
-                "dict, so iDreamRec's (items + 1) x 384 item-vector buffer is averaged every step); setup: from "
+                "backward, clipping, AdamW, EMA), of which the EMA update (train.ema, over the trained parameters); "
+                "setup: from "
                 "train.run to the first step (the whiten stage's check, loading the split and item vectors, the "
                 "model, the Batcher, the first batch; not torch's one-time import of torch._dynamo by the first "
                 "optimiser, paid before); SASRec's full softmax holds a targets x items logit matrix "
@@ -716,6 +725,8 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, help="timed optimiser steps per model and size [quick 5, full 200]")
     ap.add_argument("--train-warmup", type=int, help="untimed steps before them [quick 2, full 10]")
     ap.add_argument("--train-eval-users", type=int, default=128, help="train.eval_users: the one validation's users")
+    ap.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting added to every train row's (e.g. model.sasrec.ce_negatives=1024); repeatable")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="cache/bench_scale")
@@ -824,7 +835,7 @@ def main() -> None:
                 run_task({"what": "text_vectors", **paths}, a)
             for model in a.train_models:
                 r = run_task({"what": "train", "model": model, "steps": a.train_steps, "warmup": a.train_warmup,
-                              "eval_users": a.train_eval_users, **paths}, a)
+                              "eval_users": a.train_eval_users, "set": a.train_set, **paths}, a)
                 R["train"].append({"n": n, **r})
                 note(f"train {model} {n:,} interactions ({r['items']:,} items): {r['s_per_step']:.3f} s/step, "
                      f"{r['steps_per_epoch']:,} steps/epoch -> {r['s_per_epoch'] / 60:,.1f} min/epoch, "
