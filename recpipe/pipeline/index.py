@@ -59,6 +59,7 @@ INDEX_FILE = "items.faiss"
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 IVF_KINDS = ("ivf", "ivfpq")  # kinds with coarse cells (nlist, nprobe)
 PQ_NBITS = 8  # bits per PQ code: one byte per sub-quantizer, the layout FAISS's fast CPU and GPU scanners use
+REFINE_ROWS = 2048  # candidate rows gathered at a time when re-ranking (3 MB of 384-d float32)
 GPU_MAX_K = 2048  # FAISS GPU limit on k (and nprobe); longer candidate lists are searched on the CPU twin
 MIN_POINTS_PER_CENTROID = 39  # FAISS warns (and k-means degrades) below this many training points per cell
 
@@ -353,9 +354,11 @@ class ItemIndex:
             D, pos = self._raw_search(Q, k_search)
         ids = np.where(pos >= 0, pos + 1, 0).astype(np.int64)
         if refine:  # exact inner products of the PQ candidates, best first (a missing one: -inf, id 0)
-            uniq, inv = np.unique(ids, return_inverse=True)
-            rows = np.asarray(self._refine[uniq], dtype=np.float32)  # each distinct row read once
-            exact_s = np.einsum("bkd,bd->bk", rows[inv.reshape(ids.shape)], Q)
+            exact_s = np.empty(ids.shape, dtype=np.float32)
+            step = max(1, REFINE_ROWS // max(1, ids.shape[1]))  # queries a block: their candidate rows stay in cache
+            for a in range(0, len(Q), step):
+                rows = np.asarray(self._refine[ids[a:a + step]], dtype=np.float32)  # (b, K, d)
+                exact_s[a:a + step] = np.matmul(rows, Q[a:a + step, :, None])[..., 0]
             D = np.where(ids > 0, exact_s, -np.inf)
             top = np.argsort(-D, axis=1, kind="stable")[:, :k_search]
             D, ids = np.take_along_axis(D, top, axis=1), np.take_along_axis(ids, top, axis=1)
