@@ -566,6 +566,42 @@ def test_item_residual():
     torch.testing.assert_close(on.item_vecs(ids), (on.item_vectors + W)[ids])
 
 
+def test_text_residual_starts_as_the_paper_and_reaches_items_without_training_data():
+    """text_residual: a learned map from an item's text vector to a residual. Zero at init (the paper's frozen
+    vectors); trained, it moves the vectors of items that never occur in training too, where the per-item
+    residual leaves them as their text; padding stays zero and every path reads the same table."""
+    off, on = make(loss="ce"), make(loss="ce", text_residual=16)
+    on.load_state_dict(off.state_dict(), strict=False)
+    _perturb(off.dit), _perturb(on.dit)
+    off.eval(), on.eval()
+    b = batch(8)
+    torch.testing.assert_close(on.score_all(b, generator=gen(0)), off.score_all(b, generator=gen(0)))
+    counts = torch.ones(N_ITEMS + 1)
+    counts[0] = 0
+    counts[N_ITEMS - 9:] = 0  # the last 10 items never occur in training
+    moved = {}
+    for name, kw in (("text", {"text_residual": 16}), ("item", {"item_residual": True})):
+        m = make(loss="ce", **kw)
+        _perturb(m.dit)
+        m.observe_training(counts)
+        m.train()
+        opt = torch.optim.SGD(m.parameters(), lr=1.0)
+        for i in range(3):
+            bb = {"history": histories(16, 6, n_items=N_ITEMS - 10, seed=i),  # no new item anywhere in training
+                  "target": torch.randint(1, N_ITEMS - 9, (16,), generator=gen(i))}
+            opt.zero_grad()
+            m.loss(bb, gen(i)).backward()
+            opt.step()
+        table = m.item_table().detach()
+        assert (table[0] == 0).all()
+        moved[name] = float((table[N_ITEMS - 9:] - m.item_vectors[N_ITEMS - 9:]).abs().sum())
+        ids = torch.tensor([[0, 3, N_ITEMS]])
+        torch.testing.assert_close(m.item_vecs(ids).detach(), table[ids])
+    assert moved["text"] > 0 and moved["item"] == 0, moved
+    with pytest.raises(ValueError, match="text_residual must be >= 0"):
+        IDreamRecConfig(text_residual=-1)
+
+
 @pytest.mark.parametrize("layout, steps", [("full", 1), ("causal", 1), ("full", 4)])
 def test_train_t_sampler_trains_only_the_timesteps_the_sampler_visits(layout, steps, monkeypatch):
     """train_t = "sampler": every training target is noised to a timestep of the configured DDIM grid (steps = 1:
@@ -596,7 +632,7 @@ def test_a_late_option_at_its_default_stays_out_of_the_train_fingerprint():
     from recpipe.models.base import config_key
 
     late = {f.name for f in dataclasses.fields(IDreamRecConfig) if f.metadata.get("late")}
-    assert late == {"train_t", "ce_negatives"}
+    assert late == {"train_t", "ce_negatives", "text_residual"}
     key = config_key(IDreamRecConfig())
     assert key == {k: v for k, v in dataclasses.asdict(IDreamRecConfig()).items() if k not in late}
     assert config_key(IDreamRecConfig(train_t="sampler"))["train_t"] == "sampler"

@@ -101,6 +101,10 @@ class IDreamRecConfig:
     scale: float = 5.0  # PreferDiff's gamma (scale inside the log-sigmoid), its config default
     n_neg: int = 4  # negatives averaged into one centroid (PreferDiff "-C"): one extra forward whatever n
     item_residual: bool = False  # learnable per-item residual on the frozen text vectors (off = paper)
+    # a residual computed from the text vector itself (an MLP of this hidden width, zero-initialised output;
+    # 0 = off): unlike the per-item residual it reaches items with no training data (new items), which get
+    # what their text says instead of nothing
+    text_residual: int = field(default=0, metadata={"late": True})  # see above
     residual_target_grad: bool = False  # False: the residual learns from history tokens only (stop-gradient
     # on the x0 target, as in BYOL/SimSiam), True: also from the target, which lets x0-MSE shrink the space
     # --- sampling / scoring
@@ -129,6 +133,8 @@ class IDreamRecConfig:
                 raise ValueError(f"{name} must be in [0, 1]")
         if self.n_neg < 1:
             raise ValueError("n_neg must be >= 1")
+        if self.text_residual < 0:
+            raise ValueError(f"text_residual must be >= 0 (0 = off), not {self.text_residual}")
         if self.ce_negatives < 0:
             raise ValueError(f"ce_negatives must be >= 0 (0 = softmax over every item), not {self.ce_negatives}")
         if self.layout not in ("full", "causal"):
@@ -183,6 +189,12 @@ class IDreamRec(Recommender):
             nn.init.zeros_(self.item_residual.weight)
         else:
             self.item_residual = None
+        self.text_map: nn.Module | None = None
+        if config.text_residual:
+            self.text_map = nn.Sequential(nn.Linear(self.dim, config.text_residual), nn.GELU(),
+                                          nn.Linear(config.text_residual, self.dim))
+            nn.init.zeros_(self.text_map[2].weight)  # starts as the frozen text vectors themselves
+            nn.init.zeros_(self.text_map[2].bias)
         self._schedule_cpu = make_schedule(config.schedule, config.T)  # float64
         self._schedules: dict[torch.device, Schedule] = {}
         # the items of the training data (observe_training); None: every item. Items outside it (the cold-item
@@ -217,26 +229,39 @@ class IDreamRec(Recommender):
             self._schedules[device] = self._schedule_cpu.to(device)
         return self._schedules[device]
 
+    def _learned(self, ids: Tensor | None) -> Tensor | None:
+        """The learned part of item vectors (per-item residual + text residual), rows `ids` ((...) ids) or every
+        row (None); padding's row is zero. None when the model learns none (the paper's frozen vectors)."""
+        out = None
+        if self.text_map is not None:
+            v = self.item_vectors if ids is None else self.item_vectors[ids]
+            out = self.text_map(v)
+            real = (torch.arange(len(v), device=v.device) if ids is None else ids) != 0
+            out = out * real.unsqueeze(-1).to(out.dtype)
+        if self.item_residual is not None:
+            r = self.item_residual.weight if ids is None else self.item_residual(ids)
+            out = r if out is None else out + r
+        return out
+
     def item_table(self) -> Tensor:
         """(n_items + 1, d): the vectors used for history tokens, training targets and scoring."""
-        if self.item_residual is None:
-            return self.item_vectors
-        return self.item_vectors + self.item_residual.weight
+        learned = self._learned(None)
+        return self.item_vectors if learned is None else self.item_vectors + learned
 
     def item_vecs(self, ids: Tensor) -> Tensor:
         """ids: LongTensor (...) -> (..., d), = item_table()[ids]."""
+        learned = self._learned(ids)
         v = self.item_vectors[ids]
-        if self.item_residual is not None:
-            v = v + self.item_residual(ids)
-        return v
+        return v if learned is None else v + learned
 
     def target_vecs(self, ids: Tensor) -> Tensor:
-        """The regression targets: item_vecs(ids), with the residual's gradient stopped unless
+        """The regression targets: item_vecs(ids), with the learned part's gradient stopped unless
         residual_target_grad (a target the loss may move collapses under x0-MSE: pulling every item's
         vector together lowers the loss; measured on ML-1M, validation NDCG@10 fell with it)."""
-        if self.item_residual is None or self.config.residual_target_grad:
+        learned = self._learned(ids)
+        if learned is None or self.config.residual_target_grad:
             return self.item_vecs(ids)
-        return self.item_vectors[ids] + self.item_residual(ids).detach()
+        return self.item_vectors[ids] + learned.detach()
 
     def _history(self, history: Tensor) -> Tensor:
         """Left-pad with 0 / keep the last history_len columns: (B, L_in) -> (B, history_len)."""
