@@ -1,7 +1,7 @@
 """SASRec and iDreamRec (and RecBole's SASRec, when installed) at equal training wall-clock, one table.
 
     python bench/bench_budget.py --dataset ml-100k --data-dir ../shared/datasets --minutes 3 --threads 1 \\
-        [--preset best|paper] [--recbole-python /tmp/recbole-venv/bin/python]
+        [--preset best|onestep|paper] [--recbole-python /tmp/recbole-venv/bin/python]
 
 Each model trains for --minutes of training (validation not counted; train.max_minutes), one after the other on
 this machine with the same threads; early stopping on validation still applies. recpipe's models run through
@@ -13,8 +13,10 @@ of both columns, epochs reached, best epoch, training seconds, the CPU); written
 wall-clock, from each model's log.jsonl).
 
 Presets: iDreamRec `best` is the recipe of docs/results.md#r-idreamrec-w256-e8 (item residual, CE with
-lam 0.1, width 256, 8 heads, history guidance w = 1), `paper` the model's defaults. SASRec takes the ML-1M recipe of
-docs/results.md#r-sasrec-ml1m (batch 128, lr 2e-3, 50 warm-up steps) with history 50 (RecBole's max length).
+lam 0.1, width 256, 8 heads, history guidance w = 1), `onestep` the same trained only at the timestep its
+one-step sampler uses (`train_t=sampler`) under bf16 autocast, `paper` the model's defaults. SASRec takes the
+ML-1M recipe of docs/results.md#r-sasrec-ml1m (batch 128, lr 2e-3, 50 warm-up steps) with history 50 (RecBole's
+max length).
 
 RecBole (issue #22 §5): with --recbole-python (an interpreter with recbole 1.2.1, e.g. a venv of its own;
 default: this interpreter when it imports recbole, else no RecBole row) a subprocess trains RecBole's SASRec on
@@ -48,6 +50,9 @@ PRESETS: dict[str, dict[str, str]] = {
              "model.idreamrec.width": "256", "model.idreamrec.heads": "8", "model.idreamrec.w": "1"},
     "paper": {},
 }
+# `best` trained for the one-step sampler it is scored with (t = T-1 only) under bf16 autocast (AMX / AVX512-BF16;
+# slower where the CPU has no native bf16): docs/results.md#r-onestep-ml1m-60
+PRESETS["onestep"] = {**PRESETS["best"], "model.idreamrec.train_t": "sampler", "train.precision": "bfloat16"}
 SASREC_SETTINGS = {"train.batch_size": "128", "train.lr": "0.002", "train.warmup_steps": "50",
                    "model.sasrec.history_len": "50"}
 RECBOLE_HP: dict[str, Any] = {
