@@ -277,8 +277,7 @@ class ItemIndex:
         """ivfpq: re-score rerank x k PQ candidates a query exactly against `vectors` (the (n + 1, d) table the
         index was built from, in memory or memory-mapped) and keep the best k. Other kinds store exact vectors
         already: nothing changes. Returns self."""
-        if int(rerank) < 1:
-            raise ConfigError(f"index.rerank must be >= 1 (1 = PQ scores as they are), got {rerank}")
+        _check_rerank(rerank)
         if self.kind != "ivfpq":
             return self
         if tuple(np.shape(vectors)) != (self.n + 1, self.d):
@@ -413,6 +412,11 @@ class ItemIndex:
         return f"ItemIndex(kind={self.kind!r}, device={self.device!r}, n={self.n}, d={self.d}{extra})"
 
 
+def _check_rerank(rerank: int) -> None:
+    if int(rerank) < 1:
+        raise ConfigError(f"index.rerank must be >= 1 (1 = PQ scores as they are), got {rerank}")
+
+
 def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Widen (B, m < k) results to k columns of (-inf, 0): only when k exceeds the catalog."""
     B, m = ids.shape
@@ -426,8 +430,7 @@ def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
 def build_index(items: np.ndarray, icfg: IndexConfig, seed: int, device: str | None = None) -> ItemIndex:
     """An ItemIndex over an (n_items + 1, d) table as the [index] config describes it (ivfpq re-ranked
     against `items` itself)."""
-    if int(icfg.rerank) < 1:
-        raise ConfigError(f"index.rerank must be >= 1 (1 = PQ scores as they are), got {icfg.rerank}")
+    _check_rerank(icfg.rerank)  # before a build that may take minutes, not after it
     return ItemIndex(
         items, kind=icfg.kind, device=device or icfg.device, nlist=icfg.nlist, nprobe=icfg.nprobe,
         hnsw_m=icfg.hnsw_m, seed=seed, ef_search=icfg.hnsw_ef_search, ef_construction=icfg.hnsw_ef_construction,

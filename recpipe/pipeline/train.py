@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from recpipe import cpu as cpu_info
 from recpipe.artifacts import (
     StageResult,
     atomic_path,
@@ -54,7 +53,7 @@ from recpipe.pipeline.resume import (
     unpack_state,
     write_resume_state,
 )
-from recpipe.pipeline.scoring import evaluate_split, resolve_device
+from recpipe.pipeline.scoring import evaluate_split, resolve_device, resolve_dtype
 from recpipe.progress import progress_bar
 
 
@@ -69,7 +68,7 @@ class EMA:
         self.updates = 0
         self.trained = {k for k, p in model.named_parameters() if p.requires_grad}
         self.shadow = {k: v.detach().clone() if k in self.trained else v
-                       for k, v in model.state_dict(keep_vars=False).items()}
+                       for k, v in model.state_dict().items()}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
@@ -454,7 +453,7 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
     log(f"train/{model_name}: {n_params:,} parameters, {mode} batches, {per_epoch} steps/epoch, up to {total} "
         f"steps on {device}")
     if tc.precision == "bfloat16":
-        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_info.cpuinfo_has_bf16()
+        native = resolve_dtype("auto", device) == torch.bfloat16
         log(f"train/{model_name}: bfloat16 autocast" + ("" if native else
             " (this device has no native bf16: expect slower steps than float32)"))
     if dist is not None:
