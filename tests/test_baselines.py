@@ -484,3 +484,94 @@ def test_diffurec_stacked_seeds_equal_one_run_at_a_time(name, options):
     runs = model.reverse(hist, [torch.Generator().manual_seed(s) for s in seeds]).view(3, 7, -1)
     for j, s in enumerate(seeds):
         torch.testing.assert_close(runs[j], model.reverse(hist, torch.Generator().manual_seed(s)), rtol=1e-9, atol=1e-9)
+
+
+def test_dreamrec_train_t_sampler_noises_only_the_sampler_timesteps(monkeypatch):
+    """train_t="sampler" with a k-step DDIM sampler draws t from its k timesteps alone; with DDPM (which visits
+    every t) and with "all" it draws from all T."""
+    seen: list[torch.Tensor] = []
+    real = D.q_sample
+
+    def spy(s, x0, t, noise):
+        seen.append(t.clone())
+        return real(s, x0, t, noise)
+
+    monkeypatch.setattr(D, "q_sample", spy)
+    batch = position_batch(512, torch.Generator().manual_seed(11))
+    for opts, expect in [({"sampler": "ddim", "ddim_steps": 1, "train_t": "sampler"}, {49}),
+                         ({"sampler": "ddim", "ddim_steps": 4, "train_t": "sampler"}, set(D.ddim_timesteps(50, 4))),
+                         ({"sampler": "ddpm", "train_t": "sampler"}, None),
+                         ({"sampler": "ddim", "ddim_steps": 1}, None)]:
+        seen.clear()
+        build("dreamrec", **opts).loss(batch, generator=torch.Generator().manual_seed(0))
+        got = set(seen[0].tolist())
+        if expect is None:
+            assert len(got) > 40, opts  # 512 draws over 50 timesteps cover nearly all of them
+        else:
+            assert got == expect, opts
+    with pytest.raises(ValueError, match="train_t"):
+        build("dreamrec", train_t="last")
+
+
+SEQUENCE_LAYOUT = {"dreamrec": {"train_layout": "sequence", "sampler": "ddim", "ddim_steps": 1, "train_t": "sampler"},
+                   "diffurec": {"train_layout": "sequence"},
+                   "diffurecsys": {"train_layout": "sequence"}}
+
+
+@pytest.mark.parametrize("name", list(SEQUENCE_LAYOUT))
+def test_sequence_layout_learns_the_next_item(name):
+    """train_layout="sequence": "sequence" batches (a target at every position, whole histories in chunks);
+    the model still scores from histories and learns the synthetic task in fewer steps than TRAIN gives the
+    one-target-per-row layout."""
+    model = build(name, **SEQUENCE_LAYOUT[name])
+    assert model.train_mode == "sequence" and model.chunked
+    assert build(name).train_mode == "position"
+    before = top5_hit_rate(model, name)
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=TRAIN[name][1], weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(TRAIN[name][0] // 2):
+        loss = model.loss(sequence_batch(16, g), generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    after = top5_hit_rate(model, name)
+    assert sum(losses[-10:]) < sum(losses[:10])
+    assert after >= 0.8 and after > before + 0.3, f"{name}: top-5 hit rate {before:.2f} -> {after:.2f}"
+
+
+def test_dreamrec_sequence_loss_of_one_target_equals_the_position_loss():
+    """A sequence batch whose only target is the last position is the position batch of that sample: the same
+    encoder output (the encoder is causal) and the same draws, so the same loss."""
+    model = build("dreamrec", train_layout="sequence", dropout=0.0)
+    model.train()
+    pos = position_batch(16, torch.Generator().manual_seed(12))
+    seq = {"input_seq": pos["history"], "target_seq": torch.zeros_like(pos["history"])}
+    seq["target_seq"][:, -1] = pos["target"]
+    a = model.loss(pos, generator=torch.Generator().manual_seed(0))
+    b = model.loss(seq, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["diffurec", "diffurecsys"])
+def test_diffurec_per_position_targets_never_leak_backwards(name):
+    """Per-position x_t ("sequence" training): position i's x0_hat reads items <= i and the noisy targets of
+    positions <= i only, so changing a later item or a later position's x_t leaves it unchanged."""
+    model = build(name, train_layout="sequence")
+    model.eval()
+    seq = chains(4, torch.Generator().manual_seed(13), min_len=L, max_len=L)
+    rep, mask = model.history_rep(seq)
+    g = torch.Generator().manual_seed(1)
+    x_t, t = D.randn((4, L, 32), g, "cpu", torch.float32), torch.randint(0, model.config.T, (4, L), generator=g)
+    out = model.approximate(rep, mask, x_t, t, torch.Generator().manual_seed(2))
+    x_t2 = x_t.clone()
+    x_t2[:, 6:] += 1.0
+    seq2 = seq.clone()
+    seq2[:, 6:] = seq2[:, 6:] % N + 1
+    rep2, mask2 = model.history_rep(seq2)
+    for r, m, x in [(rep, mask, x_t2), (rep2, mask2, x_t)]:
+        out2 = model.approximate(r, m, x, t, torch.Generator().manual_seed(2))
+        torch.testing.assert_close(out2[:, :6], out[:, :6])
+        assert not torch.allclose(out2[:, 6:], out[:, 6:])

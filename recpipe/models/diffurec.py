@@ -33,7 +33,7 @@ DiffuRecSys options (all off for "diffurec", on for "diffurecsys"):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -88,6 +88,14 @@ class DiffuRecConfig:
     offset_noise: float = 0.0  # DiffuRecSys: 0.1; 0 = plain Gaussian noise as in DiffuRec
     ensemble_seeds: int = 1  # DiffuRecSys averages several seeded reverse runs; 1 = a single run (DiffuRec)
     ensemble_seed: int = 0  # seeds used when score_all gets no generator: ensemble_seed, +1, ... (reproducible)
+    # how training reads a user's sequence: "position" = one (history, next item) sample per row, x0_hat read at
+    # the last position (DiffuRec); "sequence" = a target at every position of a chunk of history_len items in
+    # one forward (SASRec's layout; every chunk of the whole history), each position carrying lambda * (x_t +
+    # t_emb) of its OWN noised target. Attention is causal and position j's target (item j + 1) is already an
+    # input of every later position, so nothing leaks; the history positions of a sample then carry their own
+    # targets' noise where DiffuRec broadcasts the last target's (both scaled by lambda ~ 0.001). Inference is
+    # unchanged. About history_len times fewer approximator passes per target
+    train_layout: Literal["position", "sequence"] = field(default="position", metadata={"late": True})
     # training settings live in TrainConfig; DiffuRec used Adam lr 1e-3, batch 512, no weight decay
 
 
@@ -125,7 +133,11 @@ class DiffuRec(Recommender):
     generative = False  # scores are a softmax over items; no CFG or step-count knobs for the evaluator
 
     def __init__(self, config: DiffuRecConfig, n_items: int):
-        super().__init__(n_items, config.history_len)
+        if config.train_layout not in ("position", "sequence"):
+            raise ValueError(f"train_layout must be position or sequence, not {config.train_layout!r}")
+        if config.train_layout == "sequence":  # read by the trainer's Batcher (set before the contract check)
+            self.train_mode = "sequence"
+        super().__init__(n_items, config.history_len, chunked=config.train_layout == "sequence")
         c = self.config = config
         d = c.hidden
         if c.reverse_variance not in ("large", "posterior"):
@@ -173,30 +185,39 @@ class DiffuRec(Recommender):
         t: torch.Tensor,
         generator: Noise = None,
     ) -> torch.Tensor:
-        """x0_hat (B, D) from the history representation and the noisy target x_t at step t.
+        """x0_hat (B, D) from the history representation and the noisy target x_t (B, D) at step t (B,): x_t + t_emb
+        enters every position. With x_t (B, L, D) and t (B, L), one noisy target per position ("sequence"
+        training): x0_hat (B, L, D) at every position.
 
         generator: one torch.Generator (or None), or a list of k generators when the batch is k stacked
         runs of B / k rows each: run j's draws then come from generator j alone.
         """
         c = self.config
-        tt = t.float() * (1000.0 / c.T) if c.rescale_timesteps else t.float()
-        z = x_t + self.time_mlp(D.timestep_embedding(tt, c.hidden).to(x_t.dtype))
+        per_position = x_t.dim() == 3
+        tt = t.reshape(-1).float() * (1000.0 / c.T) if c.rescale_timesteps else t.reshape(-1).float()
+        z = x_t + self.time_mlp(D.timestep_embedding(tt, c.hidden).to(x_t.dtype)).view(x_t.shape)
         # drawn for the full history_len and right-aligned, so extra left padding never changes the draws
         B, L, d = rep.shape
         std = stacked_randn((B, self.history_len, d), generator, rep.device, rep.dtype)
         lam = c.lambda_uncertainty * (1.0 + std[:, self.history_len - L :])
-        query = lam * z[:, None, :]
+        query = lam * (z if per_position else z[:, None, :])
         if c.cross_attention:
             h = rep
         else:
             h, query = rep + query, None
         last = len(self.blocks) - 1
+        last_only = self.last_only and not per_position
         for i, blk in enumerate(self.blocks):  # only x0_hat = the last position is read: skip the rest at the end
-            h = blk(h, mask, query, last_only=i == last and self.last_only)
-        return self.out_ln(self.out_drop(h))[:, -1]
+            h = blk(h, mask, query, last_only=i == last and last_only)
+        out = self.out_ln(self.out_drop(h))
+        return out if per_position else out[:, -1]
 
     # -- interface ----------------------------------------------------------------------------------------
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """"position" batches: "history" (B, L), "target" (B,); "sequence" batches: "input_seq" / "target_seq"
+        (B, L), a target wherever target_seq > 0."""
+        if "input_seq" in batch:
+            return self._sequence_loss(batch, generator)
         c = self.config
         target = batch["target"]
         B, dev = target.shape[0], target.device
@@ -210,6 +231,26 @@ class DiffuRec(Recommender):
         x0_hat = self.approximate(rep, mask, D.q_sample(s, x0, t, noise), t, generator)
         logits = x0_hat @ self.item_emb.weight[1:].T  # padding column excluded
         return F.cross_entropy(logits, target - 1)
+
+    def _sequence_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
+        c = self.config
+        inp = crop_history(batch["input_seq"], self.history_len)
+        tgt = crop_history(batch["target_seq"], self.history_len)
+        (B, L), dev = tgt.shape, tgt.device
+        s = self.schedule(dev)
+        rep, mask = self.history_rep(inp)
+        x0 = self.item_emb(tgt)  # (B, L, D); padding targets embed to 0 and are never counted
+        t = D.sample_timesteps(B * L, c.T, generator=generator, device=dev)
+        noise = D.randn((B * L, c.hidden), generator, dev, x0.dtype)
+        if c.offset_noise:  # one constant per target, as for a position sample
+            noise = noise + c.offset_noise * D.randn((B * L, 1), generator, dev, x0.dtype)
+        x_t = D.q_sample(s, x0.reshape(B * L, -1), t, noise).view(B, L, -1)
+        x0_hat = self.approximate(rep, mask, x_t, t.view(B, L), generator)  # (B, L, D)
+        sel = tgt > 0
+        if not bool(sel.any()):
+            return x0_hat.sum() * 0.0
+        logits = x0_hat[sel] @ self.item_emb.weight[1:].T  # padding column excluded
+        return F.cross_entropy(logits, tgt[sel] - 1)
 
     @torch.no_grad()
     def reverse(self, history: torch.Tensor, generator: Noise = None) -> torch.Tensor:

@@ -20,7 +20,7 @@ Optional `loss_type="preferdiff"`: PreferDiff's loss (lam * MSE + (1 - lam) * BP
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -54,6 +54,16 @@ class DreamRecConfig:
     w: float = 2.0  # DreamRec: guidance strength on YooChoose and KuaiRec
     sampler: Literal["ddpm", "ddim"] = "ddpm"  # DreamRec samples with full ancestral DDPM over all T steps
     ddim_steps: int = 50  # only for sampler="ddim" (or score_all(steps=k)): deterministic DDIM with k steps
+    # which t a training target is noised to: "all" = Uniform{0..T-1} (DreamRec); "sampler" = only the
+    # timesteps the configured sampler visits (ddim with ddim_steps = 1: t = T-1 alone; ddpm visits every t, so
+    # there it equals "all"). Every update then trains the denoising the scoring asks for (iDreamRec's lever,
+    # docs/results.md#r-onestep-ml1m-60); such a model must be scored with that same sampler
+    train_t: Literal["all", "sampler"] = field(default="all", metadata={"late": True})  # see above
+    # how training reads a user's sequence: "position" = one (history, next item) sample per row (DreamRec);
+    # "sequence" = a target at every position of a chunk of history_len items in one forward (SASRec's layout;
+    # every chunk of the whole history). The encoder is causal, so position i reads items <= i only and each
+    # target is denoised from its own h_i: the same samples, about history_len times fewer encoder passes
+    train_layout: Literal["position", "sequence"] = field(default="position", metadata={"late": True})
     loss_type: Literal["mse", "preferdiff"] = "mse"  # DreamRec: x0 MSE; "preferdiff" adds BPR-Diff on negatives
     pd_lam: float = 0.5  # PreferDiff's config default lamda (MSE weight); same as idreamrec's `lam`
     pd_scale: float = 5.0  # PreferDiff's config default gamma inside the log-sigmoid; same as idreamrec's
@@ -74,13 +84,21 @@ class DreamRec(Recommender):
     sampler_params = ("steps", "w")
 
     def __init__(self, config: DreamRecConfig, n_items: int):
-        super().__init__(n_items, config.history_len)
+        if config.train_layout not in ("position", "sequence"):
+            raise ValueError(f"train_layout must be position or sequence, not {config.train_layout!r}")
+        if config.train_layout == "sequence":  # read by the trainer's Batcher (set before the contract check)
+            self.train_mode = "sequence"
+        super().__init__(n_items, config.history_len, chunked=config.train_layout == "sequence")
         c = self.config = config
         d = c.hidden
         if c.sampler not in ("ddpm", "ddim"):
             raise ValueError(f"unknown sampler {c.sampler!r}")
         if c.loss_type not in ("mse", "preferdiff"):
             raise ValueError(f"unknown loss_type {c.loss_type!r}")
+        if c.train_t not in ("all", "sampler"):
+            raise ValueError(f"train_t must be all or sampler, not {c.train_t!r}")
+        if not 1 <= c.ddim_steps <= c.T:
+            raise ValueError(f"ddim_steps must be in [1, T={c.T}], got {c.ddim_steps}")
         self.item_emb = nn.Embedding(n_items + 1, d)
         self.none_emb = nn.Parameter(torch.empty(1, d))
         self.pos_emb = nn.Embedding(c.history_len, d)
@@ -108,6 +126,11 @@ class DreamRec(Recommender):
 
     def encode(self, history: torch.Tensor) -> torch.Tensor:
         """(B, L) left-padded ids -> h (B, D), the encoder output at the most recent position."""
+        return self.encode_all(history)[:, -1]
+
+    def encode_all(self, history: torch.Tensor) -> torch.Tensor:
+        """(B, L) left-padded ids -> (B, L', D) the causal encoder's output at every position (L' <= history_len);
+        position i reads items <= i only."""
         seq = crop_history(history, self.history_len)
         valid = (seq > 0).unsqueeze(-1).to(self.item_emb.weight.dtype)
         x = self.item_emb(seq) + self.pos_emb(right_aligned_positions(seq.shape[1], seq.device))
@@ -116,7 +139,7 @@ class DreamRec(Recommender):
         a = self.attn(q, x, attention_mask(seq > 0, causal=True)) + q
         a = self.ln_2(a)
         f = self.ln_ffn(self.ffn(a) + a) * valid
-        return self.ln_3(f)[:, -1]
+        return self.ln_3(f)
 
     def denoise(self, x_t: torch.Tensor, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """f(x_t, h, t) -> predicted x0."""
@@ -138,19 +161,37 @@ class DreamRec(Recommender):
 
         return fn
 
+    def train_timesteps(self) -> list[int] | None:
+        """The t a training target may be noised to: None = every t (Uniform{0..T-1})."""
+        c = self.config
+        if c.train_t == "sampler" and c.sampler == "ddim":
+            return D.ddim_timesteps(c.T, c.ddim_steps)
+        return None
+
     # -- interface ----------------------------------------------------------------------------------------
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """"position" batches: "history" (B, L), "target" (B,); "sequence" batches: "input_seq" / "target_seq"
+        (B, L), a target wherever target_seq > 0, each conditioned on the encoder output at its position."""
+        if "input_seq" in batch:
+            tgt = crop_history(batch["target_seq"], self.history_len)
+            h_all = self.encode_all(batch["input_seq"])
+            sel = tgt > 0
+            if not bool(sel.any()):
+                return h_all.sum() * 0.0
+            return self._diffusion_loss(h_all[sel], tgt[sel], generator)
+        return self._diffusion_loss(self.encode(batch["history"]), batch["target"], generator)
+
+    def _diffusion_loss(self, h: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None):
+        """h (B, D) conditions, target (B,) item ids -> the x0 loss (MSE or PreferDiff), CFG drop included."""
         c = self.config
-        target = batch["target"]
         B, dev = target.shape[0], target.device
         s = self.schedule(dev)
-        h = self.encode(batch["history"])
         drop = rand((B, 1), generator, dev) < c.p_uncond
         h = torch.where(drop, self.none_emb.expand_as(h), h)
         x0 = self.item_emb(target)
         if not c.target_grad:
             x0 = x0.detach()
-        t = D.sample_timesteps(B, c.T, generator=generator, device=dev)
+        t = D.sample_timesteps(B, c.T, generator=generator, device=dev, choices=self.train_timesteps())
         noise = D.randn(x0.shape, generator, dev, x0.dtype)
         x0_hat = self.denoise(D.q_sample(s, x0, t, noise), h, t)
         if c.loss_type == "mse":
