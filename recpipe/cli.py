@@ -414,7 +414,7 @@ def run_all(
             "describe": lambda res: _print_info("describe", res), "embed": lambda res: _print_info("embed", res),
             "train": lambda res: _print_train(cfg.train.model, res),
             "evaluate": lambda res: _print_evaluate(cfg, cfg.train.model, res)}
-    for stage in stages.walk([cfg.train.model]):
+    for stage in stages.walk([cfg.train.model], cfg):
         show[stage.name](stage.run(cfg, cfg.train.model, force=force, log=_log))
     if user is None:
         user = str(data.load_run(cfg.run_dir).users["user_id"].iloc[0])

@@ -169,3 +169,37 @@ def test_pipeline_trains_evaluates_and_recommends_ddsr(tmp_path):
     assert row["masked"]["HR@10"] > 0.6
     recs = RecommendService(cfg).recommend("0", k=5)
     assert [r.rank for r in recs] == [1, 2, 3, 4, 5]
+
+
+def test_pipeline_ddsr_codes_from_text(tmp_path):
+    """codes_from="text": train whitens the embed stage's vectors and builds the semantic IDs from them (the
+    train stage records the whiten fingerprint); the codes travel in the checkpoint, so evaluate and recommend
+    load the model without the vectors. The default ("random") reads no text stage at all."""
+    from test_pipeline import _build, _cfg, _fake_embed
+
+    from recpipe.models.ddsr import semantic_ids
+    from recpipe.pipeline import bundle, stages, whiten
+    from recpipe.pipeline import data as Data
+    from recpipe.pipeline import evaluate as E
+    from recpipe.pipeline import train as T
+    from recpipe.pipeline.recommend import RecommendService
+
+    _build(tmp_path)
+    over = {"train.model": "ddsr", "train.lr": 5e-3, "train.epochs": 3, "model.ddsr.history_len": 12,
+            "model.ddsr.code_levels": 2, "model.ddsr.codebook_size": 8}
+    plain = _cfg(tmp_path, **over)
+    assert "embed" not in [s.name for s in stages.walk(["ddsr"], plain)]
+    cfg = _cfg(tmp_path, **over, **{"model.ddsr.codes_from": "text"})
+    assert [s.name for s in stages.walk(["ddsr"], cfg)][:3] == ["data", "describe", "embed"]
+    Data.run(cfg, log=lambda m: None)
+    _fake_embed(cfg)
+    res = T.run(cfg, log=lambda m: None, progress=False)
+    assert "whiten" in res.manifest.inputs
+    text = whiten.load(cfg.run_dir)
+    mcfg = cfg.model_config("ddsr")
+    expect = semantic_ids(text.items.shape[0] - 1, mcfg, torch.from_numpy(text.items))
+    b = bundle.load(cfg, "ddsr")
+    torch.testing.assert_close(b.model.codes[1:], expect)
+    assert not torch.equal(expect, semantic_ids(text.items.shape[0] - 1, mcfg, None))  # not the hashed IDs
+    assert E.run(cfg, log=lambda m: None).manifest.info["rows"][0]["masked"]["HR@10"] > 0.1
+    assert len(RecommendService(cfg).recommend("0", k=5)) == 5

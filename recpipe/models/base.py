@@ -76,6 +76,13 @@ class Recommender(nn.Module):
         _check_instance(self)
 
     @classmethod
+    def reads_text(cls, config: Any) -> bool:
+        """Whether `build` gets the whitened item text vectors for this config: every `uses_text` model, and a
+        model that only derives something from them (DDSR's semantic IDs) when its config asks. Only training
+        needs them then: what the model derived is part of its weights."""
+        return cls.uses_text
+
+    @classmethod
     def build(cls, config: Any, n_items: int, item_vectors: torch.Tensor | None = None) -> Recommender:
         """The registry's factory: a model for `config`. A subclass may return one of its own subclasses."""
         if cls.uses_text:

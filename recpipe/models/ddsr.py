@@ -16,9 +16,9 @@ Scoring: the clean history (t = 0) goes through the network once, and every item
 levels of the log-probability of its code: a full ranking over all items; padding is never rankable.
 
 Semantic IDs: from the item text vectors when the model is built with `item_vectors` (residual k-means over
-the item table, seeded). The pipeline hands text vectors only to `uses_text` models, and that flag promises a
-`generate`/`item_table` search that DDSR does not have, so under `recpipe train` DDSR's codes come from a
-seeded random Gaussian table: hashed, not semantic, IDs, still one unique tuple per item.
+the item table, seeded), else from a seeded random Gaussian table (hashed, not semantic, IDs, still one
+unique tuple per item). `recpipe train` hands DDSR the whitened text vectors when `codes_from="text"`
+(`reads_text`); DDSR is no text model otherwise (it has no `generate` / `item_table` search).
 
 No public implementation of DDSR was found; this follows the paper's description and ../shared/REFERENCE.md.
 """
@@ -26,7 +26,7 @@ No public implementation of DDSR was found; this follows the paper's description
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -52,6 +52,11 @@ class DDSRConfig:
     kmeans_iters: int = 25  # Lloyd iterations per level; assignments settle well before on these table sizes
     code_seed: int = 0  # seeds k-means (and the random table without text vectors): codes are reproducible
     whole_history: bool = True  # train on every chunk of a long history, as SASRec here does
+    # where the semantic IDs come from: "random" = residual k-means over a seeded random table (hashed IDs: items
+    # sharing a code have nothing in common); "text" = over the whitened item text vectors (DDSR's semantic
+    # IDs: items sharing a code read alike, so a code's probability is shared by similar items). "text" makes
+    # `recpipe train` run describe / embed / whiten first; the codes are saved with the weights
+    codes_from: Literal["random", "text"] = field(default="random", metadata={"late": True})  # see above
 
 
 class TransitionSchedule:
@@ -154,6 +159,10 @@ class DDSR(Recommender):
         self.final_ln = nn.LayerNorm(c.hidden)
         self.heads = nn.ModuleList(nn.Linear(c.hidden, K) for K in self.sizes)
         self.transitions = TransitionSchedule(c.schedule, c.T)
+
+    @classmethod
+    def reads_text(cls, config: DDSRConfig) -> bool:
+        return config.codes_from == "text"
 
     @classmethod
     def build(cls, config: Any, n_items: int, item_vectors: torch.Tensor | None = None) -> DDSR:

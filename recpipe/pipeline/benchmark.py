@@ -45,7 +45,7 @@ def run(cfg: Config, models: list[str] | None, force: bool = False, log=print, r
         models = models or DEFAULT_MODELS
         if cfg.train.max_minutes is not None:
             log(f"benchmark: {cfg.train.max_minutes:g} min of training per model (validation not counted)")
-        for stage in stages.shared(models):  # once for all models; --force redoes the models, not these
+        for stage in stages.shared(models, cfg):  # once for all models; --force redoes the models, not these
             stage.run(cfg, log=log)
         rows = []
         for name in models:

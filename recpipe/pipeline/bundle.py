@@ -55,6 +55,17 @@ def needs_text(model_name: str) -> bool:
     return model_class(model_name).uses_text
 
 
+def reads_text(model_name: str, model_config: Any) -> bool:
+    """Whether building this model (with this config, a dataclass or a checkpoint's dict) reads the whitened
+    item text vectors: every text model, and one that derives something from them (DDSR with
+    `codes_from=text`)."""
+    from recpipe.models.base import config_from_dict, get_model_config_cls, model_class
+
+    if isinstance(model_config, dict):
+        model_config = config_from_dict(get_model_config_cls(model_name), model_config)
+    return model_class(model_name).reads_text(model_config)
+
+
 def make_model(model_name: str, model_config: Any, n_items: int, item_vectors: np.ndarray | None) -> Recommender:
     """A registered model from its config (dataclass or dict); a config the model refuses is a ConfigError."""
     iv = torch.from_numpy(np.ascontiguousarray(item_vectors, dtype=np.float32)) if item_vectors is not None else None
@@ -97,12 +108,14 @@ def _load_model(run_dir: Path, model_name: str, device: str | torch.device, text
     d = run_dir / train_stage_name(model_name)
     conf = read_json(d / CONFIG_FILE)
     item_vectors = None
-    if needs_text(model_name):
+    if reads_text(model_name, conf["model_config"]):
         text = text or whiten.load(run_dir, hint=WHITEN_HINT)
         if conf["inputs"].get(whiten.STAGE) != text.fingerprint:
             raise ArtifactError(f"{d}: trained on other text vectors than {run_dir / whiten.STAGE} holds now "
                                 f"(another TEM or whitening); re-run `recpipe train --model {model_name}`")
         item_vectors = text.items
+        if not needs_text(model_name):  # built from them (DDSR's codes), but no text model: no TEM, no index
+            text = None
     try:
         state = load_file(str(d / WEIGHTS_FILE))
     except Exception as e:
@@ -214,5 +227,5 @@ def item_index(cfg: Config, model: Recommender, log: Callable[[str], None] = pri
     return idx, "built"
 
 
-__all__ = ["Bundle", "load", "load_model", "save_checkpoint", "make_model", "needs_text", "item_index",
+__all__ = ["Bundle", "load", "load_model", "save_checkpoint", "make_model", "needs_text", "reads_text", "item_index",
            "WEIGHTS_FILE", "CONFIG_FILE"]

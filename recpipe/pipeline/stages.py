@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from recpipe.artifacts import StageResult
 from recpipe.config import Config
-from recpipe.pipeline.bundle import needs_text
+from recpipe.pipeline.bundle import needs_text, reads_text
 
 
 @dataclass(frozen=True)
@@ -47,16 +47,17 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
-def walk(models: Iterable[str]) -> list[Stage]:
-    """The stages a run of `models` walks through, in order: the text stages only when a model needs text,
-    and not the ones another stage runs itself."""
-    text = any(needs_text(m) for m in models)
+def walk(models: Iterable[str], cfg: Config | None = None) -> list[Stage]:
+    """The stages a run of `models` walks through, in order: the text stages only when a model needs text
+    (with `cfg`: or its configured training reads the text vectors), and not the ones another stage runs
+    itself."""
+    text = any(needs_text(m) or cfg is not None and reads_text(m, cfg.model_config(m)) for m in models)
     return [s for s in STAGES if (text or not s.text_only) and not s.prerequisite_of]
 
 
-def shared(models: Iterable[str]) -> list[Stage]:
+def shared(models: Iterable[str], cfg: Config | None = None) -> list[Stage]:
     """The stages of `walk` that every model shares (run once), before the per-model ones."""
-    return [s for s in walk(models) if not s.per_model]
+    return [s for s in walk(models, cfg) if not s.per_model]
 
 
 def per_model() -> list[Stage]:

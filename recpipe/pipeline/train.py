@@ -41,7 +41,7 @@ from recpipe.models.base import Recommender, config_key
 from recpipe.pipeline import data as data_stage
 from recpipe.pipeline import distributed, whiten
 from recpipe.pipeline.batches import Batcher, batch_targets, iterate_training, n_batches, targets_per_batch
-from recpipe.pipeline.bundle import WHITEN_HINT, make_model, needs_text, save_checkpoint
+from recpipe.pipeline.bundle import WHITEN_HINT, make_model, needs_text, reads_text, save_checkpoint
 from recpipe.pipeline.intents import CategoryIntents, IntentSampler, category_intents
 from recpipe.pipeline.resume import (
     LEGACY_STATE_FILE,
@@ -111,15 +111,17 @@ def gather_inputs(cfg: Config, model_name: str) -> TrainInputs:
     fps = {"data": dm.fingerprint}
     iv = itv = cats = None
     info: dict[str, Any] = {}
-    if needs_text(model_name):
+    if reads_text(model_name, cfg.model_config(model_name)):
         text = whiten.load(run_dir, hint=WHITEN_HINT)
-        iv, itv, info = text.items, text.intent_vectors(), text.info
+        iv, info = text.items, text.info
         fps["whiten"] = text.fingerprint
         if iv.shape[0] != ds.n_items + 1:
             raise ArtifactError(
                 f"the whiten stage: vectors for {iv.shape[0] - 1} items but the data stage has {ds.n_items}; "
                 "re-run `recpipe embed` and `recpipe train`"
             )
+    if needs_text(model_name):
+        itv = text.intent_vectors()
         if cfg.train.intent_source == "mixed" and itv is None:  # before loading the TEM for the categories
             raise ConfigError("train.intent_source=mixed needs the describe stage's intentions "
                               "(describe.intents=true); use train.intent_source=category")
@@ -175,7 +177,7 @@ def run(cfg: Config, model_name: str | None = None, force: bool = False, log=pri
     dist = distributed.setup(resolve_device(cfg.train.device))
     if dist is not None and not dist.main:
         log, progress = (lambda m: None), False
-    if needs_text(model_name):  # the whitened item table this model is built on (skipped when current)
+    if reads_text(model_name, cfg.model_config(model_name)):  # the whitened item table it is built on
         if dist is None or dist.main:
             whiten.run(cfg, log=log)
         if dist is not None:
