@@ -407,6 +407,27 @@ def test_diffrec_multi_hot_importance_sampling_and_reverse():
     torch.testing.assert_close(model.score_all({"history": hist})[:, 1:], x)
 
 
+def test_diffrec_temporal_weights():
+    """T-DiffRec: weights linear in the order of the user's interactions, wherever the padding is; the model
+    trains on and scores from that vector, and the plain model's vector is the same items at weight 1."""
+    model = build("diffrec", w_min=0.1, w_max=1.0)
+    x = model.multi_hot(torch.tensor([[0, 0, 3, 5, 7], [9, 8, 0, 0, 0], [4, 0, 0, 0, 0], [2, 6, 2, 0, 0]]))
+    torch.testing.assert_close(x[0, [2, 4, 6]], torch.tensor([0.1, 0.55, 1.0]))
+    torch.testing.assert_close(x[1, [8, 7]], torch.tensor([0.1, 1.0]))
+    torch.testing.assert_close(x[2, 3], torch.tensor(0.1))  # one interaction: linspace(w_min, w_max, 1)
+    torch.testing.assert_close(x[3, [1, 5]], torch.tensor([1.0, 0.55]))  # a repeat keeps its latest weight
+    assert (x > 0).sum() == 8
+    plain = build("diffrec").multi_hot(torch.tensor([[0, 0, 3, 5, 7]]))
+    assert plain.sum() == 3 and plain[0, [2, 4, 6]].eq(1).all()
+    # the weighted vector is what the reverse pass starts from: a different history order, other scores
+    model.eval()
+    a = model.score_all({"history": torch.tensor([[3, 5, 7]])})
+    b = model.score_all({"history": torch.tensor([[7, 5, 3]])})
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="w_min <= w_max"):
+        build("diffrec", w_min=1.0, w_max=0.5)
+
+
 def test_default_configs_build_at_ml1m_size():
     """The real defaults (not the small test configs) build and score at ML-1M's item count."""
     n = 3416

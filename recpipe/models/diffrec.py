@@ -1,7 +1,8 @@
 """DiffRec (Wang et al., SIGIR 2023): diffusion over each user's whole multi-hot interaction vector.
 
 Faithful to YiyanXu/DiffRec (see shared/REFERENCE.md):
-- x0 = the user's multi-hot vector over all items (built here from the history ids; 0 = padding ignored);
+- x0 = the user's multi-hot vector over all items (built here from the history ids; 0 = padding ignored),
+  or T-DiffRec's time-weighted one (`w_min` < `w_max`: weights linear in the interaction's order);
 - MLP denoiser (DiffRec's DNN): dropout on the input, concat with a Linear-projected sinusoidal timestep
   embedding (size 10), tanh MLP encoder/decoder [n_items + 10] -> dims... -> [n_items], x0 prediction;
 - schedule `linear_var`: the variance 1 - abar_t linear in noise_scale * [noise_min, noise_max], beta_0 = 1e-5;
@@ -43,6 +44,12 @@ class DiffRecConfig:
     timestep_sampling: Literal["importance", "uniform"] = "importance"  # DiffRec samples t by importance
     history_per_step: int = 10  # DiffRec: history_num_per_term, losses kept per step for importance sampling
     uniform_prob: float = 0.001  # DiffRec: share of uniform probability mixed into the importance weights
+    # T-DiffRec (the same paper, its temporal variant): a user's interactions weighted linearly by their order,
+    # from w_min (the oldest) to w_max (the newest), in the vector the model trains on and reads at inference,
+    # so a recent interaction counts more than an old one (a next-item split rewards that). 1.0 = plain
+    # DiffRec's multi-hot; T-DiffRec's default is w_min 0.1, w_max 1.0
+    w_min: float = field(default=1.0, metadata={"late": True})
+    w_max: float = field(default=1.0, metadata={"late": True})  # see w_min
     # training settings live in TrainConfig; DiffRec ML-1M used AdamW lr 1e-3, batch 400, no weight decay
 
 
@@ -91,6 +98,8 @@ class DiffRec(Recommender):
             raise ValueError("noise_scale must be > 0 (DiffRec's noise-free variant is not supported)")
         if not 0 <= c.sampling_steps <= c.T:
             raise ValueError(f"sampling_steps must be in [0, T={c.T}]")
+        if not 0 < c.w_min <= c.w_max:
+            raise ValueError(f"need 0 < w_min <= w_max, got w_min={c.w_min}, w_max={c.w_max}")
         self.dnn = DiffRecDNN(n_items, list(c.hidden_dims), c.time_emb, c.dropout, c.norm_input)
         self._schedule = D.make_schedule(
             "linear_var", c.T, noise_scale=c.noise_scale, noise_min=c.noise_min, noise_max=c.noise_max
@@ -105,9 +114,20 @@ class DiffRec(Recommender):
         return self._schedule
 
     def multi_hot(self, history: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids (0 = padding) -> (B, n_items) float multi-hot over items 1..n_items."""
+        """(B, L) ids in time order (0 = padding, either side) -> (B, n_items) float vector over items
+        1..n_items: 1 per interacted item, or T-DiffRec's weight w_min + (w_max - w_min) * k / (n - 1) for
+        the user's k-th of n interactions (np.linspace(w_min, w_max, n), as its data loader; w_min when n = 1).
+        An item repeated in the history keeps its largest (latest) weight."""
+        c = self.config
         x = torch.zeros(history.shape[0], self.n_items + 1, device=history.device)
-        x.scatter_(1, history, 1.0)
+        if c.w_min == c.w_max:
+            x.scatter_(1, history, c.w_max)
+        else:
+            real = history > 0
+            k = real.cumsum(dim=1) - 1  # (B, L) order among the real ids
+            n = real.sum(dim=1, keepdim=True)
+            w = c.w_min + (c.w_max - c.w_min) * k / (n - 1).clamp(min=1)
+            x.scatter_reduce_(1, history, torch.where(real, w, 0.0).to(x.dtype), reduce="amax")
         return x[:, 1:]
 
     # -- timestep sampling --------------------------------------------------------------------------------
