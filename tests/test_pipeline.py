@@ -251,7 +251,16 @@ def test_guidance_weight_selected_on_validation(tmp_path):
     D.run(cfg, log=lambda m: None)
     _fake_embed(cfg)
     whiten.run(cfg, log=lambda m: None)
-    res = T.run(cfg, log=lambda m: None, progress=False)
+    plain = T.run(_cfg(tmp_path, **{"train.model": "idreamrec", "train.lr": 3e-3, "train.epochs": 3,
+                                    "model.idreamrec.width": 32, "model.idreamrec.history_len": 5}),
+                  log=lambda m: None, progress=False)
+    assert "guidance" not in plain.manifest.info
+    # the sweep follows training and does not change its path: the finished run resumes and only sweeps
+    logs: list[str] = []
+    res = T.run(cfg, log=logs.append, progress=False)
+    assert any("resuming at step" in m for m in logs)
+    assert res.manifest.info["steps"] == plain.manifest.info["steps"]
+    assert res.manifest.info["train_time_s"] == plain.manifest.info["train_time_s"]
     g = res.manifest.info["guidance"]
     assert g["grid"] == [1.0, 1.5, 5.0] and g["trained_w"] == 3.0
     assert set(g["valid_ndcg10_masked"]) == {"3", "1", "1.5", "5"}

@@ -132,8 +132,9 @@ def gather_inputs(cfg: Config, model_name: str) -> TrainInputs:
 
 
 def trajectory_key(config: dict[str, Any]) -> dict[str, Any]:
-    """The part of a train config that decides the weights at every step: all of it but the stop rules."""
-    tc = {k: v for k, v in config["train"].items() if k not in ("max_minutes", "patience")}
+    """The part of a train config that decides the weights at every step: all of it but the stop rules and
+    the guidance sweep that follows training (a finished run given a guidance grid resumes and only sweeps)."""
+    tc = {k: v for k, v in config["train"].items() if k not in ("max_minutes", "patience", "guidance_grid")}
     return {**config, "train": tc}
 
 
