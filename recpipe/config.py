@@ -167,8 +167,9 @@ class TrainConfig:
     # but not the item; mixed = either, half and half
     intent_source: Literal["llm", "category", "mixed"] = "llm"
     # history guidance weights to try on the validation split once training ends (models with a `w`, e.g.
-    # "1,1.5,2,3,5" for idreamrec, where 1 = no guidance): the best masked NDCG@10 becomes the checkpoint's w,
-    # used by evaluate and recommend. Empty = keep the model config's w (the paper's fixed w)
+    # "1,1.5,2,3,5" for idreamrec, where 1 = no guidance; "0,0.5,1,2" for dreamrec, whose (1 + w) form puts no
+    # guidance at 0): the best masked NDCG@10 becomes the checkpoint's w, used by evaluate and recommend.
+    # Empty = keep the model config's w (the paper's fixed w)
     guidance_grid: list[float] = field(default_factory=list)
     # batches of similar history length: each shuffled pass is cut into pools of this many batches, each
     # pool sorted by length, its batches shuffled back (every sample still once a pass). A batch is as wide
