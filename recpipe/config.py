@@ -197,8 +197,8 @@ class EvaluateConfig:
     # model's training intentions as `recommend` anchors a typed intent (recommend.intent_anchor's k nearest,
     # recommend.anchor_temperature); None = no such row
     intent_anchor: int | None = None
-    # the precision a generative model's denoiser runs at while scoring (the scores themselves stay float32:
-    # bf16 scores would tie); float32 keeps the numbers identical across machines
+    # the precision the denoiser (idreamrec) or approximator (diffurec, diffurecsys) runs at while scoring (the
+    # scores themselves stay float32: bf16 scores would tie); float32 keeps the numbers identical across machines
     dtype: Literal["float32", "bfloat16"] = "float32"
 
 

@@ -131,6 +131,7 @@ class DiffuBlock(nn.Module):
 class DiffuRec(Recommender):
     train_mode = "position"
     generative = False  # scores are a softmax over items; no CFG or step-count knobs for the evaluator
+    sampler_params = ("dtype",)  # evaluate.dtype: the approximator's precision during the reverse runs
 
     def __init__(self, config: DiffuRecConfig, n_items: int):
         if config.train_layout not in ("position", "sequence"):
@@ -253,22 +254,28 @@ class DiffuRec(Recommender):
         return F.cross_entropy(logits, tgt[sel] - 1)
 
     @torch.no_grad()
-    def reverse(self, history: torch.Tensor, generator: Noise = None) -> torch.Tensor:
+    def reverse(self, history: torch.Tensor, generator: Noise = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Reverse runs: T ancestral steps from N(0, I) -> x0.
 
         One generator (or None): one run, (B, D). A list of k generators: k runs stacked along the batch,
         (k * B, D), run j in rows [j * B, (j + 1) * B) drawing only from generator j, so each run is the one
         `reverse(history, generators[j])` makes alone; the stack costs one approximator call per step.
+        dtype = torch.bfloat16 runs the approximator under bf16 autocast (the result stays float32).
         """
         rep, mask = self.history_rep(history)
         k = len(generator) if isinstance(generator, list) else 1
         if k > 1:  # the history representation is deterministic in eval: computed once, shared by every run
             rep, mask = rep.repeat(k, 1, 1), mask.repeat(k, 1, 1, 1)
-        return self._reverse_from(rep, mask, generator)
+        return self._reverse_from(rep, mask, generator, dtype)
 
-    def _reverse_from(self, rep: torch.Tensor, mask: torch.Tensor, generator: Noise) -> torch.Tensor:
+    def _reverse_from(
+        self, rep: torch.Tensor, mask: torch.Tensor, generator: Noise, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         c = self.config
         B, dev = rep.shape[0], rep.device
+        # bf16 autocast covers the approximator's matmuls only: the noise draws, the posterior mean and x stay
+        # float32, so the draws are the float32 run's and only the approximator's rounding differs
+        amp = dtype is not None and dtype != torch.float32
         s = self.schedule(dev)
         if c.reverse_variance == "posterior":
             log_var = s.posterior_log_variance_clipped
@@ -279,16 +286,18 @@ class DiffuRec(Recommender):
         x = stacked_randn((B, c.hidden), generator, dev, rep.dtype)
         for i in reversed(range(c.T)):
             t = torch.full((B,), i, device=dev, dtype=torch.long)
-            mean = D.q_posterior(s, self.approximate(rep, mask, x, t, generator), x, t)[0]
+            with torch.autocast(dev.type, dtype=dtype, enabled=amp):
+                x0_hat = self.approximate(rep, mask, x, t, generator).to(x.dtype)
+            mean = D.q_posterior(s, x0_hat, x, t)[0]
             if i > 0:
                 x = mean + torch.exp(0.5 * log_var[i]) * stacked_randn(x.shape, generator, dev, x.dtype)
             else:
                 x = mean
         return x
 
-    def _log_probs(self, history: torch.Tensor, generator: Noise) -> torch.Tensor:
+    def _log_probs(self, history: torch.Tensor, generator: Noise, dtype: torch.dtype | None) -> torch.Tensor:
         """log_softmax over items of each run: (B, n_items), or (k, B, n_items) for k generators."""
-        x0 = self.reverse(history, generator)
+        x0 = self.reverse(history, generator, dtype)
         logp = F.log_softmax(x0 @ self.item_emb.weight[1:].T, dim=-1)
         return logp.view(len(generator), history.shape[0], -1) if isinstance(generator, list) else logp
 
@@ -298,9 +307,11 @@ class DiffuRec(Recommender):
         batch: dict[str, torch.Tensor],
         generator: torch.Generator | None = None,
         seeds: list[int] | None = None,
+        dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """Log-probabilities over items (B, n_items + 1), column 0 = -inf.
+        """Log-probabilities over items (B, n_items + 1), column 0 = -inf; float32 whatever `dtype` the
+        approximator ran at (bf16 scores would tie).
 
         seeds: explicit ensemble seeds (one reverse run each, averaged in probability space). Without them,
         `ensemble_seeds` > 1 draws that many seeds from `generator`, and 1 makes a single run with `generator`.
@@ -315,10 +326,10 @@ class DiffuRec(Recommender):
         elif seeds is None and k > 1:
             seeds = torch.randint(0, 2**62, (k,), generator=generator, device=generator.device).tolist()
         if seeds is None:
-            logp = self._log_probs(history, generator)
+            logp = self._log_probs(history, generator, dtype)
         else:  # every seed's run at once, stacked along the batch (one approximator call per reverse step)
             gens = [torch.Generator(device=dev).manual_seed(int(sd)) for sd in seeds]
-            logp = torch.logsumexp(self._log_probs(history, gens), dim=0) - math.log(len(gens))
+            logp = torch.logsumexp(self._log_probs(history, gens, dtype), dim=0) - math.log(len(gens))
         pad = torch.full((logp.shape[0], 1), float("-inf"), device=dev, dtype=logp.dtype)
         return torch.cat([pad, logp], dim=1)
 

@@ -183,7 +183,8 @@ def evaluate_model(cfg: Config, model_name: str, log=print, progress: bool = Fal
         if "dtype" in _score_params(model):
             low = {"dtype": resolve_dtype(ec.dtype, device)}
         else:
-            log(f"evaluate: {model_name} scores in float32 (evaluate.dtype={ec.dtype} applies to iDreamRec)")
+            log(f"evaluate: {model_name} scores in float32 "
+                f"(evaluate.dtype={ec.dtype} applies to idreamrec, diffurec and diffurecsys)")
     steps_kw = lambda s: {**low, "steps": s} if s else dict(low)  # 0: the model's own sampler (iDreamRec: 1)
     if model.generative and "steps" in _score_params(model):
         for s in ec.steps:
