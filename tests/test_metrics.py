@@ -98,3 +98,24 @@ def test_scoring_batches_are_capped_by_their_score_matrix():
     assert rows_within(1024, 3_416) == 1024  # ML-1M: the configured batch
     assert rows_within(1024, 1_000_000) == SCORE_MATRIX_BYTES // (4 * 1_000_001)  # 1M items: 67 users
     assert rows_within(1024, 10**10) == 1  # never an empty batch
+
+
+def test_scoring_batches_are_capped_by_their_history_slots():
+    """Users sorted by width are cut into runs of at most max_rows users and `slots` history slots (count x
+    the run's widest), each run as long as those allow; a user wider than `slots` still gets a run."""
+    from recpipe.pipeline.scoring import batch_bounds
+
+    rng = np.random.default_rng(0)
+    widths = np.sort(np.minimum(rng.geometric(0.12, size=3_000), 50))  # short-history catalog, capped at 50
+    for max_rows, slots in [(1024, 16_384), (1024, 2_000), (64, 10**9), (7, 1)]:
+        bounds = batch_bounds(widths, max_rows, slots)
+        assert bounds[0][0] == 0 and bounds[-1][1] == len(widths)
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # every user once, in order
+        for s, e in bounds:
+            n = e - s
+            assert n <= max_rows and (n == 1 or n * widths[e - 1] <= slots)
+            if e < len(widths):  # maximal: one more user would break a limit
+                assert n + 1 > max_rows or (n + 1) * widths[e] > slots
+    # a 1,000-user validation sample of such a catalog is no longer one batch as wide as its widest user
+    bounds = batch_bounds(widths[:: 3], 1024, 16_384)
+    assert sum((e - s) * widths[::3][e - 1] for s, e in bounds) < 0.5 * len(widths[::3]) * widths[::3][-1]

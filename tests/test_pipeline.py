@@ -142,10 +142,12 @@ def test_evaluation_batches_users_of_similar_length(tmp_path):
         def __init__(self):
             super().__init__(ds.n_items, history_len=20)
             self.widths: list[tuple[int, int]] = []
+            self.rows: list[int] = []
 
         def score_all(self, batch, **_):
             h = batch["history"]
             self.widths.append((h.shape[1], int((h > 0).sum(1).max())))
+            self.rows.append(len(h))
             s = torch.zeros(len(h), self.n_items + 1)
             s[torch.arange(len(h)), h[:, -1] % self.n_items + 1] = 1.0
             return s
@@ -160,6 +162,11 @@ def test_evaluation_batches_users_of_similar_length(tmp_path):
     assert sum(w for w, _ in m.widths) < sum(int(lens[i: i + 8].max()) for i in range(0, ds.n_users, 8))
     one = S.evaluate_split(LastItem(), b, "test", [5, 10], batch_size=ds.n_users)
     assert res == one
+    # a cap on history slots (users x width) cuts the same sorted order into more, narrower-or-smaller batches
+    capped = LastItem()
+    assert S.evaluate_split(capped, b, "test", [5, 10], batch_size=ds.n_users, slots=100) == one
+    assert len(capped.widths) > 1
+    assert all(n * w <= 100 for n, w in zip(capped.rows, (w for w, _ in capped.widths)))
 
 
 def test_training_resumes_after_interruption(tmp_path):
