@@ -12,8 +12,9 @@ timestep embedding) predicts the next item's codes at every position; the loss i
 averaged over levels. (The seed's Q_t keeps a code with probability beta_t and moves it to each other code
 with (1 - beta_t)/(K - 1): the same family, beta_t = alpha_t + (1 - alpha_t)/K.)
 
-Scoring: the clean history (t = 0) goes through the network once, and every item is scored by the sum over
-levels of the log-probability of its code: a full ranking over all items; padding is never rankable.
+Scoring: the clean history (t = 0) goes through the network once, and every item is scored by the
+log-probability of its code tuple, level by level given the levels before (`code_heads="chained"`; or the
+sum of each level's marginal, "independent"): a full ranking over all items; padding is never rankable.
 
 Semantic IDs: from the item text vectors when the model is built with `item_vectors` (residual k-means over
 the item table, seeded), else from a seeded random Gaussian table (hashed, not semantic, IDs, still one
@@ -57,6 +58,13 @@ class DDSRConfig:
     # IDs: items sharing a code read alike, so a code's probability is shared by similar items). "text" makes
     # `recpipe train` run describe / embed / whiten first; the codes are saved with the weights
     codes_from: Literal["random", "text"] = field(default="random", metadata={"late": True})  # see above
+    # how the levels of the next item's codes are predicted: "chained" = level j given the item's codes at
+    # levels < j (teacher-forced in training, exact at scoring: an item scores log p(c_0) + log p(c_1 | c_0) +
+    # ...); "independent" = one head per level, and an item scores the sum of the levels' marginals. Residual
+    # k-means codes are unbalanced (on whitened ML-1M text one level-0 code holds 777 of 3,416 items), so the
+    # marginals rank every item of the largest clusters first whatever the history: the target lands at the
+    # median rank (validation NDCG@10 0.0008, pop 0.018). A level-j prediction needs its prefix
+    code_heads: Literal["chained", "independent"] = "chained"
 
 
 class TransitionSchedule:
@@ -158,6 +166,17 @@ class DDSR(Recommender):
                                     for _ in range(c.n_blocks))
         self.final_ln = nn.LayerNorm(c.hidden)
         self.heads = nn.ModuleList(nn.Linear(c.hidden, K) for K in self.sizes)
+        # chained heads: prefix[:, j] = the index of an item's code prefix (levels < j) among the distinct
+        # prefixes at level j; its embedding is added to h before head j (column 0 unused: no prefix)
+        prefix = torch.zeros_like(self.codes)
+        n_prefixes = [1]
+        for j in range(1, codes.shape[1]):
+            uniq, inv = torch.unique(codes[:, :j], dim=0, return_inverse=True)
+            prefix[1:, j] = inv
+            n_prefixes.append(len(uniq))
+        self.register_buffer("prefix", prefix)
+        self.prefix_emb = (nn.ModuleList(nn.Embedding(P, c.hidden) for P in n_prefixes[1:])
+                           if c.code_heads == "chained" else None)
         self.transitions = TransitionSchedule(c.schedule, c.T)
 
     @classmethod
@@ -208,7 +227,11 @@ class DDSR(Recommender):
             return h.sum() * 0.0
         target_codes = self.codes[tgt[sel]]
         hs = h[sel]
-        return sum(F.cross_entropy(head(hs), target_codes[:, j]) for j, head in enumerate(self.heads)) / len(self.heads)
+        total = 0.0
+        for j, head in enumerate(self.heads):
+            hj = hs if j == 0 or self.prefix_emb is None else hs + self.prefix_emb[j - 1](self.prefix[tgt[sel], j])
+            total = total + F.cross_entropy(head(hj), target_codes[:, j])
+        return total / len(self.heads)
 
     @torch.no_grad()
     def score_all(self, batch: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
@@ -217,6 +240,14 @@ class DDSR(Recommender):
         t = torch.zeros(history.shape[0], dtype=torch.long, device=history.device)
         h = self.encode(history, t)[:, -1]
         codes = self.codes[1:]
-        scores = sum(lp[:, codes[:, j]] for j, lp in enumerate(self.code_log_probs(h)))
+        if self.prefix_emb is None:
+            scores = sum(lp[:, codes[:, j]] for j, lp in enumerate(self.code_log_probs(h)))
+        else:
+            scores = self.code_log_probs(h)[0][:, codes[:, 0]]
+            for j in range(1, len(self.heads)):
+                head, pre = self.heads[j], self.prefix[1:, j]
+                # head(h + e_p) = head(h) + W e_p: one (B, prefixes, K) table of log p(c_j | prefix p)
+                lp = F.log_softmax(head(h)[:, None, :] + (self.prefix_emb[j - 1].weight @ head.weight.T)[None], -1)
+                scores = scores + lp[:, pre, codes[:, j]]
         pad = torch.full((scores.shape[0], 1), float("-inf"), device=scores.device, dtype=scores.dtype)
         return torch.cat([pad, scores], dim=1)
