@@ -401,6 +401,27 @@ def test_evaluate_reruns_or_refuses_when_an_input_changed(tmp_path, capsys, trai
     assert not train.run(ctx.cfg(), "sasrec", log=lambda m: None, progress=False).skipped
 
 
+def test_model_code_newer_than_its_checkpoint(tmp_path, capsys, trained, monkeypatch):
+    """A checkpoint written before the model's code gained a layer (DDSR's chained heads): one line naming what
+    is missing and how to retrain, instead of torch's load_state_dict message."""
+    from torch import nn
+
+    from recpipe.models.sasrec import SASRec
+
+    ctx = Ctx(tmp_path, tmp_path / "data", tmp_path / "cache")
+    copy_trained(ctx, trained)
+    init = SASRec.__init__
+
+    def grown(self, *a, **k):
+        init(self, *a, **k)
+        self.new_head = nn.Linear(2, 2)
+
+    monkeypatch.setattr(SASRec, "__init__", grown)
+    r = run_cli(capsys, *ctx.args("evaluate", "--model", "sasrec", "--force"))
+    assert_one_line_error(r, "written by another version of sasrec (missing new_head.bias, new_head.weight)")
+    assert "recpipe train --model sasrec --force" in r.err
+
+
 def test_manifest_of_wrong_shape_is_rebuilt_by_its_stage(tmp_path, capsys, trained):
     ctx = Ctx(tmp_path, tmp_path / "data", tmp_path / "cache")
     copy_trained(ctx, trained)
