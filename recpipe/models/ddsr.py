@@ -167,16 +167,19 @@ class DDSR(Recommender):
         self.final_ln = nn.LayerNorm(c.hidden)
         self.heads = nn.ModuleList(nn.Linear(c.hidden, K) for K in self.sizes)
         # chained heads: prefix[:, j] = the index of an item's code prefix (levels < j) among the distinct
-        # prefixes at level j; its embedding is added to h before head j (column 0 unused: no prefix)
-        prefix = torch.zeros_like(self.codes)
-        n_prefixes = [1]
-        for j in range(1, codes.shape[1]):
-            uniq, inv = torch.unique(codes[:, :j], dim=0, return_inverse=True)
-            prefix[1:, j] = inv
-            n_prefixes.append(len(uniq))
-        self.register_buffer("prefix", prefix)
-        self.prefix_emb = (nn.ModuleList(nn.Embedding(P, c.hidden) for P in n_prefixes[1:])
-                           if c.code_heads == "chained" else None)
+        # prefixes at level j; its embedding is added to h before head j (column 0 unused: no prefix).
+        # Derived from the codes, so not saved: an "independent" checkpoint has neither it nor prefix_emb
+        self.prefix_emb = None
+        self.register_buffer("prefix", None, persistent=False)
+        if c.code_heads == "chained":
+            prefix = torch.zeros_like(self.codes)
+            n_prefixes = []
+            for j in range(1, codes.shape[1]):
+                uniq, inv = torch.unique(codes[:, :j], dim=0, return_inverse=True)
+                prefix[1:, j] = inv
+                n_prefixes.append(len(uniq))
+            self.register_buffer("prefix", prefix, persistent=False)
+            self.prefix_emb = nn.ModuleList(nn.Embedding(P, c.hidden) for P in n_prefixes)
         self.transitions = TransitionSchedule(c.schedule, c.T)
 
     @classmethod
@@ -225,11 +228,12 @@ class DDSR(Recommender):
         sel = tgt > 0
         if not bool(sel.any()):
             return h.sum() * 0.0
-        target_codes = self.codes[tgt[sel]]
+        items = tgt[sel]
+        target_codes = self.codes[items]
         hs = h[sel]
         total = 0.0
         for j, head in enumerate(self.heads):
-            hj = hs if j == 0 or self.prefix_emb is None else hs + self.prefix_emb[j - 1](self.prefix[tgt[sel], j])
+            hj = hs if j == 0 or self.prefix_emb is None else hs + self.prefix_emb[j - 1](self.prefix[items, j])
             total = total + F.cross_entropy(head(hj), target_codes[:, j])
         return total / len(self.heads)
 
@@ -243,7 +247,7 @@ class DDSR(Recommender):
         if self.prefix_emb is None:
             scores = sum(lp[:, codes[:, j]] for j, lp in enumerate(self.code_log_probs(h)))
         else:
-            scores = self.code_log_probs(h)[0][:, codes[:, 0]]
+            scores = F.log_softmax(self.heads[0](h), dim=-1)[:, codes[:, 0]]
             for j in range(1, len(self.heads)):
                 head, pre = self.heads[j], self.prefix[1:, j]
                 # head(h + e_p) = head(h) + W e_p: one (B, prefixes, K) table of log p(c_j | prefix p)

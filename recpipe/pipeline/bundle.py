@@ -126,9 +126,8 @@ def _load_model(run_dir: Path, model_name: str, device: str | torch.device, text
     missing = sorted(k for k in own if k not in state)
     extra = sorted(k for k in state if k not in own)
     if missing or extra:  # written by another version of the model's code (a new option, a new layer)
-        what = "; ".join(part for part in (
-            f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}" if missing else "",
-            f"unexpected {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}" if extra else "") if part)
+        what = "; ".join(f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                         for label, keys in (("missing", missing), ("unexpected", extra)) if keys)
         raise ArtifactError(f"{d / WEIGHTS_FILE}: written by another version of {model_name} ({what}); "
                             f"re-run `recpipe train --model {model_name} --force`")
     try:
