@@ -11,7 +11,7 @@ from recpipe.models.base import build_model
 from recpipe.models.dit import CausalDiT
 from recpipe.models.idreamrec import IDreamRecConfig
 from recpipe.pipeline import data as D
-from recpipe.pipeline.batches import Batcher, iterate_training, n_batches
+from recpipe.pipeline.batches import Batcher, iterate_training, n_batches, targets_per_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -385,26 +385,34 @@ def test_copy_path_returns_history_vectors_a_narrow_denoiser_cannot():
         IDreamRecConfig(copy=True, layout="full")
 
 
-@pytest.mark.parametrize("mode", ["position", "sequence"])
+def mostly_short(n: int = 300, seed: int = 0, n_items: int | None = None) -> D.Dataset:
+    """An Amazon-like catalog: 95% of the users with 4-9 items, the rest 40-89. Item ids are unique (the
+    global position + 1) unless n_items is given (then drawn from 1..n_items)."""
+    rng = np.random.default_rng(seed)
+    lengths = np.where(rng.random(n) < 0.95, rng.integers(4, 10, n), rng.integers(40, 90, n))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    items = (np.arange(1, offsets[-1] + 1) if n_items is None else rng.integers(1, n_items + 1, offsets[-1]))
+    items = items.astype(np.int64)
+    return D.Dataset(pd.DataFrame({"item": np.arange(1, int(items.max()) + 1)}),
+                     pd.DataFrame({"user": np.arange(len(lengths))}), offsets, items,
+                     np.arange(offsets[-1], dtype=np.int64))
+
+
+@pytest.mark.parametrize("mode", ["position", "sequence", "window"])
 def test_length_pool_batches_are_narrow_and_cover_the_same_samples(mode):
     """train.length_pool: batches of similar history length. The same samples, each once a pass, the same
     number of batches, resumable (skip), reshuffled every epoch, and far narrower batches than a plain
     shuffle on a catalog of mostly short histories."""
-    rng = np.random.default_rng(0)
-    lengths = np.where(rng.random(300) < 0.95, rng.integers(4, 10, 300), rng.integers(40, 90, 300))
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    items = np.arange(1, offsets[-1] + 1, dtype=np.int64)
-    ds = D.Dataset(pd.DataFrame({"item": items}), pd.DataFrame({"user": np.arange(len(lengths))}),
-                   offsets, items, np.arange(offsets[-1], dtype=np.int64))
-    b = Batcher(ds, 50)
-    key = "target" if mode == "position" else "target_seq"
-    wide = "history" if mode == "position" else "input_seq"
+    b = Batcher(mostly_short(), 50)
+    key = "target_seq" if mode == "sequence" else "target"
+    wide = {"position": "history", "sequence": "input_seq", "window": "window"}[mode]
 
     def run(pool, epoch=0, skip=0):
-        return list(iterate_training(b, mode, 32, epoch=epoch, seed=1, skip=skip, chunked=True, length_pool=pool))
+        return list(iterate_training(b, mode, 32, epoch=epoch, seed=1, skip=skip, window=20, chunked=True,
+                                     length_pool=pool))
 
     plain, pooled = run(0), run(8)
-    assert len(pooled) == len(plain) == n_batches(b, mode, 32, chunked=True)
+    assert len(pooled) == len(plain) == n_batches(b, mode, 32, window=20, chunked=True)
     targets = [np.sort(np.concatenate([x[key].numpy().ravel() for x in bs])) for bs in (plain, pooled)]
     targets = [t[t > 0] for t in targets]  # sequence rows are padded to their batch's width
     np.testing.assert_array_equal(targets[0], targets[1])
@@ -418,3 +426,43 @@ def test_length_pool_batches_are_narrow_and_cover_the_same_samples(mode):
         assert torch.equal(x[key], y[key]), "a resumed pass continues the same batches"
     other = run(8, epoch=1)
     assert not all(torch.equal(x[key], y[key]) for x, y in zip(other, pooled) if x[key].shape == y[key].shape)
+
+
+def test_window_batches_hold_batch_size_targets_and_cut_what_no_row_uses():
+    """On short histories a window of C slots holds a few targets: a batch takes as many windows as hold
+    batch_size targets at the data's mean, and drops the target columns no row fills, which changes no
+    target's denoised output (against the full L + C window)."""
+    b, C = Batcher(mostly_short(), 50), 20
+    batches = list(iterate_training(b, "window", 64, epoch=0, seed=0, window=C, length_pool=8))
+    per_batch = [int((x["target"] > 0).sum()) for x in batches]
+    assert sum(per_batch) == len(b.train_positions)
+    assert abs(np.mean(per_batch) - 64) < 0.1 * 64, np.mean(per_batch)  # batch_size // C windows held ~14
+    assert sum(x["target"].shape[1] for x in batches) < 0.5 * C * len(batches), "pooled batches are narrow"
+    assert targets_per_batch(b, "window", 64, C) == pytest.approx(np.mean(per_batch))
+
+    m = perturbed(model())  # history_len 6, window 4
+    Lm, Cm = m.config.history_len, m.config.window
+    b = Batcher(mostly_short(seed=1, n_items=N_ITEMS), Lm)
+    units = b.window_units(Cm)
+    short = units[b.window_targets(units, Cm) < Cm]
+    rng = np.random.default_rng(0)
+    cut = 0
+    for ends in [short[:6], rng.choice(units, 6, replace=False), short[-3:]]:
+        got = b.windows(ends, Cm)
+        start = b.offsets[b.user_of[ends - 1]]
+        full = torch.from_numpy(b._window(ends, start, Lm + Cm))
+        pos = ends[:, None] - Cm + np.arange(Cm)[None, :]
+        full_tgt = torch.from_numpy(np.where(pos > start[:, None], full.numpy()[:, -Cm:], 0))
+        c = got["target"].shape[1]
+        cut += c < Cm
+        assert torch.equal(got["target"], full_tgt[:, Cm - c:]) and not full_tgt[:, :Cm - c].any()
+        x_t = torch.randn(len(ends), Cm, m.dim, generator=gen(3))
+        t = torch.randint(0, 100, (len(ends), Cm), generator=gen(4))
+        keep = torch.ones(len(ends), Cm, dtype=torch.bool)
+        with torch.no_grad():
+            want = m._denoise_targets(m._condition({"window": full, "target": full_tgt}), x_t, t, keep, None, None)
+            out = m._denoise_targets(m._condition(got), x_t[:, Cm - c:], t[:, Cm - c:], keep[:, Cm - c:], None,
+                                     None)
+        real = got["target"] > 0
+        torch.testing.assert_close(out[real], want[:, Cm - c:][real], rtol=1e-5, atol=1e-5)
+    assert cut >= 1, "some batch of short windows is cut"

@@ -2,7 +2,8 @@
 
 Training batches follow a model's `train_mode` (see `recpipe.models.base.TRAIN_MODES`): "position" (every
 training position of every user, in shuffled passes), "window" (the same targets, in runs of `window`
-consecutive targets that share one history window; batch_size still counts targets), "sequence" (each
+consecutive targets that share one history window; batch_size still counts targets: a batch holds as many
+windows as hold batch_size targets at the data's mean per window), "sequence" (each
 user's training sequence, a target at every position: its last history_len transitions, or all of them in
 chunks of history_len when the model sets `chunked`) or "user" (each user's whole training history).
 Evaluation batches (`Batcher.eval_batch`) hold each user's history before the valid / test target.
@@ -79,12 +80,21 @@ class Batcher:
         n = np.maximum(end - start, 0)
         return _run_ends(end, -(-n // C), C)  # ceil(n / C) runs a user
 
+    def window_targets(self, ends: np.ndarray, C: int) -> np.ndarray:
+        """The training targets each window ending (exclusive) at `ends` holds: at most C, fewer in a user's
+        first run."""
+        return np.minimum(ends - self.offsets[self.user_of[ends - 1]] - 1, C)
+
     def windows(self, ends: np.ndarray, C: int) -> dict[str, torch.Tensor]:
         """For each window end e: "window" (B, L + C) the items at [e - C - L, e), left-padded before the
         user's start, and "target" (B, C) the items at [e - C, e) that are training targets (0 elsewhere).
-        Leading columns that are padding in every row are dropped (the causal model is invariant to them)."""
+        Both are cut to the batch's needs, which the causal model is invariant to: target columns empty in
+        every row go (then C = the most targets a row holds, and the history keeps its L columns before the
+        first target), and so do leading history columns that are padding in every row. A batch of short
+        users' windows is then a few columns wide, not L + C."""
         u = self.user_of[ends - 1]
         start = self.offsets[u]
+        C = max(int(self.window_targets(ends, C).max()) if len(ends) else 1, 1)
         win = self._window(ends, start, self.L + C)
         pos = ends[:, None] - C + np.arange(C)[None, :]
         tgt = np.where(pos > start[:, None], win[:, -C:], 0)
@@ -146,11 +156,15 @@ def _run_ends(end: np.ndarray, runs: np.ndarray, size: int) -> np.ndarray:
 
 def _units(b: Batcher, mode: str, batch_size: int, window: int, chunked: bool = False) -> tuple[np.ndarray, int]:
     """(the units one epoch shuffles, units per batch) for a train mode; batch_size counts targets in
-    "window" mode too, so a batch holds batch_size // window windows; `chunked`: see Batcher.sequence_units."""
+    "window" mode too: a batch holds batch_size / (the mean targets a window holds) windows, so that on a
+    catalog of short histories (a window of 20 slots holding ~5 targets on Amazon) a batch still trains about
+    batch_size targets, not a quarter of them; `chunked`: see Batcher.sequence_units."""
     if mode == "position":
         return b.train_positions, batch_size
     if mode == "window":
-        return b.window_units(window), max(1, batch_size // window)
+        units = b.window_units(window)
+        mean = float(b.window_targets(units, window).mean()) if len(units) else float(window)
+        return units, max(1, int(round(batch_size / mean)))
     if mode == "sequence":
         return b.sequence_units(chunked), batch_size
     users = np.arange(b.ds.n_users)
@@ -158,9 +172,13 @@ def _units(b: Batcher, mode: str, batch_size: int, window: int, chunked: bool = 
     return users[train_len >= 1], batch_size
 
 
-def _unit_lengths(b: Batcher, mode: str, units: np.ndarray) -> np.ndarray | None:
+def _unit_lengths(b: Batcher, mode: str, units: np.ndarray, window: int = 0) -> np.ndarray | None:
     """The history length (capped at the model's window) each training unit's batch row needs, which for
-    "sequence" units is also its number of targets; None for modes whose rows are all alike ("window")."""
+    "sequence" units is also its number of targets; for "window" units the columns the window needs (its
+    history and targets, at most L + window)."""
+    if mode == "window":
+        need = units - b.offsets[b.user_of[units - 1]]
+        return np.minimum(need, b.L + window) if b.L else need
     if mode == "position":
         return b.capped(units - b.offsets[b.user_of[units]])
     if mode == "sequence":
@@ -205,7 +223,7 @@ def iterate_training(b: Batcher, mode: str, batch_size: int, epoch: int, seed: i
     rng = np.random.default_rng([seed, epoch])
     units, batch_size = _units(b, mode, batch_size, window, chunked)
     perm = units[rng.permutation(len(units))]
-    lengths = _unit_lengths(b, mode, perm) if length_pool else None
+    lengths = _unit_lengths(b, mode, perm, window) if length_pool else None
     if lengths is not None:
         perm = bucket_by_length(perm, lengths, batch_size, length_pool, rng)
     for i in range(skip * batch_size, len(perm), batch_size):
@@ -238,9 +256,10 @@ def batch_targets(batch: dict[str, torch.Tensor]) -> int:
 
 def targets_per_batch(b: Batcher, mode: str, batch_size: int, window: int = 0, chunked: bool = False) -> float:
     """The mean number of training targets a batch of one pass holds ("sequence" rows hold one per history
-    item they read), which a length-pooled pass needs to weigh each target once."""
+    item they read, windows up to `window`), which a length-pooled pass needs to weigh each target once."""
     units = _units(b, mode, batch_size, window, chunked)[0]
-    return float(_unit_lengths(b, mode, units).sum()) / max(n_batches(b, mode, batch_size, window, chunked), 1)
+    per_unit = b.window_targets(units, window) if mode == "window" else _unit_lengths(b, mode, units)
+    return float(per_unit.sum()) / max(n_batches(b, mode, batch_size, window, chunked), 1)
 
 
 def n_batches(b: Batcher, mode: str, batch_size: int, window: int = 0, chunked: bool = False) -> int:

@@ -377,12 +377,12 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
         if final:
             st["done"] = True
 
-    # Sequence batches hold a variable number of targets and a model's loss is their mean. A plain shuffle
-    # mixes lengths, so each batch has about the same count; length-pooled batches do not (128 short rows
-    # hold ~5 targets each, 128 long ones ~L), which would weigh the targets of short histories up. Scaling
-    # each batch's loss by its targets / the pass's mean per batch restores one weight per target.
+    # Sequence and window batches hold a variable number of targets and a model's loss is their mean. A plain
+    # shuffle mixes lengths, so each batch has about the same count; length-pooled batches do not (128 short
+    # rows hold ~5 targets each, 128 long ones ~L), which would weigh the targets of short histories up.
+    # Scaling each batch's loss by its targets / the pass's mean per batch restores one weight per target.
     per_batch_targets = 0.0
-    if tc.length_pool and mode == "sequence":
+    if tc.length_pool and mode in ("sequence", "window"):
         per_batch_targets = targets_per_batch(b, mode, tc.batch_size, window, chunked)
 
     def non_finite(value: float) -> ArtifactError:
@@ -412,7 +412,7 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
             if not torch.isfinite(loss):
                 raise non_finite(loss.item())
             if per_batch_targets:
-                (loss * (batch["target_seq"] > 0).sum() / per_batch_targets).backward()
+                (loss * batch_targets(batch) / per_batch_targets).backward()
             else:
                 loss.backward()
             loss_value = loss.item()
