@@ -181,6 +181,22 @@ class DDSR(Recommender):
             self.register_buffer("prefix", prefix, persistent=False)
             self.prefix_emb = nn.ModuleList(nn.Embedding(P, c.hidden) for P in n_prefixes)
         self.transitions = TransitionSchedule(c.schedule, c.T)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """SASRec's (pmixer) init: xavier-normal matrices, zero biases. nn.Embedding's N(0, 1) default, times the
+        sqrt(hidden) input scale, summed over the levels, made the input ~16 per dimension: the blocks' O(1)
+        updates could not move the residual stream, and ML-1M validation stayed at popularity level (0.021).
+        Each level's table is scaled by 1/sqrt(levels), so an item's summed input has one table's spread."""
+        for name, p in self.named_parameters():
+            if p.dim() > 1:
+                nn.init.xavier_normal_(p)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+        with torch.no_grad():
+            for emb in self.code_emb:
+                emb.weight.mul_(1.0 / math.sqrt(len(self.code_emb)))
+                emb.weight[0].zero_()
 
     @classmethod
     def reads_text(cls, config: DDSRConfig) -> bool:
