@@ -185,9 +185,9 @@ class DDSR(Recommender):
 
     def _init_weights(self) -> None:
         """SASRec's (pmixer) init: xavier-normal matrices, zero biases. nn.Embedding's N(0, 1) default, times the
-        sqrt(hidden) input scale, summed over the levels, made the input ~16 per dimension: the blocks' O(1)
-        updates could not move the residual stream, and ML-1M validation stayed at popularity level (0.021).
-        Each level's table is scaled by 1/sqrt(levels), so an item's summed input has one table's spread."""
+        sqrt(hidden) input scale and summed over the levels, puts ~16 a dimension into the residual stream, where
+        the blocks add O(1). Each level's table is scaled by 1/sqrt(levels), so an item's summed input has one
+        table's spread."""
         for name, p in self.named_parameters():
             if p.dim() > 1:
                 nn.init.xavier_normal_(p)

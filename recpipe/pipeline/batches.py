@@ -94,7 +94,7 @@ class Batcher:
         users' windows is then a few columns wide, not L + C."""
         u = self.user_of[ends - 1]
         start = self.offsets[u]
-        C = max(int(self.window_targets(ends, C).max()) if len(ends) else 1, 1)
+        C = int(self.window_targets(ends, C).max()) if len(ends) else 1  # a window unit holds >= 1 target
         win = self._window(ends, start, self.L + C)
         pos = ends[:, None] - C + np.arange(C)[None, :]
         tgt = np.where(pos > start[:, None], win[:, -C:], 0)
