@@ -151,6 +151,10 @@ class TrainConfig:
     ema: float = 0.999  # EMA of weights used for validation and the saved model (0 disables)
     eval_every: int | None = None  # validate every N steps; None = once per epoch
     patience: int = 3  # stop after this many validations without a better NDCG@10
+    # which validation NDCG@10 picks the checkpoint, stops early and picks the guidance weight: "masked" (seen
+    # items never rankable, recpipe's default protocol) or "unmasked" (the published protocol of DiffuRec,
+    # DreamRec and RecBole: a model judged there should be selected there; the two peak at different steps)
+    select: Literal["masked", "unmasked"] = "masked"
     eval_users: int | None = None  # validate on at most N users (None = all); speeds up selection on big data
     max_steps: int = 0  # stop after N optimizer steps (0 = no limit); for smoke runs
     # stop once this many minutes of training (validation not counted) have run, then validate: models

@@ -308,6 +308,44 @@ def test_select_guidance_keeps_the_trained_w_on_a_tie():
     mcfg, rec, b = T.select_guidance(M(), IDreamRecConfig(), [1, 2, 5], best, lambda w: res(table[w]), "x",
                                      log=lambda m: None)
     assert mcfg.w == 2.0 and b["valid"]["masked"]["NDCG@10"] == 0.31 and b["step"] == 7
+    mcfg, rec, b = T.select_guidance(M(), IDreamRecConfig(), [1, 2, 5], best, lambda w: res(table[w]), "x",
+                                     log=lambda m: None, column="unmasked")
+    assert mcfg.w == 2.0 and rec["column"] == "unmasked"  # 0.155 unmasked beats the trained 0.15
+    table[1.0] = 0.5
+    mcfg, rec, b = T.select_guidance(M(), IDreamRecConfig(), [1, 2, 5], best, lambda w: res(table[w]), "x",
+                                     log=lambda m: None, column="unmasked")
+    assert mcfg.w == 1.0 and b["valid"]["unmasked"]["NDCG@10"] == 0.25
+
+
+@pytest.mark.parametrize("select", ["masked", "unmasked"])
+def test_train_select_picks_the_checkpoint_and_stops_on_its_column(tmp_path, monkeypatch, select):
+    """The two columns peak at different validations (scripted over the real metrics): train.select decides
+    which validation's weights are saved and which column early stopping waits on."""
+    _build(tmp_path)
+    cfg = _cfg(tmp_path, **{"train.model": "sasrec", "train.epochs": 4, "train.eval_every": 2,
+                            "train.patience": 2, "model.sasrec.history_len": 12, "train.select": select})
+    D.run(cfg, log=lambda m: None)
+    script = {"masked": [0.1, 0.5, 0.2, 0.3, 0.4, 0.45], "unmasked": [0.1, 0.2, 0.6, 0.3, 0.7, 0.2]}
+    real, calls = T.evaluate_split, []
+
+    def scripted(*a, **k):
+        res = real(*a, **k)
+        i = len(calls)
+        calls.append(i)
+        for col in ("masked", "unmasked"):
+            res[col]["NDCG@10"] = script[col][min(i, 5)]
+        return res
+
+    monkeypatch.setattr(T, "evaluate_split", scripted)
+    res = T.run(cfg, log=lambda m: None, progress=False)
+    log = [json.loads(line) for line in (res.stage_dir / "log.jsonl").read_text().splitlines()]
+    steps = [e["step"] for e in log]
+    if select == "masked":  # peak at the 2nd validation, then 2 without a better one: stop after the 4th
+        assert len(log) == 4 and res.manifest.info["best_step"] == steps[1]
+    else:  # 0.6 at the 3rd, 0.7 at the 5th, then 0.2 and the epochs run out or patience ends it
+        assert len(log) >= 6 and res.manifest.info["best_step"] == steps[4]
+    assert res.manifest.info["valid"][select]["NDCG@10"] == max(script[select][: len(log)])
+    assert ("select" in T.train_config_dict(cfg, "sasrec")["train"]) == (select == "unmasked")
 
 
 def test_cli_train_missing_upstream_is_one_line(tmp_path):

@@ -5,7 +5,7 @@
 - Batches follow the model's `train_mode` (recpipe.pipeline.batches).
 - AdamW, linear warm-up then cosine decay, gradient clipping, EMA weights (used for validation and saved).
 - Validation every `eval_every` steps (default once per epoch) on the validation split, seen items masked,
-  early stopping on NDCG@10. The test split is never read here.
+  early stopping on NDCG@10 (masked, or unmasked with `train.select`). The test split is never read here.
 - Resumable: the full training state (recpipe.pipeline.resume) is saved to
   `<run_dir>/work/train-<model>-<fingerprint>/state.safetensors` at every validation, every
   `train.save_every_s` seconds and when Ctrl-C / SIGTERM stops the run; a re-run with the same config resumes
@@ -161,6 +161,8 @@ def train_config_dict(cfg: Config, model_name: str) -> dict[str, Any]:
         tc.pop("max_minutes")
     if tc["precision"] == "float32":
         tc.pop("precision")
+    if tc["select"] == "masked":
+        tc.pop("select")
     if tc["intent_source"] == "llm":
         tc.pop("intent_source")
     elif needs_text(model_name):
@@ -358,12 +360,12 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
 
     def record(res: dict[str, Any], final: bool) -> None:
         nonlocal best_state
-        ndcg = res["masked"]["NDCG@10"]
+        ndcg = res[tc.select]["NDCG@10"]
         recent = losses[-eval_every:] or [float("nan")]
         entry = {"step": st["step"], "epoch": st["epoch"] + st["batch_in_epoch"] / per_epoch,
                  "loss": float(np.mean(recent)), "valid": res, "train_time_s": round(st["train_time"], 2)}
         st["log"].append(entry)
-        log(f"step {st['step']}: loss {entry['loss']:.4f}  valid NDCG@10 {ndcg:.4f} "
+        log(f"step {st['step']}: loss {entry['loss']:.4f}  valid NDCG@10 {res['masked']['NDCG@10']:.4f} "
             f"(unmasked {res['unmasked']['NDCG@10']:.4f})  HR@10 {res['masked']['HR@10']:.4f}")
         if ndcg > st["best"]:
             st["best"], st["best_step"], st["bad"] = ndcg, st["step"], 0
@@ -372,7 +374,7 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
         else:
             st["bad"] += 1
             if st["bad"] >= tc.patience:
-                log(f"early stop: no better validation NDCG@10 for {tc.patience} validations")
+                log(f"early stop: no better validation NDCG@10 ({tc.select}) for {tc.patience} validations")
                 st["done"] = True
         if final:
             st["done"] = True
@@ -521,7 +523,8 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
             label = f"guidance w={w:g} ({grid.index(w) + 1}/{len(grid)})" if progress else ""
             return valid_metrics(model, {"w": w}, label)
 
-        mcfg, guidance, best = select_guidance(model, mcfg, tc.guidance_grid, best, sweep, model_name, log)
+        mcfg, guidance, best = select_guidance(model, mcfg, tc.guidance_grid, best, sweep, model_name, log,
+                                               column=tc.select)
     dim = None if inp.item_vectors is None else int(inp.item_vectors.shape[1])
     save_checkpoint(out_dir, model_name, mcfg, inp.ds.n_items, dim, best_state, inp.fingerprints, inp.text_info,
                     config)
@@ -546,10 +549,11 @@ def check_guidance(model: Recommender, mcfg: Any, model_name: str) -> None:
 
 
 def select_guidance(model: Recommender, mcfg: Any, grid: list[float], best: dict[str, Any],
-                    validate: Callable[[float], dict[str, Any]], model_name: str, log=print
-                    ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """Pick the history-guidance weight w from `grid` by masked validation NDCG@10, the checkpoint's weights
-    fixed; a tie keeps the trained w, else goes to the earlier grid value. Returns (mcfg with that w, a record
+                    validate: Callable[[float], dict[str, Any]], model_name: str, log=print,
+                    column: str = "masked") -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Pick the history-guidance weight w from `grid` by validation NDCG@10 in `column` (masked or unmasked:
+    train.select), the checkpoint's weights fixed; a tie keeps the trained w, else goes to the earlier grid
+    value. Returns (mcfg with that w, a record
     of the sweep, the best log entry with its validation replaced by the chosen w's). validate(w) ->
     evaluate_split's result. The model config's own w competes too, so the sweep never picks a worse w than
     training validated with."""
@@ -559,12 +563,12 @@ def select_guidance(model: Recommender, mcfg: Any, grid: list[float], best: dict
     for w in grid:
         if float(w) not in results:
             results[float(w)] = validate(float(w))
-    by_w = {w: r["masked"]["NDCG@10"] for w, r in results.items()}
+    by_w = {w: r[column]["NDCG@10"] for w, r in results.items()}
     chosen = max(by_w, key=lambda w: (by_w[w], w == trained_w))  # a tie keeps the trained w
-    log(f"train/{model_name}: guidance w on validation (masked NDCG@10): "
+    log(f"train/{model_name}: guidance w on validation ({column} NDCG@10): "
         + ", ".join(f"{w:g}: {v:.4f}" for w, v in by_w.items()) + f" -> w = {chosen:g}")
-    record = {"grid": [float(w) for w in grid], "trained_w": trained_w, "w": chosen,
-              "valid_ndcg10_masked": {f"{w:g}": v for w, v in by_w.items()},
+    record = {"grid": [float(w) for w in grid], "trained_w": trained_w, "w": chosen, "column": column,
+              "valid_ndcg10_masked": {f"{w:g}": r["masked"]["NDCG@10"] for w, r in results.items()},
               "valid_ndcg10_unmasked": {f"{w:g}": r["unmasked"]["NDCG@10"] for w, r in results.items()}}
     return dataclasses.replace(mcfg, w=chosen), record, {**best, "valid": results[chosen], "w": chosen}
 
