@@ -227,3 +227,40 @@ def test_idreamrec_residual_of_a_cold_item_stays_zero(tmp_path, cold_run, one_th
         torch.testing.assert_close(run.model.item_table()[cold], run.model.item_vectors[cold], rtol=0, atol=0)
     ev = E.run(c, "idreamrec", progress=False, **QUIET)
     assert {r.get("group") for r in ev.manifest.info["rows"]} == {"all", "cold", "warm"}
+
+
+def test_idreamrec_new_item_vector_reaches_the_cold_items(tmp_path, cold_run, one_thread):
+    """new_items through the trainer: the items no training part holds are the cold items, the newest by
+    first training interaction are the ones trained in the new form, and a cold item scores as its text plus
+    the learned new-item vector, after a reload too."""
+    cfg, _ = cold_run
+    fake_embed(cfg)
+    c = cfg_for(tmp_path, "cold", **{
+        "data.cold_items": 0.1, "train.model": "idreamrec", "train.epochs": 1, "model.idreamrec.loss": "ce",
+        "model.idreamrec.item_residual": True, "model.idreamrec.new_items": 0.2, "model.idreamrec.width": 16,
+        "model.idreamrec.heads": 2, "model.idreamrec.depth": 1, "model.idreamrec.history_len": 5,
+        "model.idreamrec.window": 4})
+    whiten.run(c, **QUIET)
+    T.run(c, progress=False, force=True, **QUIET)
+    from recpipe.pipeline import bundle
+
+    run = bundle.load(c, "idreamrec", **QUIET)
+    m, ds = run.model, run.ds
+    cold = ds.cold_items
+    first = np.full(ds.n_items + 1, np.inf)
+    for u in range(ds.n_users):
+        part = slice(ds.offsets[u], ds.offsets[u + 1] - 2)
+        np.minimum.at(first, ds.seq_items[part], ds.seq_times[part].astype(float))
+    trained = np.flatnonzero(np.isfinite(first))
+    unseen = m.unseen.nonzero().squeeze(1).numpy()  # every cold item, and any only a held-out target holds
+    assert np.isin(cold, unseen).all()
+    assert unseen.tolist() == np.setdiff1d(np.arange(1, ds.n_items + 1), trained).tolist()
+    newest = m.newest.nonzero().squeeze(1).numpy()
+    assert len(newest) == round(0.2 * len(trained))
+    assert first[newest].min() >= first[np.setdiff1d(trained, newest)].max()  # the latest first interactions
+    assert m.new_vec.abs().sum() > 0  # learned from the newest items' steps in the new form
+    table = m.item_table().detach()
+    torch.testing.assert_close(table[cold], m.item_vectors[cold] + m.new_vec.detach())
+    assert (table[trained] != m.item_vectors[trained]).any(dim=1).all()  # their own residuals
+    ev = E.run(c, "idreamrec", progress=False, **QUIET)
+    assert {r.get("group") for r in ev.manifest.info["rows"]} == {"all", "cold", "warm"}

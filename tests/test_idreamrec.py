@@ -602,6 +602,51 @@ def test_text_residual_starts_as_the_paper_and_reaches_items_without_training_da
         IDreamRecConfig(text_residual=-1)
 
 
+def test_new_item_vector_reaches_items_without_training_data_and_trains_on_the_newest():
+    """new_items: items without training data score as text + text map + a learned new-item vector (no
+    residual of their own); the newest training items take that form in a share new_drop of the steps, which
+    is where the vector learns, and keep their own residual for scoring."""
+    counts = torch.ones(N_ITEMS + 1, dtype=torch.long)
+    counts[0] = 0
+    counts[N_ITEMS - 4:] = 0  # items 36..40: never in training
+    first = torch.arange(N_ITEMS + 1, dtype=torch.float64) * 10.0  # item i first seen at 10 i
+    first[N_ITEMS - 4:] = float("inf")
+    first[0] = float("inf")
+    m = make(loss="ce", item_residual=True, text_residual=8, new_items=0.1, new_drop=1.0)
+    with pytest.raises(ValueError, match="first_seen"):
+        m.observe_training(counts)
+    m.observe_training(counts, first)
+    assert m.unseen.nonzero().squeeze(1).tolist() == list(range(N_ITEMS - 4, N_ITEMS + 1))
+    assert m.newest.nonzero().squeeze(1).tolist() == [32, 33, 34, 35]  # 10% of the 35 trained, the latest
+    _perturb(m.dit)
+    m.train()
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    for i in range(3):
+        bb = {"history": histories(16, 6, n_items=N_ITEMS - 5, seed=i),
+              "target": torch.tensor([33, 34] * 8)}  # only the newest are targets: their new form trains
+        opt.zero_grad()
+        m.loss(bb, gen(i)).backward()
+        assert m.item_residual.weight.grad[32:36].abs().sum() == 0  # new_drop = 1: always the new form
+        assert m.item_residual.weight.grad[1:32].abs().sum() > 0  # the CE's other classes
+        opt.step()
+    assert m.new_vec.abs().sum() > 0
+    with torch.no_grad():
+        m.item_residual.weight[32:] = 1.0  # a residual a new item must not read
+    table = m.item_table().detach()
+    text = m.item_vectors + m.text_map(m.item_vectors).detach()
+    torch.testing.assert_close(table[36:], text[36:] + m.new_vec.detach())
+    torch.testing.assert_close(table[32:36], text[32:36] + 1.0)  # scoring: the newest keep their own
+    assert (table[0] == 0).all() and m._form is None
+    twin = make(loss="ce", item_residual=True, text_residual=8, new_items=0.1, new_drop=1.0)
+    twin.load_state_dict(m.state_dict())  # the item groups travel with the weights
+    torch.testing.assert_close(twin.item_table(), m.item_table())
+    off = make(loss="ce", item_residual=True, text_residual=8)
+    assert off.new_vec is None and not any("new" in k or "unseen" in k for k in off.state_dict())
+    for bad in ({"new_items": 1.0}, {"new_items": -0.1}, {"new_drop": 0.0}):
+        with pytest.raises(ValueError, match="new_"):
+            IDreamRecConfig(**bad)
+
+
 @pytest.mark.parametrize("layout, steps", [("full", 1), ("causal", 1), ("full", 4)])
 def test_train_t_sampler_trains_only_the_timesteps_the_sampler_visits(layout, steps, monkeypatch):
     """train_t = "sampler": every training target is noised to a timestep of the configured DDIM grid (steps = 1:
@@ -632,10 +677,11 @@ def test_a_late_option_at_its_default_stays_out_of_the_train_fingerprint():
     from recpipe.models.base import config_key
 
     late = {f.name for f in dataclasses.fields(IDreamRecConfig) if f.metadata.get("late")}
-    assert late == {"train_t", "ce_negatives", "text_residual"}
+    assert late == {"train_t", "ce_negatives", "text_residual", "new_items", "new_drop"}
     key = config_key(IDreamRecConfig())
     assert key == {k: v for k, v in dataclasses.asdict(IDreamRecConfig()).items() if k not in late}
     assert config_key(IDreamRecConfig(train_t="sampler"))["train_t"] == "sampler"
     assert config_key(IDreamRecConfig(ce_negatives=64))["ce_negatives"] == 64
+    assert config_key(IDreamRecConfig(new_items=0.1))["new_items"] == 0.1
     with pytest.raises(ValueError, match="train_t"):
         IDreamRecConfig(train_t="low")

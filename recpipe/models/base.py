@@ -89,10 +89,11 @@ class Recommender(nn.Module):
             return cls(config, n_items, item_vectors)
         return cls(config, n_items)
 
-    def observe_training(self, counts: torch.Tensor) -> None:
+    def observe_training(self, counts: torch.Tensor, first_seen: torch.Tensor | None = None) -> None:
         """Called by the trainer once, before training, with how often each item occurs in the training data
-        ((n_items + 1,) int64 on the model's device, padding 0), the same on every process of a distributed run.
-        Models that read statistics of the data rather than batches (popularity) take them here; the default
+        ((n_items + 1,) int64 on the model's device, padding 0) and when it first does ((n_items + 1,) float64
+        timestamps, +inf where never), the same on every process of a distributed run. Models that read
+        statistics of the data rather than batches (popularity, an item's age) take them here; the default
         reads nothing."""
 
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:

@@ -105,6 +105,15 @@ class IDreamRecConfig:
     # 0 = off): unlike the per-item residual it reaches items with no training data (new items), which get
     # what their text says instead of nothing
     text_residual: int = field(default=0, metadata={"late": True})  # see above
+    # a learned "new item" vector, added to the vector of every item without training data (the cold-item
+    # protocol's new items, a catalog's additions), in place of the per-item residual it cannot have. What it
+    # is worth is learned from the training data's own newest items: this share of the training items (the
+    # latest by first interaction) takes that form in a training step with probability new_drop (their own
+    # residual dropped, the new vector added) and its ordinary form otherwise, which it keeps for scoring. A new
+    # item's score then moves with the history (<oracle, new vector>), where a constant boost would move it
+    # for every user alike. 0 = off
+    new_items: float = field(default=0.0, metadata={"late": True})  # see above
+    new_drop: float = field(default=0.5, metadata={"late": True})  # see above
     residual_target_grad: bool = False  # False: the residual learns from history tokens only (stop-gradient
     # on the x0 target, as in BYOL/SimSiam), True: also from the target, which lets x0-MSE shrink the space
     # --- sampling / scoring
@@ -135,6 +144,11 @@ class IDreamRecConfig:
             raise ValueError("n_neg must be >= 1")
         if self.text_residual < 0:
             raise ValueError(f"text_residual must be >= 0 (0 = off), not {self.text_residual}")
+        if not 0.0 <= self.new_items < 1.0:
+            raise ValueError(f"new_items must be in [0, 1) (a share of the training items; 0 = off), "
+                             f"not {self.new_items}")
+        if not 0.0 < self.new_drop <= 1.0:
+            raise ValueError(f"new_drop must be in (0, 1], not {self.new_drop}")
         if self.ce_negatives < 0:
             raise ValueError(f"ce_negatives must be >= 0 (0 = softmax over every item), not {self.ce_negatives}")
         if self.layout not in ("full", "causal"):
@@ -195,6 +209,13 @@ class IDreamRec(Recommender):
                                           nn.Linear(config.text_residual, self.dim))
             nn.init.zeros_(self.text_map[2].weight)  # starts as the frozen text vectors themselves
             nn.init.zeros_(self.text_map[2].bias)
+        self.new_vec: nn.Parameter | None = None
+        if config.new_items > 0:
+            self.new_vec = nn.Parameter(torch.zeros(self.dim))  # zero: a new item starts as its text says
+            # observe_training sets both; saved with the weights, as scoring needs them after a reload
+            self.register_buffer("unseen", torch.zeros(n_items + 1, dtype=torch.bool))  # no training data
+            self.register_buffer("newest", torch.zeros(n_items + 1, dtype=torch.bool))  # the training's newest
+        self._form: Tensor | None = None  # in a training step: the items in a new item's form (_new_form)
         self._schedule_cpu = make_schedule(config.schedule, config.T)  # float64
         self._schedules: dict[torch.device, Schedule] = {}
         # the items of the training data (observe_training); None: every item. Items outside it (the cold-item
@@ -213,8 +234,21 @@ class IDreamRec(Recommender):
     # helpers
     # ------------------------------------------------------------------------------------------------
 
-    def observe_training(self, counts: Tensor) -> None:
+    def observe_training(self, counts: Tensor, first_seen: Tensor | None = None) -> None:
         seen = (counts > 0).to(self.item_vectors.device)
+        if self.new_vec is not None:
+            if first_seen is None:
+                raise ValueError("idreamrec new_items needs the items' first training timestamps (first_seen)")
+            first = first_seen.to(self.item_vectors.device).double()
+            known = seen.nonzero().squeeze(1)
+            known = known[known != 0]
+            k = int(round(self.config.new_items * len(known)))
+            # the latest first interactions; ties broken by id so every process picks the same items
+            order = known[torch.argsort(first[known] * (self.n_items + 1) + known.double(), descending=True)]
+            self.unseen.copy_(~seen)
+            self.unseen[0] = False
+            self.newest.zero_()
+            self.newest[order[:k]] = True
         if bool(seen[1:].all()):
             self._known = self._known_ids = self._known_pos = None
             return
@@ -230,18 +264,37 @@ class IDreamRec(Recommender):
         return self._schedules[device]
 
     def _learned(self, ids: Tensor | None) -> Tensor | None:
-        """The learned part of item vectors (per-item residual + text residual), rows `ids` ((...) ids) or every
-        row (None); padding's row is zero. None when the model learns none (the paper's frozen vectors)."""
+        """The learned part of item vectors (per-item residual + text residual + the new-item vector), rows
+        `ids` ((...) ids) or every row (None); padding's row is zero. None when the model learns none (the
+        paper's frozen vectors)."""
         out = None
         if self.text_map is not None:
             v = self.item_vectors if ids is None else self.item_vectors[ids]
             out = self.text_map(v)
             real = (torch.arange(len(v), device=v.device) if ids is None else ids) != 0
             out = out * real.unsqueeze(-1).to(out.dtype)
+        new = None
+        if self.new_vec is not None:
+            form = self.unseen if self._form is None else self._form
+            new = (form if ids is None else form[ids]).unsqueeze(-1)  # (..., 1) bool
         if self.item_residual is not None:
             r = self.item_residual.weight if ids is None else self.item_residual(ids)
+            if new is not None:
+                r = r * ~new  # a new item has no residual of its own
             out = r if out is None else out + r
+        if new is not None:
+            nv = new * self.new_vec
+            out = nv if out is None else out + nv
         return out
+
+    def _new_form(self, generator: torch.Generator | None, dev: torch.device) -> Tensor | None:
+        """(n_items + 1,) bool for one training step: the items scored in a new item's form, each of the newest
+        training items with probability new_drop (and the untrained ones, which no batch holds)."""
+        if self.new_vec is None:
+            return None
+        gen_dev = generator.device if generator is not None else dev
+        drawn = (torch.rand(self.n_items + 1, generator=generator, device=gen_dev) < self.config.new_drop).to(dev)
+        return self.unseen | (self.newest & drawn)
 
     def item_table(self) -> Tensor:
         """(n_items + 1, d): the vectors used for history tokens, training targets and scoring."""
@@ -300,7 +353,15 @@ class IDreamRec(Recommender):
 
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
         """batch["target"]: (B,) one target per row, or (B, C) the targets of a window (0 = not a target).
-        Per target: t, noise, history drop, then intention drop, drawn in that order."""
+        Per target: t, noise, history drop, then intention drop, drawn in that order (after the step's
+        new-item forms, with new_items)."""
+        self._form = self._new_form(generator, batch["target"].device)
+        try:
+            return self._loss(batch, generator)
+        finally:
+            self._form = None
+
+    def _loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
         cfg = self.config
         target = batch["target"]
         shape, n, dev = target.shape, target.numel(), target.device

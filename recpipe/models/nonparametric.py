@@ -45,7 +45,7 @@ class Pop(Recommender):
         self.register_buffer("counts", torch.zeros(n_items + 1, dtype=torch.long))
         self.unused = _unused_parameter()
 
-    def observe_training(self, counts: torch.Tensor) -> None:
+    def observe_training(self, counts: torch.Tensor, first_seen: torch.Tensor | None = None) -> None:
         self.counts.copy_(counts)
 
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:

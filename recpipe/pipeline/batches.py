@@ -47,6 +47,16 @@ class Batcher:
         counts[0] = 0
         return counts
 
+    def train_item_first_seen(self) -> np.ndarray:
+        """(n_items + 1,) float64: each item's earliest timestamp in the users' training parts; +inf for an item
+        that none holds (padding, the cold-item protocol's new items)."""
+        pos = np.arange(len(self.items))
+        inside = pos < self.offsets[self.user_of + 1] - 2
+        first = np.full(self.ds.n_items + 1, np.inf)
+        np.minimum.at(first, self.items[inside], self.ds.seq_times[inside].astype(np.float64))
+        first[0] = np.inf
+        return first
+
     def capped(self, lengths: np.ndarray) -> np.ndarray:
         """History lengths as the model reads them: at most history_len (no cap without one)."""
         return np.minimum(lengths, self.L) if self.L else lengths

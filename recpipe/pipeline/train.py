@@ -240,7 +240,8 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
     if tc.guidance_grid:
         check_guidance(model, mcfg, model_name)  # before any training, not after it
     b = Batcher(inp.ds, model.history_len, stride=getattr(model, "stride", None))
-    model.observe_training(torch.from_numpy(b.train_item_counts()).to(device))
+    model.observe_training(torch.from_numpy(b.train_item_counts()).to(device),
+                           torch.from_numpy(b.train_item_first_seen()).to(device))
     mode = model.train_mode
     intents = None  # IntentSampler: an intention for a share (intent_prob) of the training targets
     if model.uses_intent and tc.intent_prob > 0:
