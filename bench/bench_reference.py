@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DATASET = Path("/work/shared/datasets/ml-100k")
+# ../shared next to the checkout, or $RECPIPE_SHARED (as the tests find it)
+DATASET = Path(os.environ.get("RECPIPE_SHARED") or ROOT.parent / "shared") / "datasets" / "ml-100k"
 
 # the reference's own hyperparameters (its argparse defaults / default_params; REFERENCE.md)
 REF_HP = {
@@ -575,7 +576,7 @@ def main() -> None:
     if not a.ref_dir or not a.ref_dir.is_dir():
         sys.exit(f"error: --ref-dir {a.ref_dir}: not a directory (a checkout of the reference)")
     if not DATASET.is_dir():
-        sys.exit(f"error: {DATASET}: ml-100k is not there")
+        sys.exit(f"error: {DATASET}: ml-100k is not there (set RECPIPE_SHARED to the folder holding datasets/)")
     hp = dict(REF_HP[a.model])
     for kv in a.set:
         key, _, val = kv.partition("=")
