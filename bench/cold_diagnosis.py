@@ -1,0 +1,98 @@
+"""Where a trained model puts the cold items, for the users whose test target is one (issue #22 §3).
+
+    python bench/cold_diagnosis.py -d amazon-beauty --data-dir ../shared/datasets --run-dir cache/beauty-cold \
+        -m idreamrec --set model.idreamrec.item_residual=true ...
+
+The run must be a cold-item split (`data.cold_items` > 0); pass the settings the model was trained with, as for
+`recpipe evaluate`. Each cold-target user's test history is scored once (`score_all`, unmasked ranks, ties
+counted for the target) and the figures printed are:
+- the target's rank among every item and among the cold items alone (is the text part right?);
+- the cold items' share of the top-10 slots (are cold items placed against warm ones as often as they are due?);
+- HR@10 when every cold item's score is raised by beta standard deviations of the user's scores. beta is read
+  off the test users here, so this is a bound on what a calibration of cold against warm items could buy, not a
+  method: the cold split has no cold validation targets to choose it on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BETAS = (0.5, 1.0, 1.5, 2.0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-d", "--dataset", required=True)
+    ap.add_argument("--data-dir", type=Path)
+    ap.add_argument("--run-dir", type=Path, required=True)
+    ap.add_argument("-m", "--model", required=True)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings the model was trained with")
+    ap.add_argument("--batch-users", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=2024)
+    a = ap.parse_args()
+
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from recpipe.config import load_config, parse_set_options
+    from recpipe.errors import RecpipeError
+    from recpipe.pipeline import bundle as bundle_mod
+    from recpipe.pipeline.batches import Batcher
+
+    over = {"run.dataset": a.dataset, "run.run_dir": str(a.run_dir), "run.seed": a.seed}
+    if a.data_dir:
+        over["run.data_dir"] = str(a.data_dir)
+    try:
+        over.update(parse_set_options(a.set))
+        cfg = load_config(None, over)
+        run = bundle_mod.load(cfg, a.model, "cpu", log=lambda m: None)
+    except (RecpipeError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    model, ds = run.model, run.ds
+    if ds.cold_items is None or ds.cold_users is None or not len(ds.cold_users):
+        sys.exit(f"error: {a.run_dir}: not a cold-item split with cold-target users (data.cold_items > 0)")
+    model.eval()
+    b = Batcher(ds, model.history_len)
+    n = model.n_items
+    is_cold = np.zeros(n + 1, dtype=bool)
+    is_cold[ds.cold_items] = True
+    gen = torch.Generator().manual_seed(a.seed)
+    rank_all, rank_cold, share = [], [], []
+    boosted: dict[float, list[np.ndarray]] = {beta: [] for beta in BETAS}
+    users = np.asarray(ds.cold_users)
+    for lo in range(0, len(users), a.batch_users):
+        batch, _ = b.eval_batch(users[lo:lo + a.batch_users], "test")
+        with torch.no_grad():
+            s = model.score_all(batch, **({"generator": gen} if model.generative else {})).float().numpy()
+        full = np.full((len(s), n + 1), -np.inf, dtype=np.float32)  # column = item id; 0 = padding, never ranked
+        full[:, n + 1 - s.shape[1]:] = s
+        full[:, 0] = -np.inf
+        rows = np.arange(len(s))
+        t = batch["target"].numpy()
+        ts = full[rows, t][:, None]
+        rank_all.append((full >= ts).sum(1) - 1)  # ties count against the target
+        rank_cold.append((full[:, is_cold] >= ts).sum(1) - 1)
+        share.append(is_cold[np.argsort(-full, axis=1)[:, :10]].mean(1))
+        sd = full[:, 1:].std(1)[:, None]
+        for beta in BETAS:
+            f2 = full + beta * sd * is_cold[None, :]
+            boosted[beta].append((f2 >= f2[rows, t][:, None]).sum(1) - 1)
+    ra, rc, sh = np.concatenate(rank_all), np.concatenate(rank_cold), np.concatenate(share)
+    n_cold = int(is_cold.sum())
+    print(f"{a.model} on {a.dataset} ({a.run_dir}): {len(users):,} cold-target users, {n_cold:,} cold items of {n:,}")
+    print(f"target in the top 10 of all items      {np.mean(ra < 10):.4f}   median rank {np.median(ra):,.0f}")
+    print(f"target in the top 10 of cold items     {np.mean(rc < 10):.4f}   median rank {np.median(rc):,.0f}"
+          f"   (random {min(1.0, 10 / n_cold):.4f}, {(n_cold - 1) / 2:,.0f})")
+    print(f"cold items' share of the top-10 slots  {sh.mean():.3f}   (catalog share {n_cold / n:.3f})")
+    for beta in BETAS:
+        print(f"cold items raised by {beta} sd: HR@10 {np.mean(np.concatenate(boosted[beta]) < 10):.4f}"
+              "   (beta read off these users: a bound)")
+
+
+if __name__ == "__main__":
+    main()
