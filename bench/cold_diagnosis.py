@@ -4,8 +4,8 @@
         -m idreamrec --set model.idreamrec.item_residual=true ...
 
 The run must be a cold-item split (`data.cold_items` > 0); pass the settings the model was trained with, as for
-`recpipe evaluate`. Each cold-target user's test history is scored once (`score_all`, unmasked ranks, ties
-counted for the target) and the figures printed are:
+`recpipe evaluate`. Each cold-target user's test history is scored once (`score_all`; unmasked ranks from
+recpipe's own `target_ranks`, ties counted against the target) and the figures printed are:
 - the target's rank among every item and among the cold items alone (is the text part right?);
 - the cold items' share of the top-10 slots (are cold items placed against warm ones as often as they are due?);
 - HR@10 when every cold item's score is raised by beta standard deviations of the user's scores. beta is read
@@ -41,6 +41,7 @@ def main() -> None:
 
     from recpipe.config import load_config, parse_set_options
     from recpipe.errors import RecpipeError
+    from recpipe.models.metrics import target_ranks
     from recpipe.pipeline import bundle as bundle_mod
     from recpipe.pipeline.batches import Batcher
 
@@ -61,28 +62,25 @@ def main() -> None:
     n = model.n_items
     is_cold = np.zeros(n + 1, dtype=bool)
     is_cold[ds.cold_items] = True
+    cold = torch.from_numpy(is_cold)
     gen = torch.Generator().manual_seed(a.seed)
     rank_all, rank_cold, share = [], [], []
-    boosted: dict[float, list[np.ndarray]] = {beta: [] for beta in BETAS}
+    boosted: dict[float, list[torch.Tensor]] = {beta: [] for beta in BETAS}
     users = np.asarray(ds.cold_users)
     for lo in range(0, len(users), a.batch_users):
         batch, _ = b.eval_batch(users[lo:lo + a.batch_users], "test")
         with torch.no_grad():
-            s = model.score_all(batch, **({"generator": gen} if model.generative else {})).float().numpy()
-        full = np.full((len(s), n + 1), -np.inf, dtype=np.float32)  # column = item id; 0 = padding, never ranked
-        full[:, n + 1 - s.shape[1]:] = s
-        full[:, 0] = -np.inf
-        rows = np.arange(len(s))
-        t = batch["target"].numpy()
-        ts = full[rows, t][:, None]
-        rank_all.append((full >= ts).sum(1) - 1)  # ties count against the target
-        rank_cold.append((full[:, is_cold] >= ts).sum(1) - 1)
-        share.append(is_cold[np.argsort(-full, axis=1)[:, :10]].mean(1))
-        sd = full[:, 1:].std(1)[:, None]
+            s = model.score_all(batch, **({"generator": gen} if model.generative else {})).float()  # (B, N+1)
+        t = batch["target"]
+        rank_all.append(target_ranks(s, t))
+        rank_cold.append(target_ranks(s, t, ~cold.expand(len(s), -1)))  # warm items excluded: among cold only
+        top = s.clone()
+        top[:, 0] = -torch.inf  # padding is never recommended
+        share.append(cold[top.topk(10, dim=1).indices].float().mean(1))
+        sd = s[:, 1:].std(1, keepdim=True)
         for beta in BETAS:
-            f2 = full + beta * sd * is_cold[None, :]
-            boosted[beta].append((f2 >= f2[rows, t][:, None]).sum(1) - 1)
-    ra, rc, sh = np.concatenate(rank_all), np.concatenate(rank_cold), np.concatenate(share)
+            boosted[beta].append(target_ranks(s + beta * sd * cold, t))
+    ra, rc, sh = (torch.cat(x).numpy() for x in (rank_all, rank_cold, share))
     n_cold = int(is_cold.sum())
     print(f"{a.model} on {a.dataset} ({a.run_dir}): {len(users):,} cold-target users, {n_cold:,} cold items of {n:,}")
     print(f"target in the top 10 of all items      {np.mean(ra < 10):.4f}   median rank {np.median(ra):,.0f}")
@@ -90,7 +88,7 @@ def main() -> None:
           f"   (random {min(1.0, 10 / n_cold):.4f}, {(n_cold - 1) / 2:,.0f})")
     print(f"cold items' share of the top-10 slots  {sh.mean():.3f}   (catalog share {n_cold / n:.3f})")
     for beta in BETAS:
-        print(f"cold items raised by {beta} sd: HR@10 {np.mean(np.concatenate(boosted[beta]) < 10):.4f}"
+        print(f"cold items raised by {beta} sd: HR@10 {np.mean(torch.cat(boosted[beta]).numpy() < 10):.4f}"
               "   (beta read off these users: a bound)")
 
 
