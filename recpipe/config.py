@@ -175,6 +175,11 @@ class TrainConfig:
     # guidance at 0): the best masked NDCG@10 becomes the checkpoint's w, used by evaluate and recommend.
     # Empty = keep the model config's w (the paper's fixed w)
     guidance_grid: list[float] = field(default_factory=list)
+    # new-item score offsets to try on the validation split once training ends (after the guidance sweep), for
+    # models with a `new_bias` (idreamrec with new_items > 0), e.g. "0.5,1,1.5,2,3": the training's newest items
+    # are scored as new items there, and the best validation NDCG@10 (train.select) becomes the checkpoint's
+    # new_bias. Empty = keep the model config's new_bias
+    new_bias_grid: list[float] = field(default_factory=list)
     # batches of similar history length: each shuffled pass is cut into pools of this many batches, each
     # pool sorted by length, its batches shuffled back (every sample still once a pass). A batch is as wide
     # as its longest history, so on short-history catalogs (Amazon) this cuts padded compute several-fold.
@@ -484,6 +489,7 @@ def _validate(cfg: Config) -> None:
     need(math.isfinite(cfg.train.save_every_s) and cfg.train.save_every_s >= 0,
          "train.save_every_s must be >= 0 seconds (0 = after every step)")
     need(all(math.isfinite(w) for w in cfg.train.guidance_grid), "train.guidance_grid must hold finite numbers")
+    need(all(math.isfinite(v) for v in cfg.train.new_bias_grid), "train.new_bias_grid must hold finite numbers")
     need(all(k >= 1 for k in cfg.evaluate.ks), "evaluate.ks must be positive")
     need(cfg.evaluate.batch_size >= 1, "evaluate.batch_size must be >= 1")
     need(bool(cfg.evaluate.steps) and all(s >= 0 for s in cfg.evaluate.steps), "evaluate.steps must be >= 0")

@@ -264,3 +264,84 @@ def test_idreamrec_new_item_vector_reaches_the_cold_items(tmp_path, cold_run, on
     assert (table[trained] != m.item_vectors[trained]).any(dim=1).all()  # their own residuals
     ev = E.run(c, "idreamrec", progress=False, **QUIET)
     assert {r.get("group") for r in ev.manifest.info["rows"]} == {"all", "cold", "warm"}
+
+
+def test_new_item_offset_is_chosen_on_validation_and_reaches_scoring_and_recommend(tmp_path, cold_run, one_thread):
+    """train.new_bias_grid: the finished run resumes and only sweeps; each offset is scored with the training's
+    newest items as new items; the chosen one is the checkpoint's, raises exactly the cold items' scores by
+    offset x the oracle's norm, and recommend's index path returns what score_all ranks."""
+    from recpipe.pipeline import bundle
+    from recpipe.pipeline.recommend import RecommendService
+
+    cfg, _ = cold_run
+    fake_embed(cfg)
+    over = {"data.cold_items": 0.1, "train.model": "idreamrec", "train.epochs": 1, "model.idreamrec.loss": "ce",
+            "model.idreamrec.item_residual": True, "model.idreamrec.new_items": 0.2, "model.idreamrec.new_drop": 1,
+            "model.idreamrec.width": 16, "model.idreamrec.heads": 2, "model.idreamrec.depth": 1,
+            "model.idreamrec.history_len": 5, "model.idreamrec.window": 4}
+    c = cfg_for(tmp_path, "cold", **over)
+    whiten.run(c, **QUIET)
+    plain = T.run(c, progress=False, **QUIET)
+    assert "new_bias" not in plain.manifest.info
+    assert "new_bias_grid" not in T.train_config_dict(c, "idreamrec")["train"]
+    c2 = cfg_for(tmp_path, "cold", **over, **{"train.new_bias_grid": "1,5,40"})
+    logs: list[str] = []
+    res = T.run(c2, progress=False, log=logs.append)
+    assert any("resuming at step" in m for m in logs)
+    assert res.manifest.info["steps"] == plain.manifest.info["steps"]
+    nb = res.manifest.info["new_bias"]
+    by = nb["valid_ndcg10_masked"]
+    assert nb["grid"] == [0.0, 1.0, 5.0, 40.0] and set(by) == {"0", "1", "5", "40"}
+    assert by[f"{nb['new_bias']:g}"] == max(by.values())
+    # an offset of 40 norms puts the newest items above every other: the figure moves with the offset
+    assert len(set(by.values())) > 1
+    run = bundle.load(c2, "idreamrec", **QUIET)
+    m, ds = run.model, run.ds
+    assert m.config.new_bias == nb["new_bias"]
+    b = __import__("recpipe.pipeline.batches", fromlist=["Batcher"]).Batcher(ds, m.history_len)
+    from recpipe.pipeline.scoring import evaluate_split
+
+    r = evaluate_split(m, b, "valid", [10], score_kwargs={"new_bias": 40.0, "pseudo_new": True}, seed=c2.run.seed)
+    assert r["masked"]["NDCG@10"] == pytest.approx(by["40"], abs=1e-6)
+    # score_all: the offset goes to the unseen (cold) items alone, in units of the oracle's norm
+    batch, _ = b.eval_batch(np.arange(8), "test")
+    g = torch.Generator().manual_seed(0)
+    s0 = m.score_all(batch, new_bias=0.0, generator=torch.Generator().manual_seed(0))
+    s3 = m.score_all(batch, new_bias=3.0, generator=torch.Generator().manual_seed(0))
+    oracle = m.generate(batch, generator=g)
+    diff = (s3 - s0)[:, 1:]
+    new = m.unseen.numpy()  # the cold items, and any item only a held-out target holds
+    assert new[ds.cold_items].all()
+    torch.testing.assert_close(diff[:, new[1:]], (3.0 * oracle.norm(dim=1, keepdim=True)).expand(-1, int(new.sum())))
+    assert (diff[:, ~new[1:]] == 0).all()
+    # recommend through the index: the same top items as ranking score_all with the history masked
+    svc = RecommendService(c2)
+    m2 = svc.model
+    cold_set = set(ds.cold_items.tolist())
+    mixed = False
+    for bias in (0.5, 1.0, 2.0, 4.0):
+        m2.config.new_bias = bias
+        for user in ds.users["user_id"].head(6):
+            recs = svc.recommend(str(user), k=10)
+            seq = ds.sequence(ds.user_index(user))
+            L = m2.history_len
+            hist = np.zeros((1, L), dtype=np.int64)
+            hist[0, L - len(seq[-L:]):] = seq[-L:]
+            gen = torch.Generator().manual_seed(c2.run.seed)
+            with torch.no_grad():
+                s = m2.score_all({"history": torch.from_numpy(hist)}, generator=gen)[0]
+            s[torch.from_numpy(seq)] = -torch.inf
+            want = torch.topk(s, 10).indices.tolist()
+            assert [r.item for r in recs] == want, (bias, user)
+            assert [r.score for r in recs] == pytest.approx(s[want].tolist(), rel=1e-5, abs=1e-5)
+            mixed |= bool(cold_set & set(want)) and not set(want) <= cold_set
+    assert mixed  # some case ranks new and trained items together
+    # the server's batched path applies the same offset
+    from recpipe.serve.engine import Engine
+
+    eng = Engine(c2, log=lambda m: None)
+    eng.model.config.new_bias = m2.config.new_bias = 2.0
+    us = [str(u) for u in ds.users["user_id"].head(6)]
+    answers = eng.run_batch([eng.parse(u, None, None, 10, None, None, None, True) for u in us])
+    for u, a in zip(us, answers):
+        assert [x["id"] for x in a.items] == [r.item_id for r in svc.recommend(u, k=10)]

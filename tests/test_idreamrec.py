@@ -635,14 +635,20 @@ def test_new_item_vector_reaches_items_without_training_data_and_trains_on_the_n
     table = m.item_table().detach()
     text = m.item_vectors + m.text_map(m.item_vectors).detach()
     torch.testing.assert_close(table[36:], text[36:] + m.new_vec.detach())
-    torch.testing.assert_close(table[32:36], text[32:36] + 1.0)  # scoring: the newest keep their own
+    # scoring, new_drop = 1: the newest never trained in another form, so they keep the new one
+    torch.testing.assert_close(table[32:36], text[32:36] + m.new_vec.detach())
     assert (table[0] == 0).all() and m._form is None
     twin = make(loss="ce", item_residual=True, text_residual=8, new_items=0.1, new_drop=1.0)
     twin.load_state_dict(m.state_dict())  # the item groups travel with the weights
     torch.testing.assert_close(twin.item_table(), m.item_table())
+    half = make(loss="ce", item_residual=True, text_residual=8, new_items=0.1, new_drop=0.5)
+    half.load_state_dict(m.state_dict())
+    torch.testing.assert_close(half.item_table()[32:36].detach(), text[32:36] + 1.0)  # they keep their own
+    torch.testing.assert_close(half.item_table()[36:].detach(), text[36:] + m.new_vec.detach())
     off = make(loss="ce", item_residual=True, text_residual=8)
     assert off.new_vec is None and not any("new" in k or "unseen" in k for k in off.state_dict())
-    for bad in ({"new_items": 1.0}, {"new_items": -0.1}, {"new_drop": 0.0}):
+    for bad in ({"new_items": 1.0}, {"new_items": -0.1}, {"new_drop": 0.0}, {"new_bias": 1.0},
+                {"new_items": 0.1, "new_bias": float("nan")}):
         with pytest.raises(ValueError, match="new_"):
             IDreamRecConfig(**bad)
 
@@ -677,7 +683,7 @@ def test_a_late_option_at_its_default_stays_out_of_the_train_fingerprint():
     from recpipe.models.base import config_key
 
     late = {f.name for f in dataclasses.fields(IDreamRecConfig) if f.metadata.get("late")}
-    assert late == {"train_t", "ce_negatives", "text_residual", "new_items", "new_drop"}
+    assert late == {"train_t", "ce_negatives", "text_residual", "new_items", "new_drop", "new_bias"}
     key = config_key(IDreamRecConfig())
     assert key == {k: v for k, v in dataclasses.asdict(IDreamRecConfig()).items() if k not in late}
     assert config_key(IDreamRecConfig(train_t="sampler"))["train_t"] == "sampler"

@@ -30,6 +30,7 @@ the unconditional branch (4 tokens long: its history is a single null token) a s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -114,6 +115,14 @@ class IDreamRecConfig:
     # for every user alike. 0 = off
     new_items: float = field(default=0.0, metadata={"late": True})  # see above
     new_drop: float = field(default=0.5, metadata={"late": True})  # see above
+    # a score offset for items without training data, in units of the oracle's norm (about one standard
+    # deviation of a user's scores over whitened vectors): the learned new-item vector is fitted to how often
+    # the training's newest items are targets over the whole training data, but a catalog's newest items are
+    # due more often at its end (amazon-beauty's cold split: 10% of the items, 20% of the test targets, 3% of
+    # the top-10 slots without it). train.new_bias_grid chooses it on the validation split, where the training's
+    # newest items play the new items' part; 0 = none. An offset in these units keeps recommend's inner-product
+    # index exact (recommend adds it to the new items it scores beside the index)
+    new_bias: float = field(default=0.0, metadata={"late": True})  # see above
     residual_target_grad: bool = False  # False: the residual learns from history tokens only (stop-gradient
     # on the x0 target, as in BYOL/SimSiam), True: also from the target, which lets x0-MSE shrink the space
     # --- sampling / scoring
@@ -149,6 +158,10 @@ class IDreamRecConfig:
                              f"not {self.new_items}")
         if not 0.0 < self.new_drop <= 1.0:
             raise ValueError(f"new_drop must be in (0, 1], not {self.new_drop}")
+        if not math.isfinite(self.new_bias):
+            raise ValueError(f"new_bias must be a finite number, not {self.new_bias}")
+        if self.new_bias and not self.new_items:
+            raise ValueError("new_bias needs new_items > 0 (the offset goes to the items scored in the new form)")
         if self.ce_negatives < 0:
             raise ValueError(f"ce_negatives must be >= 0 (0 = softmax over every item), not {self.ce_negatives}")
         if self.layout not in ("full", "causal"):
@@ -275,7 +288,7 @@ class IDreamRec(Recommender):
             out = out * real.unsqueeze(-1).to(out.dtype)
         new = None
         if self.new_vec is not None:
-            form = self.unseen if self._form is None else self._form
+            form = self.scoring_form() if self._form is None else self._form
             new = (form if ids is None else form[ids]).unsqueeze(-1)  # (..., 1) bool
         if self.item_residual is not None:
             r = self.item_residual.weight if ids is None else self.item_residual(ids)
@@ -286,6 +299,12 @@ class IDreamRec(Recommender):
             nv = new * self.new_vec
             out = nv if out is None else out + nv
         return out
+
+    def scoring_form(self) -> Tensor:
+        """(n_items + 1,) bool: the items scored in a new item's form outside training: those without training
+        data, and with new_drop = 1 the training's newest too, which never trained in any other form (their
+        own residual is always dropped, so their ordinary form would lack the new vector they learned with)."""
+        return self.unseen | self.newest if self.config.new_drop >= 1.0 else self.unseen
 
     def _new_form(self, generator: torch.Generator | None, dev: torch.device) -> Tensor | None:
         """(n_items + 1,) bool for one training step: the items scored in a new item's form, each of the newest
@@ -509,13 +528,42 @@ class IDreamRec(Recommender):
         rho: float | None = None,
         generator: torch.Generator | None = None,
         dtype: torch.dtype | None = None,
+        new_bias: float | None = None,
+        pseudo_new: bool = False,
     ) -> Tensor:
-        """(B, n_items + 1) inner products of the oracle with every item vector; column 0 = -inf.
-        The scores are float32 whatever `dtype` the denoiser ran at (bf16 scores would tie)."""
+        """(B, n_items + 1) inner products of the oracle with every item vector, plus new_bias (default: the
+        config's) x the oracle's norm for the items without training data; column 0 = -inf.
+        The scores are float32 whatever `dtype` the denoiser ran at (bf16 scores would tie).
+        pseudo_new: the training's newest items are scored as new items are (new form, offset) and the others
+        as trained; how train.new_bias_grid chooses new_bias on the validation split."""
         oracle = self.generate(batch, steps=steps, w=w, rho=rho, generator=generator, dtype=dtype)  # (B, d)
-        scores = oracle @ self.item_table().T  # (B, n_items + 1)
+        bias = self.config.new_bias if new_bias is None else float(new_bias)
+        if pseudo_new:
+            if self.new_vec is None:
+                raise ValueError("pseudo_new needs new_items > 0")
+            # the training's newest items take the new items' part: their new form, and the offset
+            self._form = self.unseen | self.newest
+            try:
+                table = self.item_table()
+            finally:
+                self._form = None
+            offset_items = self.newest
+        else:
+            table = self.item_table()
+            offset_items = self.unseen if self.new_vec is not None else None
+        scores = oracle @ table.T  # (B, n_items + 1)
+        if bias and offset_items is not None:
+            scores = scores + (bias * oracle.norm(dim=1, keepdim=True)) * offset_items.to(scores.dtype)
         scores[:, 0] = float("-inf")
         return scores
+
+    def new_item_offset(self) -> tuple[Tensor, float] | None:
+        """(ids of the items scored with the new-item offset, the offset in units of the oracle's norm), or None
+        when no item gets one: recommend adds it beside an inner-product index of item_table()."""
+        if self.new_vec is None or not self.config.new_bias:
+            return None
+        ids = self.unseen.nonzero().squeeze(1)
+        return (ids, float(self.config.new_bias)) if len(ids) else None
 
 
 class FullIDreamRec(IDreamRec):

@@ -27,6 +27,28 @@ from recpipe.pipeline.scoring import resolve_dtype
 INTENT_CACHE = 4096  # distinct intents whose vectors a warm service keeps (1.5 KB each at 384-d)
 
 
+def with_new_item_offset(model, oracle: np.ndarray, scores: np.ndarray, ids: np.ndarray, seq: np.ndarray, k: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """An index search's top k with the model's new-item offset (IDreamRec.new_item_offset) applied: the index
+    holds item_table() alone, so the new items are scored here and merged. Exact for an exact index: an item
+    without the offset that belongs in the top k is beaten by no more items in the index's ranking than in
+    the offset one, so the index returned it."""
+    offset = getattr(model, "new_item_offset", lambda: None)()
+    if offset is None:
+        return scores, ids
+    new_ids, bias = offset
+    new_ids = new_ids.cpu().numpy()
+    new_ids = new_ids[~np.isin(new_ids, seq)]
+    keep = (ids > 0) & ~np.isin(ids, new_ids)
+    with torch.no_grad():
+        table = model.item_table()[torch.from_numpy(new_ids)].float().numpy()
+    new_scores = table @ oracle.astype(np.float32) + np.float32(bias * float(np.linalg.norm(oracle)))
+    all_ids = np.concatenate([ids[keep], new_ids])
+    all_scores = np.concatenate([scores[keep], new_scores.astype(scores.dtype)])
+    top = np.argsort(-all_scores, kind="stable")[:k]
+    return all_scores[top], all_ids[top]
+
+
 @dataclass
 class Recommendation:
     rank: int
@@ -170,7 +192,7 @@ class RecommendService:
                     batch["intent_mask"] = torch.ones(1, dtype=torch.bool)
                 oracle = self.model.generate(batch, steps=steps, w=w, rho=rho, generator=gen).numpy()
                 scores, ids = self.index.search(oracle, k, exclude=[seq])
-                scores, ids = scores[0], ids[0]
+                scores, ids = with_new_item_offset(self.model, oracle[0], scores[0], ids[0], seq, k)
             else:
                 kw = {"generator": gen} if self.model.generative else {}
                 s = self.model.score_all(batch, **kw)[0].clone()

@@ -134,7 +134,8 @@ def gather_inputs(cfg: Config, model_name: str) -> TrainInputs:
 def trajectory_key(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a train config that decides the weights at every step: all of it but the stop rules and
     the guidance sweep that follows training (a finished run given a guidance grid resumes and only sweeps)."""
-    tc = {k: v for k, v in config["train"].items() if k not in ("max_minutes", "patience", "guidance_grid")}
+    tc = {k: v for k, v in config["train"].items()
+          if k not in ("max_minutes", "patience", "guidance_grid", "new_bias_grid")}
     return {**config, "train": tc}
 
 
@@ -155,6 +156,8 @@ def train_config_dict(cfg: Config, model_name: str) -> dict[str, Any]:
     # an option left at its default is left out, so adding an option never re-runs the runs that do not use it
     if not tc["guidance_grid"]:
         tc.pop("guidance_grid")
+    if not tc["new_bias_grid"]:
+        tc.pop("new_bias_grid")
     if not tc["length_pool"]:
         tc.pop("length_pool")
     if tc["max_minutes"] is None:
@@ -239,6 +242,8 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
     model = make_model(model_name, mcfg, inp.ds.n_items, inp.item_vectors).to(device)
     if tc.guidance_grid:
         check_guidance(model, mcfg, model_name)  # before any training, not after it
+    if tc.new_bias_grid:
+        check_new_bias(mcfg, model_name)
     b = Batcher(inp.ds, model.history_len, stride=getattr(model, "stride", None))
     model.observe_training(torch.from_numpy(b.train_item_counts()).to(device),
                            torch.from_numpy(b.train_item_first_seen()).to(device))
@@ -526,6 +531,18 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
 
         mcfg, guidance, best = select_guidance(model, mcfg, tc.guidance_grid, best, sweep, model_name, log,
                                                column=tc.select)
+    new_bias = None
+    if tc.new_bias_grid:
+        model.load_state_dict(best_state)
+        model.config = mcfg  # the chosen w
+        biases = [0.0] + [float(v) for v in tc.new_bias_grid]
+        biases = list(dict.fromkeys(biases))
+
+        def bias_sweep(v: float) -> dict[str, Any]:
+            label = f"new-item offset {v:g} ({biases.index(v) + 1}/{len(biases)})" if progress else ""
+            return valid_metrics(model, {"new_bias": v, "pseudo_new": True}, label)
+
+        mcfg, new_bias, best = select_new_bias(mcfg, biases, best, bias_sweep, model_name, log, column=tc.select)
     dim = None if inp.item_vectors is None else int(inp.item_vectors.shape[1])
     save_checkpoint(out_dir, model_name, mcfg, inp.ds.n_items, dim, best_state, inp.fingerprints, inp.text_info,
                     config)
@@ -541,7 +558,37 @@ def _train(cfg: Config, model_name: str, inp: TrainInputs, config: dict, out_dir
     }
     if guidance is not None:
         info["guidance"] = guidance
+    if new_bias is not None:
+        info["new_bias"] = new_bias
     return info
+
+
+def check_new_bias(mcfg: Any, model_name: str) -> None:
+    if not hasattr(mcfg, "new_bias"):
+        raise ConfigError(f"train.new_bias_grid: model {model_name} has no new-item offset; leave it empty")
+    if not getattr(mcfg, "new_items", 0):
+        raise ConfigError(f"train.new_bias_grid needs model.{model_name}.new_items > 0: the training's newest "
+                          "items are what the offset is chosen on")
+
+
+def select_new_bias(mcfg: Any, biases: list[float], best: dict[str, Any],
+                    validate: Callable[[float], dict[str, Any]], model_name: str, log=print,
+                    column: str = "masked") -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Pick the new-item offset from `biases` by validation NDCG@10 in `column`, each scored with the
+    training's newest items in the new items' part (validate(v)); a tie goes to the smaller offset. Returns
+    (mcfg with it, a record of the sweep, the best log entry with its validation replaced by the chosen
+    offset's). The figure at offset 0 differs from training's validation: the newest items are scored in their
+    new form there."""
+    results = {v: validate(v) for v in biases}
+    by_v = {v: r[column]["NDCG@10"] for v, r in results.items()}
+    chosen = max(by_v, key=lambda v: (by_v[v], -abs(v)))
+    log(f"train/{model_name}: new-item offset on validation ({column} NDCG@10, newest training items as new): "
+        + ", ".join(f"{v:g}: {x:.4f}" for v, x in by_v.items()) + f" -> new_bias = {chosen:g}")
+    record = {"grid": biases, "new_bias": chosen, "column": column,
+              "valid_ndcg10_masked": {f"{v:g}": r["masked"]["NDCG@10"] for v, r in results.items()},
+              "valid_ndcg10_unmasked": {f"{v:g}": r["unmasked"]["NDCG@10"] for v, r in results.items()}}
+    return dataclasses.replace(mcfg, new_bias=chosen), record, {**best, "valid": results[chosen],
+                                                                "new_bias": chosen}
 
 
 def check_guidance(model: Recommender, mcfg: Any, model_name: str) -> None:
@@ -575,4 +622,4 @@ def select_guidance(model: Recommender, mcfg: Any, grid: list[float], best: dict
 
 
 __all__ = ["run", "gather_inputs", "train_config_dict", "EMA", "lr_at", "select_guidance",
-           "check_guidance"]
+           "check_guidance", "select_new_bias", "check_new_bias"]

@@ -23,7 +23,7 @@ import torch
 from recpipe.config import Config
 from recpipe.errors import ArtifactError, RecpipeError
 from recpipe.pipeline.embed import torch_threads
-from recpipe.pipeline.recommend import RecommendService
+from recpipe.pipeline.recommend import RecommendService, with_new_item_offset
 
 ANCHOR_CHARS = 200  # an anchoring intention's text in an answer: enough to read, bounded whatever the LLM wrote
 
@@ -249,10 +249,14 @@ class Engine:
                 batch["intent_mask"] = torch.tensor([e is not None for e in ents], dtype=torch.bool)
             oracle = self._generate(batch, w, rho).numpy()
             scores, ids = svc.index.search(oracle, k_max, exclude=[q.exclude for q in qs])
+            # the new-item offset, beside the index (a no-op for a model without one)
+            merged = [with_new_item_offset(model, oracle[b], scores[b], ids[b], q.exclude, k_max)
+                      for b, q in enumerate(qs)]
+            scores, ids = [m[0] for m in merged], [m[1] for m in merged]
         else:
             scores, ids = self._score_all(batch, qs, k_max)
         for b, (q, e, i) in enumerate(zip(qs, ents, rows)):
-            out[i] = self._answer(q, e, scores[b, :q.k], ids[b, :q.k])
+            out[i] = self._answer(q, e, scores[b][:q.k], ids[b][:q.k])
 
     def _generate(self, batch: dict[str, torch.Tensor], w, rho) -> torch.Tensor:
         """The oracle vectors of a batch; every row from the noise one request alone draws (the run's seed):
