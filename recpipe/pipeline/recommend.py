@@ -36,12 +36,13 @@ def with_new_item_offset(model, oracle: np.ndarray, scores: np.ndarray, ids: np.
     offset = getattr(model, "new_item_offset", lambda: None)()
     if offset is None:
         return scores, ids
-    new_ids, bias = offset
-    new_ids = new_ids.cpu().numpy()
-    new_ids = new_ids[~np.isin(new_ids, seq)]
+    new_t, bias = offset
+    fresh = ~np.isin(new_t.cpu().numpy(), seq)
+    new_t = new_t[torch.from_numpy(fresh).to(new_t.device)]
+    new_ids = new_t.cpu().numpy()
     keep = (ids > 0) & ~np.isin(ids, new_ids)
     with torch.no_grad():
-        table = model.item_table()[torch.from_numpy(new_ids)].float().numpy()
+        table = model.item_vecs(new_t).float().cpu().numpy()  # those rows alone
     new_scores = table @ oracle.astype(np.float32) + np.float32(bias * float(np.linalg.norm(oracle)))
     all_ids = np.concatenate([ids[keep], new_ids])
     all_scores = np.concatenate([scores[keep], new_scores.astype(scores.dtype)])
