@@ -63,6 +63,9 @@ def main() -> None:
     model, ds = run.model, run.ds
     if ds.cold_items is None or ds.cold_users is None or not len(ds.cold_users):
         sys.exit(f"error: {a.run_dir}: not a cold-item split with cold-target users (data.cold_items > 0)")
+    chosen = getattr(model.config, "new_bias", None)
+    if a.new_bias and chosen is None:  # before any scoring
+        sys.exit(f"error: --new-bias: model {a.model} has no new-item offset")
     model.eval()
     b = Batcher(ds, model.history_len)
     n = model.n_items
@@ -99,9 +102,6 @@ def main() -> None:
     if a.new_bias:
         from recpipe.pipeline.scoring import evaluate_split
 
-        chosen = getattr(model.config, "new_bias", None)
-        if chosen is None:
-            sys.exit(f"error: --new-bias: model {a.model} has no new-item offset")
         print(f"\nnew-item offset (the model's, chosen on validation: {chosen:g}); test NDCG@10 masked / unmasked")
         print("| new_bias | all users | cold targets | warm targets |")
         print("|---|---|---|---|")

@@ -298,8 +298,10 @@ def test_new_item_offset_is_chosen_on_validation_and_reaches_scoring_and_recomme
     run = bundle.load(c2, "idreamrec", **QUIET)
     m, ds = run.model, run.ds
     assert m.config.new_bias == nb["new_bias"]
-    b = __import__("recpipe.pipeline.batches", fromlist=["Batcher"]).Batcher(ds, m.history_len)
+    from recpipe.pipeline.batches import Batcher
     from recpipe.pipeline.scoring import evaluate_split
+
+    b = Batcher(ds, m.history_len)
 
     r = evaluate_split(m, b, "valid", [10], score_kwargs={"new_bias": 40.0, "pseudo_new": True}, seed=c2.run.seed)
     assert r["masked"]["NDCG@10"] == pytest.approx(by["40"], abs=1e-6)
@@ -345,3 +347,10 @@ def test_new_item_offset_is_chosen_on_validation_and_reaches_scoring_and_recomme
     answers = eng.run_batch([eng.parse(u, None, None, 10, None, None, None, True) for u in us])
     for u, a in zip(us, answers):
         assert [x["id"] for x in a.items] == [r.item_id for r in svc.recommend(u, k=10)]
+    # a grid for a model without new items is refused before it trains; the finished run stays as it was
+    done = sorted((p.name, p.read_bytes()) for p in (c2.run_dir / "train" / "idreamrec").iterdir() if p.is_file())
+    c3 = cfg_for(tmp_path, "cold", **{**over, "model.idreamrec.new_items": 0.0, "train.new_bias_grid": "1"})
+    with pytest.raises(ConfigError, match="new_items > 0"):
+        T.run(c3, progress=False, **QUIET)
+    assert sorted((p.name, p.read_bytes()) for p in (c2.run_dir / "train" / "idreamrec").iterdir()
+                  if p.is_file()) == done

@@ -27,27 +27,32 @@ from recpipe.pipeline.scoring import resolve_dtype
 INTENT_CACHE = 4096  # distinct intents whose vectors a warm service keeps (1.5 KB each at 384-d)
 
 
-def with_new_item_offset(model, oracle: np.ndarray, scores: np.ndarray, ids: np.ndarray, seq: np.ndarray, k: int
-                         ) -> tuple[np.ndarray, np.ndarray]:
-    """An index search's top k with the model's new-item offset (IDreamRec.new_item_offset) applied: the index
-    holds item_table() alone, so the new items are scored here and merged. Exact for an exact index: an item
-    without the offset that belongs in the top k is beaten by no more items in the index's ranking than in
-    the offset one, so the index returned it."""
+def with_new_item_offset(model, oracle: np.ndarray, scores: np.ndarray, ids: np.ndarray, excludes: list[np.ndarray],
+                         k: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Index searches' top k (oracle (B, d), scores / ids (B, k)) with the model's new-item offset
+    (IDreamRec.new_item_offset) applied: the index holds item_table() alone, so the new items are scored here,
+    once for the batch, and merged into each row (less the row's excluded items). Exact for an exact index: an
+    item without the offset that belongs in the top k is beaten by no more items in the index's ranking than
+    in the offset one, so the index returned it. Rows come back as lists (their lengths may differ)."""
     offset = getattr(model, "new_item_offset", lambda: None)()
     if offset is None:
-        return scores, ids
+        return list(scores), list(ids)
     new_t, bias = offset
-    fresh = ~np.isin(new_t.cpu().numpy(), seq)
-    new_t = new_t[torch.from_numpy(fresh).to(new_t.device)]
-    new_ids = new_t.cpu().numpy()
-    keep = (ids > 0) & ~np.isin(ids, new_ids)
     with torch.no_grad():
-        table = model.item_vecs(new_t).float().cpu().numpy()  # those rows alone
-    new_scores = table @ oracle.astype(np.float32) + np.float32(bias * float(np.linalg.norm(oracle)))
-    all_ids = np.concatenate([ids[keep], new_ids])
-    all_scores = np.concatenate([scores[keep], new_scores.astype(scores.dtype)])
-    top = np.argsort(-all_scores, kind="stable")[:k]
-    return all_scores[top], all_ids[top]
+        table = model.item_vecs(new_t).float().cpu().numpy()  # (N_new, d): those rows alone
+    new_ids = new_t.cpu().numpy()
+    oracle = oracle.astype(np.float32)
+    new_scores = oracle @ table.T + (bias * np.linalg.norm(oracle, axis=1, keepdims=True)).astype(np.float32)
+    out_s, out_i = [], []
+    for b, excl in enumerate(excludes):
+        fresh = ~np.isin(new_ids, excl)
+        keep = (ids[b] > 0) & ~np.isin(ids[b], new_ids)
+        all_ids = np.concatenate([ids[b][keep], new_ids[fresh]])
+        all_scores = np.concatenate([scores[b][keep], new_scores[b][fresh].astype(scores.dtype)])
+        top = np.argsort(-all_scores, kind="stable")[:k]
+        out_s.append(all_scores[top])
+        out_i.append(all_ids[top])
+    return out_s, out_i
 
 
 @dataclass
@@ -193,7 +198,8 @@ class RecommendService:
                     batch["intent_mask"] = torch.ones(1, dtype=torch.bool)
                 oracle = self.model.generate(batch, steps=steps, w=w, rho=rho, generator=gen).numpy()
                 scores, ids = self.index.search(oracle, k, exclude=[seq])
-                scores, ids = with_new_item_offset(self.model, oracle[0], scores[0], ids[0], seq, k)
+                scores, ids = with_new_item_offset(self.model, oracle, scores, ids, [seq], k)
+                scores, ids = scores[0], ids[0]
             else:
                 kw = {"generator": gen} if self.model.generative else {}
                 s = self.model.score_all(batch, **kw)[0].clone()

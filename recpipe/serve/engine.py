@@ -249,10 +249,8 @@ class Engine:
                 batch["intent_mask"] = torch.tensor([e is not None for e in ents], dtype=torch.bool)
             oracle = self._generate(batch, w, rho).numpy()
             scores, ids = svc.index.search(oracle, k_max, exclude=[q.exclude for q in qs])
-            # the new-item offset, beside the index (a no-op for a model without one)
-            merged = [with_new_item_offset(model, oracle[b], scores[b], ids[b], q.exclude, k_max)
-                      for b, q in enumerate(qs)]
-            scores, ids = [m[0] for m in merged], [m[1] for m in merged]
+            # the new-item offset, beside the index (rows as they are for a model without one)
+            scores, ids = with_new_item_offset(model, oracle, scores, ids, [q.exclude for q in qs], k_max)
         else:
             scores, ids = self._score_all(batch, qs, k_max)
         for b, (q, e, i) in enumerate(zip(qs, ents, rows)):
