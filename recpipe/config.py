@@ -176,8 +176,9 @@ class TrainConfig:
     # Empty = keep the model config's w (the paper's fixed w)
     guidance_grid: list[float] = field(default_factory=list)
     # new-item score offsets to try on the validation split once training ends (after the guidance sweep), for
-    # models with a `new_bias` (idreamrec with new_items > 0), e.g. "0.5,1,1.5,2,3": the training's newest items
-    # are scored as new items there, and the best validation NDCG@10 (train.select) becomes the checkpoint's
+    # models with a `new_bias` (idreamrec with new_items > 0), e.g. "0.5,1,1.5,2,3": the training's held-out
+    # newest items (new_holdout), else its newest items, are scored as new items there, and the best validation
+    # NDCG@10 (train.select) becomes the checkpoint's
     # new_bias. Empty = keep the model config's new_bias
     new_bias_grid: list[float] = field(default_factory=list)
     # batches of similar history length: each shuffled pass is cut into pools of this many batches, each

@@ -354,3 +354,73 @@ def test_new_item_offset_is_chosen_on_validation_and_reaches_scoring_and_recomme
         T.run(c3, progress=False, **QUIET)
     assert sorted((p.name, p.read_bytes()) for p in (c2.run_dir / "train" / "idreamrec").iterdir()
                   if p.is_file()) == done
+
+
+def test_held_out_newest_items_are_never_targets_and_choose_the_offset(tmp_path, cold_run, one_thread):
+    """new_holdout: the newest training items by first interaction are no target, no CE class and no negative;
+    the validation sweep offsets exactly them (and the untrained items), as test scoring and recommend do."""
+    from recpipe.pipeline import bundle
+    from recpipe.pipeline.batches import Batcher
+
+    cfg, _ = cold_run
+    fake_embed(cfg)
+    over = {"data.cold_items": 0.1, "train.model": "idreamrec", "train.epochs": 1, "model.idreamrec.loss": "ce",
+            "model.idreamrec.item_residual": True, "model.idreamrec.new_items": 0.2, "model.idreamrec.new_drop": 1,
+            "model.idreamrec.new_holdout": 0.1, "model.idreamrec.width": 16, "model.idreamrec.heads": 2,
+            "model.idreamrec.depth": 1, "model.idreamrec.history_len": 5, "model.idreamrec.window": 4,
+            "train.new_bias_grid": "1,40"}
+    c = cfg_for(tmp_path, "cold", **over)
+    whiten.run(c, **QUIET)
+    logs: list[str] = []
+    res = T.run(c, progress=False, log=logs.append)
+    assert any("held-out newest items as new" in m for m in logs)
+    run = bundle.load(c, "idreamrec", **QUIET)
+    m, ds = run.model, run.ds
+    first = np.full(ds.n_items + 1, np.inf)
+    for u in range(ds.n_users):
+        part = slice(ds.offsets[u], ds.offsets[u + 1] - 2)
+        np.minimum.at(first, ds.seq_items[part], ds.seq_times[part].astype(float))
+    trained = np.flatnonzero(np.isfinite(first))
+    held = m.heldout.nonzero().squeeze(1).numpy()
+    newest = m.newest.nonzero().squeeze(1).numpy()
+    assert len(held) == round(0.1 * len(trained)) and np.isin(held, newest).all()
+    assert first[held].min() >= first[np.setdiff1d(trained, held)].max()  # the latest of the training items
+    # never a target: a batch whose targets are all held out trains nothing, and no CE class is theirs
+    m.observe_training(torch.from_numpy(np.isfinite(first).astype(np.int64)), torch.from_numpy(
+        np.where(np.isfinite(first), first, 0)))
+    assert not m._known[torch.from_numpy(held)].any() and m._known[torch.from_numpy(np.setdiff1d(trained, held))].all()
+    b = Batcher(ds, m.history_len)
+    batch, _ = b.eval_batch(np.arange(8), "valid")
+    win = batch["history"]  # (B, 5) windows; their last 4 slots' targets all held-out items
+    tgt = torch.from_numpy(np.resize(held, (len(win), 4)))
+    m.train()
+    m.zero_grad()
+    loss = m.loss({"window": win, "target": tgt}, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in m.parameters())
+    m.eval()
+    # the sweep and test scoring offset the same items: held-out ones and those with no training data
+    offset = m.offset_items().numpy()
+    assert offset[held].all() and offset[ds.cold_items].all()
+    assert offset.sum() == len(held) + int(m.unseen.sum())
+    with torch.no_grad():
+        s0 = m.score_all(batch, new_bias=0.0, generator=torch.Generator().manual_seed(0))
+        s5 = m.score_all(batch, new_bias=5.0, generator=torch.Generator().manual_seed(0))
+        p5 = m.score_all(batch, new_bias=5.0, pseudo_new=True, generator=torch.Generator().manual_seed(0))
+        oracle = m.generate(batch, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(p5, s5)
+    diff = (s5 - s0)[:, 1:]
+    want = (5.0 * oracle.norm(dim=1, keepdim=True)).expand(-1, int(offset.sum()))
+    torch.testing.assert_close(diff[:, offset[1:]], want)
+    assert (diff[:, ~offset[1:]] == 0).all()
+    ids, bias = m.new_item_offset()
+    assert sorted(ids.tolist()) == np.flatnonzero(offset).tolist() and bias == res.manifest.info["new_bias"]["new_bias"]
+
+
+@pytest.mark.parametrize("holdout", [0.3, -0.1])
+def test_new_holdout_outside_new_items_is_refused(holdout):
+    from recpipe.models.idreamrec import IDreamRecConfig
+
+    with pytest.raises(ValueError, match="new_holdout must be in"):
+        IDreamRecConfig(new_items=0.2, new_holdout=holdout)

@@ -123,6 +123,12 @@ class IDreamRecConfig:
     # newest items play the new items' part; 0 = none. An offset in these units keeps recommend's inner-product
     # index exact (recommend adds it to the new items it scores beside the index)
     new_bias: float = field(default=0.0, metadata={"late": True})  # see above
+    # this share of the training items, the newest by first interaction (within new_items' share), is never a
+    # training target (no loss, no CE class, no PreferDiff negative; histories still hold them, in the new
+    # form): items the model was never asked to predict, as a catalog's new items are. They stand in for new
+    # items when train.new_bias_grid chooses the offset (the trained newest items understate it: the model
+    # already predicts them), and they take the offset from then on. Costs their targets; 0 = off
+    new_holdout: float = field(default=0.0, metadata={"late": True})  # see above
     residual_target_grad: bool = False  # False: the residual learns from history tokens only (stop-gradient
     # on the x0 target, as in BYOL/SimSiam), True: also from the target, which lets x0-MSE shrink the space
     # --- sampling / scoring
@@ -160,6 +166,9 @@ class IDreamRecConfig:
             raise ValueError(f"new_drop must be in (0, 1], not {self.new_drop}")
         if not math.isfinite(self.new_bias):
             raise ValueError(f"new_bias must be a finite number, not {self.new_bias}")
+        if not 0.0 <= self.new_holdout <= self.new_items:
+            raise ValueError(f"new_holdout must be in [0, new_items = {self.new_items:g}] (a share of the training "
+                             f"items, within the newest), not {self.new_holdout}")
         if self.new_bias and not self.new_items:
             raise ValueError("new_bias needs new_items > 0 (the offset goes to the items scored in the new form)")
         if self.ce_negatives < 0:
@@ -228,6 +237,8 @@ class IDreamRec(Recommender):
             # observe_training sets both; saved with the weights, as scoring needs them after a reload
             self.register_buffer("unseen", torch.zeros(n_items + 1, dtype=torch.bool))  # no training data
             self.register_buffer("newest", torch.zeros(n_items + 1, dtype=torch.bool))  # the training's newest
+            if config.new_holdout > 0:  # the newest of those, never a target (new_holdout)
+                self.register_buffer("heldout", torch.zeros(n_items + 1, dtype=torch.bool))
         self._form: Tensor | None = None  # in a training step: the items in a new item's form (_new_form)
         self._schedule_cpu = make_schedule(config.schedule, config.T)  # float64
         self._schedules: dict[torch.device, Schedule] = {}
@@ -262,6 +273,11 @@ class IDreamRec(Recommender):
             self.unseen[0] = False
             self.newest.zero_()
             self.newest[order[:k]] = True
+            if self.config.new_holdout > 0:
+                h = min(k, max(1, int(round(self.config.new_holdout * len(known)))))
+                self.heldout.zero_()
+                self.heldout[order[:h]] = True
+                seen = seen & ~self.heldout  # no class, no negative, no target: as if new
         if bool(seen[1:].all()):
             self._known = self._known_ids = self._known_pos = None
             return
@@ -304,7 +320,15 @@ class IDreamRec(Recommender):
         """(n_items + 1,) bool: the items scored in a new item's form outside training: those without training
         data, and with new_drop = 1 the training's newest too, which never trained in any other form (their
         own residual is always dropped, so their ordinary form would lack the new vector they learned with)."""
-        return self.unseen | self.newest if self.config.new_drop >= 1.0 else self.unseen
+        return (self.unseen | self.newest if self.config.new_drop >= 1.0 else self.unseen) | self._held()
+
+    def _held(self) -> Tensor | bool:
+        """(n_items + 1,) bool: the held-out newest items (new_holdout), or False without them."""
+        return self.heldout if self.config.new_holdout > 0 else False
+
+    def offset_items(self) -> Tensor:
+        """(n_items + 1,) bool: the items the new-item offset goes to: no training data, or never a target."""
+        return self.unseen | self._held()
 
     def _new_form(self, generator: torch.Generator | None, dev: torch.device) -> Tensor | None:
         """(n_items + 1,) bool for one training step: the items scored in a new item's form, each of the newest
@@ -313,7 +337,7 @@ class IDreamRec(Recommender):
             return None
         gen_dev = generator.device if generator is not None else dev
         drawn = (torch.rand(self.n_items + 1, generator=generator, device=gen_dev) < self.config.new_drop).to(dev)
-        return self.unseen | (self.newest & drawn)
+        return self.unseen | (self.newest & drawn) | self._held()
 
     def item_table(self) -> Tensor:
         """(n_items + 1, d): the vectors used for history tokens, training targets and scoring."""
@@ -399,6 +423,8 @@ class IDreamRec(Recommender):
             keep_i = (torch.rand(shape, generator=generator, device=gen_dev) >= cfg.p_intent_drop).to(dev)
             intent_mask = intent_mask & hist_keep & keep_i  # a dropped history is fully unconditional
         is_t = target != 0
+        if self.new_vec is not None and self.config.new_holdout > 0:
+            is_t = is_t & ~self.heldout[target]  # never a target: they stand in for new items
 
         if cfg.loss != "preferdiff":
             x0_hat = self._denoise_targets(cond, x_t, t, hist_keep, intent, intent_mask)
@@ -534,11 +560,16 @@ class IDreamRec(Recommender):
         """(B, n_items + 1) inner products of the oracle with every item vector, plus new_bias (default: the
         config's) x the oracle's norm for the items without training data; column 0 = -inf.
         The scores are float32 whatever `dtype` the denoiser ran at (bf16 scores would tie).
-        pseudo_new: the training's newest items are scored as new items are (new form, offset) and the others
-        as trained; how train.new_bias_grid chooses new_bias on the validation split."""
+        pseudo_new: how train.new_bias_grid chooses new_bias on the validation split. With new_holdout, the held-out
+        items are the new items there (they already take the new form and the offset); without it the training's
+        newest items are scored as new items are (new form, offset) and the others as trained. Items with no
+        training data at all take the offset either way."""
         oracle = self.generate(batch, steps=steps, w=w, rho=rho, generator=generator, dtype=dtype)  # (B, d)
         bias = self.config.new_bias if new_bias is None else float(new_bias)
-        if pseudo_new:
+        if pseudo_new and self.config.new_holdout > 0:
+            table = self.item_table()
+            offset_items = self.offset_items()
+        elif pseudo_new:
             if self.new_vec is None:
                 raise ValueError("pseudo_new needs new_items > 0")
             # the training's newest items take the new items' part: their new form, and the offset
@@ -547,10 +578,10 @@ class IDreamRec(Recommender):
                 table = self.item_table()
             finally:
                 self._form = None
-            offset_items = self.newest
+            offset_items = self.newest | self.unseen
         else:
             table = self.item_table()
-            offset_items = self.unseen if self.new_vec is not None else None
+            offset_items = self.offset_items() if self.new_vec is not None else None
         scores = oracle @ table.T  # (B, n_items + 1)
         if bias and offset_items is not None:
             scores = scores + (bias * oracle.norm(dim=1, keepdim=True)) * offset_items.to(scores.dtype)
@@ -562,7 +593,7 @@ class IDreamRec(Recommender):
         when no item gets one: recommend adds it beside an inner-product index of item_table()."""
         if self.new_vec is None or not self.config.new_bias:
             return None
-        ids = self.unseen.nonzero().squeeze(1)
+        ids = self.offset_items().nonzero().squeeze(1)
         return (ids, float(self.config.new_bias)) if len(ids) else None
 
 

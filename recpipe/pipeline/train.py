@@ -575,14 +575,17 @@ def select_new_bias(mcfg: Any, biases: list[float], best: dict[str, Any],
                     validate: Callable[[float], dict[str, Any]], model_name: str, log=print,
                     column: str = "masked") -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """Pick the new-item offset from `biases` by validation NDCG@10 in `column`, each scored with the
-    training's newest items in the new items' part (validate(v)); a tie goes to the smaller offset. Returns
+    training's held-out newest items (new_holdout), else its newest items, in the new items' part
+    (validate(v)); a tie goes to the smaller offset. Returns
     (mcfg with it, a record of the sweep, the best log entry with its validation replaced by the chosen
     offset's). The figure at offset 0 differs from training's validation: the newest items are scored in their
     new form there."""
     results = {v: validate(v) for v in biases}
     by_v = {v: r[column]["NDCG@10"] for v, r in results.items()}
     chosen = max(by_v, key=lambda v: (by_v[v], -abs(v)))
-    log(f"train/{model_name}: new-item offset on validation ({column} NDCG@10, newest training items as new): "
+    stand_in = ("held-out newest items as new" if getattr(mcfg, "new_holdout", 0) > 0
+                else "newest training items as new")
+    log(f"train/{model_name}: new-item offset on validation ({column} NDCG@10, {stand_in}): "
         + ", ".join(f"{v:g}: {x:.4f}" for v, x in by_v.items()) + f" -> new_bias = {chosen:g}")
     record = {"grid": biases, "new_bias": chosen, "column": column,
               "valid_ndcg10_masked": {f"{v:g}": r["masked"]["NDCG@10"] for v, r in results.items()},
