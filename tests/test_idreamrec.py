@@ -683,11 +683,13 @@ def test_a_late_option_at_its_default_stays_out_of_the_train_fingerprint():
     from recpipe.models.base import config_key
 
     late = {f.name for f in dataclasses.fields(IDreamRecConfig) if f.metadata.get("late")}
-    assert late == {"train_t", "ce_negatives", "text_residual", "new_items", "new_drop", "new_bias"}
+    assert late == {"train_t", "ce_negatives", "text_residual", "new_items", "new_drop", "new_bias",
+                    "new_holdout"}
     key = config_key(IDreamRecConfig())
     assert key == {k: v for k, v in dataclasses.asdict(IDreamRecConfig()).items() if k not in late}
     assert config_key(IDreamRecConfig(train_t="sampler"))["train_t"] == "sampler"
     assert config_key(IDreamRecConfig(ce_negatives=64))["ce_negatives"] == 64
     assert config_key(IDreamRecConfig(new_items=0.1))["new_items"] == 0.1
+    assert config_key(IDreamRecConfig(new_items=0.2, new_holdout=0.1))["new_holdout"] == 0.1
     with pytest.raises(ValueError, match="train_t"):
         IDreamRecConfig(train_t="low")
