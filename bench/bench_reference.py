@@ -584,14 +584,15 @@ def main() -> None:
             sys.exit(f"error: --set {kv}: unknown key (known: {', '.join(hp)})")
         hp[key] = type(hp[key])(val)
     data = dreamrec_frames(a.work_dir, hp["seq_size"]) if a.model == "dreamrec" else diffurec_pickle(a.work_dir)
-    print(f"{a.model}: {json.dumps(hp)}; ml-100k -> {data}; threads {a.threads}")
+    print(f"{a.model}: {json.dumps(hp)}; ml-100k -> {data}; threads {a.threads}", flush=True)
     results = {}
     for seed in a.seeds:
         results[seed] = {"ref": run_worker("ref", a, hp, data, seed), "ours": run_worker("ours", a, hp, data, seed)}
         print_table(f"{a.model}  seed {seed}", results[seed]["ref"]["rows"], results[seed]["ours"]["rows"], a.k)
+        sys.stdout.flush()
+        if a.json:  # after every seed: a run stopped later keeps the seeds it finished (--from-json reads them)
+            a.json.write_text(json.dumps({"model": a.model, "hp": hp, "results": results}, indent=1))
     report(a.model, results, a.k)
-    if a.json:
-        a.json.write_text(json.dumps({"model": a.model, "hp": hp, "results": results}, indent=1))
 
 
 if __name__ == "__main__":
