@@ -40,6 +40,9 @@ def main() -> None:
                     help="also score every test user at each of these new-item offsets (idreamrec new_bias, in "
                          "oracle norms) and print NDCG@10 of all, cold and warm targets: read off the test "
                          "users, a bound for every offset but the one the model chose on validation")
+    ap.add_argument("--untrained-only", action="store_true",
+                    help="with new_holdout: give the offset to the items with no training data alone, not the "
+                         "held-out ones")
     a = ap.parse_args()
 
     sys.path.insert(0, str(ROOT))
@@ -63,6 +66,10 @@ def main() -> None:
     model, ds = run.model, run.ds
     if ds.cold_items is None or ds.cold_users is None or not len(ds.cold_users):
         sys.exit(f"error: {a.run_dir}: not a cold-item split with cold-target users (data.cold_items > 0)")
+    if a.untrained_only:  # what the offset buys without lifting the held-out items (new_holdout) with it
+        if getattr(model.config, "new_holdout", 0) <= 0:
+            sys.exit("error: --untrained-only needs a model trained with model.idreamrec.new_holdout > 0")
+        model.heldout.zero_()  # they stay in the new form (they are among the newest); only the offset moves
     chosen = getattr(model.config, "new_bias", None)
     if a.new_bias and chosen is None:  # before any scoring
         sys.exit(f"error: --new-bias: model {a.model} has no new-item offset")
